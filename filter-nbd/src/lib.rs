@@ -1,0 +1,1 @@
+//! rewind's NBD server (the filter).
