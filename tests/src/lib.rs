@@ -978,6 +978,25 @@ impl Model {
         self.unspecified.add(offset, len);
     }
 
+    /// `(offset, len, byte)` runs covering every written byte whose content
+    /// is specified, for read-back checks (`read -P`, libnbd pread).
+    pub fn runs(&self) -> Vec<(u64, u64, u8)> {
+        let mut out = Vec::new();
+        for &(s, e) in self.written.subtract(&self.unspecified).ranges() {
+            let mut i = s;
+            while i < e {
+                let b = self.data[i as usize];
+                let mut j = i;
+                while j < e && self.data[j as usize] == b {
+                    j += 1;
+                }
+                out.push((i, j - i, b));
+                i = j;
+            }
+        }
+        out
+    }
+
     /// Compares `path` to the model (trimmed ranges may read old data or zeroes).
     pub fn assert_file_matches(&self, path: &Path) {
         let actual = fs::read(path).expect("read backing");
@@ -1006,6 +1025,38 @@ impl Model {
                 "trimmed range [{s:#x}..{e:#x}) is neither old data nor zeroes"
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Allocation maps (BLOCK_STATUS base:allocation)
+// ---------------------------------------------------------------------------
+
+/// Checks an allocation map `(offset, len, is_data)` reported by a client:
+/// it tiles `[0, size)`, every byte of `data` is reported as data, and every
+/// byte of `holes` is reported as a hole.
+pub fn assert_allocation(extents: &[(u64, u64, bool)], size: u64, data: &RangeSet, holes: &RangeSet) {
+    let mut end = 0;
+    for &(o, l, _) in extents {
+        assert_eq!(o, end, "map has a gap or overlap at {o:#x}: {extents:?}");
+        end = o + l;
+    }
+    assert_eq!(end, size, "map does not end at the export size: {extents:?}");
+    let rep_data = RangeSet::from_extents(extents.iter().filter(|e| e.2).map(|e| (e.0, e.1)));
+    let rep_hole = RangeSet::from_extents(extents.iter().filter(|e| !e.2).map(|e| (e.0, e.1)));
+    let d = data.subtract(&rep_data);
+    assert!(d.is_empty(), "data reported as hole: {}\nmap: {extents:?}", d.describe(10));
+    let h = holes.subtract(&rep_hole);
+    assert!(h.is_empty(), "holes reported as data: {}\nmap: {extents:?}", h.describe(10));
+}
+
+/// A sparse backing file with data (random) at `data` extents.
+pub fn create_sparse_with_data(path: &Path, size: u64, data: &RangeSet, seed: u64) {
+    create_sparse(path, size);
+    for &(s, e) in data.ranges() {
+        let mut buf = vec![0u8; (e - s) as usize];
+        fill_random(&mut buf, seed ^ s);
+        write_at(path, s, &buf);
     }
 }
 

@@ -28,19 +28,11 @@ fn qemu_io(uri: &str, opts: &[&str], cmds: &[String]) -> String {
 
 /// `read -P` commands that check every written byte against the model.
 fn read_back_cmds(m: &Model) -> Vec<String> {
-    let mut cmds = Vec::new();
-    for &(s, e) in m.written.subtract(&m.unspecified).ranges() {
-        let mut i = s;
-        while i < e {
-            let b = m.data[i as usize];
-            let mut j = i;
-            while j < e && m.data[j as usize] == b {
-                j += 1;
-            }
-            cmds.push(format!("read -P {b:#04x} {i} {}", j - i));
-            i = j;
-        }
-    }
+    let cmds: Vec<String> = m
+        .runs()
+        .into_iter()
+        .map(|(o, l, b)| format!("read -P {b:#04x} {o} {l}"))
+        .collect();
     assert!(!cmds.is_empty());
     cmds
 }
