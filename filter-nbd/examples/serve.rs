@@ -1,0 +1,35 @@
+//! Serves one file or block device over NBD, for manual interop and
+//! benchmark runs:
+//!
+//! ```text
+//! cargo run -p filter-nbd --release --example serve -- SOCKET_OR_HOST:PORT FILE [--ro] [--no-uring] [--name NAME]
+//! ```
+//! A first argument containing '/' is a unix socket path; anything else is a
+//! TCP address. Stops on EOF of stdin... or Ctrl-C (process exit).
+
+use std::sync::Arc;
+
+use filter_nbd::{Backing, Export, Server, ServerOptions};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 2 {
+        eprintln!("usage: serve SOCKET|HOST:PORT FILE [--ro] [--no-uring] [--name NAME]");
+        std::process::exit(2);
+    }
+    let ro = args.iter().any(|a| a == "--ro");
+    let mut opts = ServerOptions::default();
+    if args.iter().any(|a| a == "--no-uring") {
+        opts.io_uring = false;
+    }
+    let name = args.iter().position(|a| a == "--name").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
+    let backing = Backing::open(&args[1], ro)?;
+    let export = Export::new(name, Arc::new(backing)).with_description(format!("file {}", args[1]));
+    let server = Server::new(vec![export], opts)?;
+    if args[0].contains('/') {
+        server.serve_unix(&args[0])?;
+    } else {
+        server.serve_tcp(args[0].as_str())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,1184 @@
+//! The NBD server: listeners, handshake, transmission.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use agent_core::{ChangeSink, WriteTicket};
+use tracing::{debug, info, warn};
+
+use crate::proto::{self, *};
+use crate::range::RangeLocks;
+use crate::source::{BlockSource, TrimOutcome};
+use crate::uring::{Completion, IoOp, Ring, TAG_NO_BUF};
+
+/// Errors of the server API. Per-connection protocol violations are logged
+/// and close that connection only; they are not returned from `serve_*`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Socket or backing I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol; the connection was closed.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Invalid configuration (no export, duplicate or over-long name).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// One export: a named [`BlockSource`] plus the optional change sink that
+/// records every write made through it.
+#[derive(Clone)]
+pub struct Export {
+    /// Export name (the empty name selects the first export).
+    pub name: String,
+    /// Human-readable description (NBD_INFO_DESCRIPTION, LIST details).
+    pub description: String,
+    /// The backing store.
+    pub source: Arc<dyn BlockSource>,
+    /// Refuse writes even if the source accepts them.
+    pub read_only: bool,
+    /// Change recording (None = tracking off).
+    pub sink: Option<Arc<dyn ChangeSink>>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("size", &self.source.size())
+            .field("read_only", &self.is_read_only())
+            .field("tracking", &self.sink.is_some())
+            .finish()
+    }
+}
+
+impl Export {
+    /// An export of `source` named `name`, writable if the source is, with
+    /// no description and tracking off.
+    pub fn new(name: impl Into<String>, source: Arc<dyn BlockSource>) -> Self {
+        Self { name: name.into(), description: String::new(), source, read_only: false, sink: None }
+    }
+    /// Sets the description.
+    pub fn with_description(mut self, d: impl Into<String>) -> Self {
+        self.description = d.into();
+        self
+    }
+    /// Forces the export read-only.
+    pub fn with_read_only(mut self, ro: bool) -> Self {
+        self.read_only = ro;
+        self
+    }
+    /// Sets the change sink.
+    pub fn with_sink(mut self, sink: Option<Arc<dyn ChangeSink>>) -> Self {
+        self.sink = sink;
+        self
+    }
+    /// Whether writes are refused (forced, or the source is read-only).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only || self.source.read_only()
+    }
+}
+
+/// Server tuning.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Largest READ/WRITE payload (NBD_INFO_BLOCK_SIZE maximum). Default 32 MiB.
+    pub max_payload: u32,
+    /// Use io_uring for READ/WRITE/FLUSH when the source exposes a file
+    /// descriptor. Falls back to synchronous I/O if ring setup fails.
+    pub io_uring: bool,
+    /// Maximum requests in flight per connection (the reader stops reading
+    /// further requests until one completes). Default 64.
+    pub max_inflight: u32,
+    /// Maximum payload bytes in flight per connection. Default 128 MiB.
+    pub max_inflight_bytes: u64,
+    /// Oversized WRITE payloads up to this size are read and discarded (the
+    /// request fails with EINVAL); larger ones close the connection.
+    /// Default 4 GiB.
+    pub max_discard: u64,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_payload: 32 << 20,
+            io_uring: true,
+            max_inflight: 64,
+            max_inflight_bytes: 128 << 20,
+            max_discard: 1 << 32,
+        }
+    }
+}
+
+/// A connection's socket.
+#[derive(Debug)]
+pub enum Stream {
+    /// Unix domain socket (including one end of a socketpair).
+    Unix(UnixStream),
+    /// TCP socket.
+    Tcp(TcpStream),
+}
+
+impl From<UnixStream> for Stream {
+    fn from(s: UnixStream) -> Self {
+        Stream::Unix(s)
+    }
+}
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Self {
+        Stream::Tcp(s)
+    }
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes `a` then `b` completely, with as few syscalls as possible
+/// (normally one `writev`).
+fn write_all2(w: &mut impl Write, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() || !b.is_empty() {
+        let n = if a.is_empty() {
+            w.write(b)?
+        } else if b.is_empty() {
+            w.write(a)?
+        } else {
+            w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let na = n.min(a.len());
+        a = &a[na..];
+        b = &b[(n - na)..];
+    }
+    Ok(())
+}
+
+struct ExportState {
+    export: Export,
+    ranges: RangeLocks,
+}
+
+struct Inner {
+    exports: Vec<ExportState>,
+    opts: ServerOptions,
+    shutting_down: AtomicBool,
+    conns: Mutex<HashMap<u64, Stream>>,
+    next_conn: AtomicU64,
+    wake: Mutex<Option<WakeAddr>>,
+}
+
+enum WakeAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// The NBD server. Cheap to clone (shared state); every clone serves the
+/// same exports and shares the per-export in-flight range trackers.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("exports", &self.inner.exports.len()).finish_non_exhaustive()
+    }
+}
+
+/// Stops a running server: no new connections, in-flight requests are
+/// completed and replied, then every connection is closed.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShutdownHandle")
+    }
+}
+
+impl ShutdownHandle {
+    /// Initiates shutdown; `serve_*` return once all connections ended.
+    pub fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        for s in self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            s.shutdown(Shutdown::Read);
+        }
+        // Wake a blocking accept() by connecting to ourselves.
+        match &*self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(WakeAddr::Unix(p)) => drop(UnixStream::connect(p)),
+            Some(WakeAddr::Tcp(a)) => drop(TcpStream::connect(a)),
+            None => {}
+        }
+    }
+}
+
+impl Server {
+    /// Creates a server for `exports` (at least one; names unique and at most
+    /// 4096 bytes). The first export is the default (empty name).
+    pub fn new(exports: Vec<Export>, opts: ServerOptions) -> Result<Self, ServerError> {
+        if exports.is_empty() {
+            return Err(ServerError::Config("no export".into()));
+        }
+        for (i, e) in exports.iter().enumerate() {
+            if e.name.len() > MAX_STRING_LEN || e.description.len() > MAX_STRING_LEN {
+                return Err(ServerError::Config(format!("export name or description too long: {:?}", e.name)));
+            }
+            if exports[..i].iter().any(|o| o.name == e.name) {
+                return Err(ServerError::Config(format!("duplicate export {:?}", e.name)));
+            }
+        }
+        if opts.max_payload == 0 || opts.max_inflight == 0 {
+            return Err(ServerError::Config("max_payload and max_inflight must be > 0".into()));
+        }
+        let exports = exports.into_iter().map(|export| ExportState { export, ranges: RangeLocks::new() }).collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                exports,
+                opts,
+                shutting_down: AtomicBool::new(false),
+                conns: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(0),
+                wake: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// A handle that stops this server (and every `serve_*` running on it).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle { inner: self.inner.clone() }
+    }
+
+    /// Binds a unix socket at `path` (a stale socket file is replaced) and
+    /// serves until shut down. Each connection runs in its own thread.
+    pub fn serve_unix(&self, path: impl AsRef<Path>) -> Result<(), ServerError> {
+        let path = path.as_ref();
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let l = UnixListener::bind(path)?;
+        info!(path = %path.display(), "NBD server listening on unix socket");
+        self.serve_unix_listener(l)
+    }
+
+    /// Serves connections accepted from a bound unix listener until shut down.
+    pub fn serve_unix_listener(&self, l: UnixListener) -> Result<(), ServerError> {
+        if let Some(p) = l.local_addr()?.as_pathname() {
+            *self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(WakeAddr::Unix(p.to_path_buf()));
+        }
+        self.accept_loop(|| l.accept().map(|(s, _)| Stream::Unix(s)))
+    }
+
+    /// Binds `addr` and serves TCP connections until shut down.
+    pub fn serve_tcp(&self, addr: impl ToSocketAddrs) -> Result<(), ServerError> {
+        let l = TcpListener::bind(addr)?;
+        info!(addr = %l.local_addr()?, "NBD server listening on TCP");
+        self.serve_tcp_listener(l)
+    }
+
+    /// Serves connections accepted from a bound TCP listener until shut down.
+    pub fn serve_tcp_listener(&self, l: TcpListener) -> Result<(), ServerError> {
+        *self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(WakeAddr::Tcp(l.local_addr()?));
+        self.accept_loop(|| l.accept().map(|(s, _)| Stream::Tcp(s)))
+    }
+
+    fn accept_loop(&self, mut accept: impl FnMut() -> io::Result<Stream>) -> Result<(), ServerError> {
+        let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
+        loop {
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                break;
+            }
+            let s = match accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                break;
+            }
+            threads.retain(|t| !t.is_finished());
+            let srv = self.clone();
+            let t = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
+                if let Err(e) = srv.handle_connection(s) {
+                    debug!(error = %e, "connection ended with error");
+                }
+            })?;
+            threads.push(t);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        Ok(())
+    }
+
+    /// Serves one already connected stream (e.g. one end of a socketpair
+    /// handed to the kernel NBD client) in the calling thread, until the
+    /// client disconnects. Protocol errors close this connection only and are
+    /// returned as `Err`; a clean disconnect returns `Ok`.
+    pub fn handle_connection(&self, stream: impl Into<Stream>) -> Result<(), ServerError> {
+        let stream = stream.into();
+        if let Stream::Tcp(t) = &stream {
+            let _ = t.set_nodelay(true);
+        }
+        let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(id, stream.try_clone()?);
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            stream.shutdown(Shutdown::Read);
+        }
+        let r = self.run_connection(stream);
+        if let Some(s) = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+            s.shutdown(Shutdown::Both);
+        }
+        r
+    }
+
+    fn run_connection(&self, stream: Stream) -> Result<(), ServerError> {
+        let mut writer = stream.try_clone()?;
+        let mut reader = BufReader::with_capacity(256 << 10, stream);
+        let Some(session) = self.handshake(&mut reader, &mut writer)? else {
+            return Ok(());
+        };
+        let exp = &self.inner.exports[session.export];
+        debug!(export = %exp.export.name, mode = ?session.mode, "entering transmission");
+        transmission(&self.inner, exp, session, reader, writer)
+    }
+
+    fn find_export(&self, name: &str) -> Option<usize> {
+        if name.is_empty() {
+            return Some(0);
+        }
+        self.inner.exports.iter().position(|e| e.export.name == name)
+    }
+
+    fn handshake(&self, r: &mut impl Read, w: &mut Stream) -> Result<Option<Session>, ServerError> {
+        w.write_all(&encode_greeting())?;
+        let mut cf = [0u8; 4];
+        r.read_exact(&mut cf)?;
+        let cflags = u32::from_be_bytes(cf);
+        if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(ServerError::Protocol(format!("unknown client flags {cflags:#x}")));
+        }
+        let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+        let mut mode = ReplyMode::Simple;
+        let mut meta: Option<String> = None; // export name base:allocation was set for
+        let mut out = Vec::with_capacity(512);
+        loop {
+            let mut hb = [0u8; 16];
+            r.read_exact(&mut hb)?;
+            let h = decode_option_header(&hb).map_err(|e| ServerError::Protocol(e.to_string()))?;
+            let mut data = vec![0u8; h.len as usize]; // bounded by MAX_OPTION_LEN
+            r.read_exact(&mut data)?;
+            out.clear();
+            let opt = h.option;
+            if self.inner.shutting_down.load(Ordering::SeqCst) && opt != OPT_ABORT {
+                if opt == OPT_EXPORT_NAME {
+                    return Ok(None);
+                }
+                encode_option_reply(&mut out, opt, REP_ERR_SHUTDOWN, b"server shutting down");
+                w.write_all(&out)?;
+                continue;
+            }
+            match opt {
+                OPT_EXPORT_NAME => {
+                    let Some(idx) = std::str::from_utf8(&data).ok().and_then(|n| self.find_export(n)) else {
+                        return Err(ServerError::Protocol("EXPORT_NAME of an unknown export".into()));
+                    };
+                    let e = &self.inner.exports[idx].export;
+                    encode_export_name_reply(&mut out, e.source.size(), tx_flags(e, mode), no_zeroes);
+                    w.write_all(&out)?;
+                    let meta_ok = meta.as_deref().and_then(|n| self.find_export(n)) == Some(idx);
+                    return Ok(Some(Session { export: idx, mode, meta: meta_ok }));
+                }
+                OPT_ABORT => {
+                    encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                    let _ = w.write_all(&out);
+                    return Ok(None);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"LIST takes no data");
+                    } else {
+                        for e in &self.inner.exports {
+                            let mut d = Vec::with_capacity(4 + e.export.name.len() + e.export.description.len());
+                            d.extend_from_slice(&(e.export.name.len() as u32).to_be_bytes());
+                            d.extend_from_slice(e.export.name.as_bytes());
+                            d.extend_from_slice(e.export.description.as_bytes());
+                            encode_option_reply(&mut out, opt, REP_SERVER, &d);
+                        }
+                        encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                    }
+                }
+                OPT_STARTTLS => encode_option_reply(&mut out, opt, REP_ERR_UNSUP, b"TLS not supported"),
+                OPT_INFO | OPT_GO => match decode_info_request(&data) {
+                    Err(e) => encode_option_reply(&mut out, opt, REP_ERR_INVALID, e.to_string().as_bytes()),
+                    Ok(req) => match self.find_export(&req.name) {
+                        None => encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, b"no such export"),
+                        Some(idx) => {
+                            let e = &self.inner.exports[idx].export;
+                            encode_option_reply(&mut out, opt, REP_INFO, &info_export(e.source.size(), tx_flags(e, mode)));
+                            if req.requests.contains(&INFO_NAME) {
+                                encode_option_reply(&mut out, opt, REP_INFO, &info_string(INFO_NAME, &e.name));
+                            }
+                            if req.requests.contains(&INFO_DESCRIPTION) && !e.description.is_empty() {
+                                encode_option_reply(&mut out, opt, REP_INFO, &info_string(INFO_DESCRIPTION, &e.description));
+                            }
+                            encode_option_reply(&mut out, opt, REP_INFO, &info_block_size(1, 4096, self.inner.opts.max_payload));
+                            encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                            if opt == OPT_GO {
+                                w.write_all(&out)?;
+                                let meta_ok = meta.as_deref().and_then(|n| self.find_export(n)) == Some(idx);
+                                return Ok(Some(Session { export: idx, mode, meta: meta_ok }));
+                            }
+                        }
+                    },
+                },
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"no data expected");
+                    } else if mode == ReplyMode::Extended {
+                        encode_option_reply(&mut out, opt, REP_ERR_EXT_HEADER_REQD, b"extended headers already negotiated");
+                    } else if mode == ReplyMode::Structured {
+                        encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"already negotiated");
+                    } else {
+                        mode = ReplyMode::Structured;
+                        encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                    }
+                }
+                OPT_EXTENDED_HEADERS => {
+                    if !data.is_empty() {
+                        encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"no data expected");
+                    } else if mode == ReplyMode::Extended {
+                        encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"already negotiated");
+                    } else {
+                        mode = ReplyMode::Extended;
+                        encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                    }
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    let set = opt == OPT_SET_META_CONTEXT;
+                    if set {
+                        meta = None;
+                    }
+                    match decode_meta_request(&data) {
+                        Err(e) => encode_option_reply(&mut out, opt, REP_ERR_INVALID, e.to_string().as_bytes()),
+                        Ok(_) if set && mode == ReplyMode::Simple => {
+                            encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"structured replies not negotiated")
+                        }
+                        Ok(req) => match self.find_export(&req.name) {
+                            None => encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, b"no such export"),
+                            Some(_) => {
+                                let matches = if set {
+                                    req.queries.iter().any(|q| q == BASE_ALLOCATION)
+                                } else {
+                                    req.queries.is_empty() || req.queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
+                                };
+                                if matches {
+                                    let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+                                    d.extend_from_slice(&META_CONTEXT_ID.to_be_bytes());
+                                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                                    encode_option_reply(&mut out, opt, REP_META_CONTEXT, &d);
+                                    if set {
+                                        meta = Some(req.name.clone());
+                                    }
+                                }
+                                encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                            }
+                        },
+                    }
+                }
+                _ => {
+                    debug!(option = opt, "unsupported option");
+                    encode_option_reply(&mut out, opt, REP_ERR_UNSUP, b"option not supported");
+                }
+            }
+            w.write_all(&out)?;
+        }
+    }
+}
+
+/// Context id of `base:allocation`.
+const META_CONTEXT_ID: u32 = 1;
+
+fn tx_flags(e: &Export, mode: ReplyMode) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN;
+    if e.is_read_only() {
+        f |= TF_READ_ONLY;
+    } else {
+        f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
+    }
+    if mode != ReplyMode::Simple {
+        f |= TF_SEND_DF;
+    }
+    f
+}
+
+struct Session {
+    export: usize,
+    mode: ReplyMode,
+    meta: bool,
+}
+
+/// Maps an I/O error to the NBD error sent to the client.
+fn nbd_errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => proto::EPERM,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => proto::ENOSPC,
+        Some(libc::EINVAL) => proto::EINVAL,
+        Some(libc::ENOMEM) => proto::ENOMEM,
+        Some(libc::EOPNOTSUPP) => proto::ENOTSUP,
+        _ if e.kind() == io::ErrorKind::Unsupported => proto::ENOTSUP,
+        _ => proto::EIO,
+    }
+}
+
+/// Pool of payload buffers, so steady-state requests do not allocate.
+struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+const POOL_KEEP_MAX_CAP: usize = 4 << 20;
+const POOL_KEEP_COUNT: usize = 128;
+
+impl BufPool {
+    fn get(&self, len: usize) -> Vec<u8> {
+        let mut b = {
+            let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            match f.iter().rposition(|b| b.capacity() >= len) {
+                Some(i) => f.swap_remove(i),
+                None => f.pop().unwrap_or_default(),
+            }
+        };
+        b.resize(len, 0);
+        b
+    }
+    fn put(&self, b: Vec<u8>) {
+        if b.capacity() <= POOL_KEEP_MAX_CAP {
+            let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if f.len() < POOL_KEEP_COUNT {
+                f.push(b);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum OpKind {
+    Read,
+    Write,
+    Flush,
+}
+
+/// A request handed to io_uring.
+struct Slot {
+    kind: OpKind,
+    handle: u64,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    ticket: Option<WriteTicket>,
+    range: Option<u64>,
+    /// Bytes transferred so far (short reads/writes are resubmitted).
+    done: u64,
+}
+
+struct Inflight {
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    bytes: u64,
+    count: usize,
+}
+
+/// Per-connection transmission state shared by the reader and the
+/// completion thread.
+struct Conn<'a> {
+    inner: &'a Inner,
+    exp: &'a ExportState,
+    mode: ReplyMode,
+    writer: Mutex<Stream>,
+    broken: AtomicBool,
+    pool: BufPool,
+    ring: Option<Ring>,
+    fd: Option<std::os::fd::RawFd>,
+    inflight: Mutex<Inflight>,
+    inflight_cv: Condvar,
+}
+
+const TAG_STOP: u64 = TAG_NO_BUF + 1;
+
+fn transmission(
+    inner: &Inner,
+    exp: &ExportState,
+    session: Session,
+    mut reader: BufReader<Stream>,
+    writer: Stream,
+) -> Result<(), ServerError> {
+    let fd = exp.export.source.raw_fd();
+    let ring = if inner.opts.io_uring && fd.is_some() {
+        match Ring::new(inner.opts.max_inflight) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "io_uring setup failed; using synchronous pread/pwrite");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let n = inner.opts.max_inflight;
+    let conn = Conn {
+        inner,
+        exp,
+        mode: session.mode,
+        writer: Mutex::new(writer),
+        broken: AtomicBool::new(false),
+        pool: BufPool { free: Mutex::new(Vec::new()) },
+        ring,
+        fd,
+        inflight: Mutex::new(Inflight {
+            slots: (0..n).map(|_| None).collect(),
+            free: (0..n).rev().collect(),
+            bytes: 0,
+            count: 0,
+        }),
+        inflight_cv: Condvar::new(),
+    };
+    std::thread::scope(|scope| {
+        let completer = if conn.ring.is_some() {
+            let c = &conn;
+            Some(
+                std::thread::Builder::new()
+                    .name("nbd-complete".into())
+                    .spawn_scoped(scope, move || c.completion_loop())
+                    .map_err(ServerError::Io)?,
+            )
+        } else {
+            None
+        };
+        let r = conn.request_loop(&mut reader, session.meta);
+        // Let in-flight requests finish and reply, then stop the completer.
+        conn.wait_idle();
+        if let (Some(ring), Some(t)) = (&conn.ring, completer) {
+            if let Err(e) = ring.submit(TAG_STOP, IoOp::Nop) {
+                warn!(error = %e, "cannot stop completion thread");
+            }
+            let _ = t.join();
+        }
+        r
+    })
+}
+
+enum Next {
+    Continue,
+    Stop,
+}
+
+impl Conn<'_> {
+    fn export(&self) -> &Export {
+        &self.exp.export
+    }
+
+    /// Sends one complete reply (header + payload) with a single write.
+    fn reply(&self, handle: u64, req_offset: u64, kind: ReplyKind, payload: &[u8]) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut h = [0u8; MAX_REPLY_HEADER];
+        let n = encode_reply_header(&mut h, self.mode, handle, req_offset, kind);
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = write_all2(&mut *w, &h[..n], payload) {
+            debug!(error = %e, "reply write failed; closing connection");
+            self.broken.store(true, Ordering::Relaxed);
+            w.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn reply_err(&self, handle: u64, req_offset: u64, err: u32) {
+        self.reply(handle, req_offset, ReplyKind::Error(err), &[]);
+    }
+
+    fn wait_idle(&self) {
+        let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        while g.count > 0 {
+            g = self.inflight_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn alloc_slot(&self, slot: Slot, bytes: u64) -> u32 {
+        let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        while g.free.is_empty() || (g.count > 0 && g.bytes + bytes > self.inner.opts.max_inflight_bytes) {
+            g = self.inflight_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        let Some(i) = g.free.pop() else { unreachable!("free slot checked above") };
+        g.slots[i as usize] = Some(slot);
+        g.bytes += bytes;
+        g.count += 1;
+        i
+    }
+
+    /// Takes a slot's request out; the slot stays allocated (counted as in
+    /// flight) until [`Conn::release_slot`], so `wait_idle` covers the reply.
+    fn take_slot(&self, i: u32) -> Option<Slot> {
+        let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        g.slots.get_mut(i as usize).and_then(Option::take)
+    }
+
+    fn release_slot(&self, i: u32, bytes: u64) {
+        let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        g.free.push(i);
+        g.bytes = g.bytes.saturating_sub(bytes);
+        g.count = g.count.saturating_sub(1);
+        drop(g);
+        self.inflight_cv.notify_all();
+    }
+
+    fn discard(&self, r: &mut impl Read, mut len: u64) -> io::Result<()> {
+        let mut scratch = [0u8; 8192];
+        while len > 0 {
+            let n = len.min(scratch.len() as u64) as usize;
+            r.read_exact(&mut scratch[..n])?;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+
+    fn request_loop(&self, r: &mut BufReader<Stream>, meta: bool) -> Result<(), ServerError> {
+        let ext = self.mode == ReplyMode::Extended;
+        let hlen = if ext { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
+        let mut hb = [0u8; EXTENDED_REQUEST_LEN];
+        let mut scratch = Vec::new();
+        loop {
+            if self.broken.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            match r.read_exact(&mut hb[..hlen]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    debug!("client closed the connection");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let req = decode_request(&hb[..hlen], ext).map_err(|e| ServerError::Protocol(e.to_string()))?;
+            match self.dispatch(r, req, meta, &mut scratch)? {
+                Next::Continue => {}
+                Next::Stop => return Ok(()),
+            }
+        }
+    }
+
+    /// Checks `[offset, offset+len)` against the export; `Err(errno)` if bad.
+    fn check_range(&self, offset: u64, len: u64, write_like: bool) -> Result<(), u32> {
+        let Some(end) = offset.checked_add(len) else { return Err(proto::EINVAL) };
+        if end > self.export().source.size() {
+            return Err(if write_like { proto::ENOSPC } else { proto::EINVAL });
+        }
+        Ok(())
+    }
+
+    fn dispatch(
+        &self,
+        r: &mut BufReader<Stream>,
+        req: Request,
+        meta: bool,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Next, ServerError> {
+        let ext = self.mode == ReplyMode::Extended;
+        let payload = req.payload_len(ext);
+        let (h, off) = (req.handle, req.offset);
+        let max = u64::from(self.inner.opts.max_payload);
+        let ro = self.export().is_read_only();
+        // Requests carrying a payload we will not use: consume it to stay in
+        // sync, then fail the request.
+        let reject_payload = |err: u32, r: &mut BufReader<Stream>| -> Result<Next, ServerError> {
+            if payload > self.inner.opts.max_discard {
+                return Err(ServerError::Protocol(format!("payload of {payload} bytes is too large to discard")));
+            }
+            self.discard(r, payload)?;
+            self.reply_err(h, off, err);
+            Ok(Next::Continue)
+        };
+        if self.inner.shutting_down.load(Ordering::Relaxed) && req.kind != CMD_DISC {
+            return reject_payload(proto::ESHUTDOWN, r);
+        }
+        match req.kind {
+            CMD_WRITE => {
+                if payload > max {
+                    return reject_payload(proto::EINVAL, r);
+                }
+                if ro {
+                    return reject_payload(proto::EPERM, r);
+                }
+                if let Err(e) = self.check_range(off, req.len, true) {
+                    return reject_payload(e, r);
+                }
+                let mut buf = self.pool.get(payload as usize);
+                r.read_exact(&mut buf)?;
+                self.start_write(req, buf);
+                Ok(Next::Continue)
+            }
+            _ if payload > 0 => reject_payload(proto::EINVAL, r),
+            CMD_READ => {
+                if req.len > max {
+                    let e = if req.flags & CMD_FLAG_DF != 0 { proto::EOVERFLOW } else { proto::EINVAL };
+                    self.reply_err(h, off, e);
+                } else if let Err(e) = self.check_range(off, req.len, false) {
+                    self.reply_err(h, off, e);
+                } else {
+                    self.start_read(req);
+                }
+                Ok(Next::Continue)
+            }
+            CMD_FLUSH => {
+                self.start_flush(req);
+                Ok(Next::Continue)
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                if ro {
+                    self.reply_err(h, off, proto::EPERM);
+                } else if let Err(e) = self.check_range(off, req.len, req.kind == CMD_WRITE_ZEROES) {
+                    self.reply_err(h, off, e);
+                } else {
+                    self.zero_or_trim(req);
+                }
+                Ok(Next::Continue)
+            }
+            CMD_BLOCK_STATUS => {
+                if !meta {
+                    self.reply_err(h, off, proto::EINVAL);
+                } else if req.len == 0 {
+                    self.reply_err(h, off, proto::EINVAL);
+                } else if let Err(e) = self.check_range(off, req.len, false) {
+                    self.reply_err(h, off, e);
+                } else {
+                    self.block_status(req, scratch);
+                }
+                Ok(Next::Continue)
+            }
+            CMD_DISC => {
+                debug!("client sent NBD_CMD_DISC");
+                Ok(Next::Stop)
+            }
+            other => {
+                debug!(command = other, "unknown command");
+                self.reply_err(h, off, proto::EINVAL);
+                Ok(Next::Continue)
+            }
+        }
+    }
+
+    fn sink(&self) -> Option<&Arc<dyn ChangeSink>> {
+        self.export().sink.as_ref()
+    }
+
+    /// Orders against overlapping in-flight writes and announces the write.
+    fn begin_write(&self, offset: u64, len: u64) -> (Option<WriteTicket>, Option<u64>) {
+        match self.sink() {
+            Some(s) => {
+                let id = self.exp.ranges.acquire(offset, len);
+                (Some(s.begin(offset, len)), Some(id))
+            }
+            None => (None, None),
+        }
+    }
+
+    fn end_write(&self, ticket: Option<WriteTicket>, range: Option<u64>, outcome: Result<Recorded<'_>, ()>) {
+        if let (Some(s), Some(t)) = (self.sink(), ticket) {
+            match outcome {
+                Ok(Recorded::Data(d)) => s.complete_write(t, d),
+                Ok(Recorded::Zero) => s.complete_zero(t),
+                Ok(Recorded::Dirty) | Err(()) => s.abort(t),
+            }
+        }
+        if let Some(id) = range {
+            self.exp.ranges.release(id);
+        }
+    }
+
+    fn start_write(&self, req: Request, buf: Vec<u8>) {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let (ticket, range) = self.begin_write(req.offset, req.len);
+        if let (Some(ring), Some(fd)) = (&self.ring, self.fd) {
+            let slot = Slot { kind: OpKind::Write, handle: req.handle, offset: req.offset, len: req.len, fua, ticket, range, done: 0 };
+            let tag = self.alloc_slot(slot, req.len);
+            if let Err(e) =
+                ring.submit(u64::from(tag), IoOp::Write { fd, offset: req.offset, buf, start: 0, dsync: fua })
+            {
+                warn!(error = %e, "io_uring submit failed");
+                self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None);
+            }
+            return;
+        }
+        let res = self.export().source.write_at(&buf, req.offset, fua);
+        let outcome = if res.is_ok() { Ok(Recorded::Data(&buf)) } else { Err(()) };
+        self.end_write(ticket, range, outcome);
+        match res {
+            Ok(()) => self.reply(req.handle, req.offset, ReplyKind::Ok, &[]),
+            Err(e) => self.reply_err(req.handle, req.offset, nbd_errno(&e)),
+        }
+        self.pool.put(buf);
+    }
+
+    fn start_read(&self, req: Request) {
+        let buf = self.pool.get(req.len as usize);
+        if let (Some(ring), Some(fd)) = (&self.ring, self.fd) {
+            let slot = Slot {
+                kind: OpKind::Read,
+                handle: req.handle,
+                offset: req.offset,
+                len: req.len,
+                fua: false,
+                ticket: None,
+                range: None,
+                done: 0,
+            };
+            let tag = self.alloc_slot(slot, req.len);
+            if let Err(e) = ring.submit(u64::from(tag), IoOp::Read { fd, offset: req.offset, buf, start: 0 }) {
+                warn!(error = %e, "io_uring submit failed");
+                self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None);
+            }
+            return;
+        }
+        let mut buf = buf;
+        let res = self.export().source.read_at(&mut buf, req.offset);
+        self.finish_read(req.handle, req.offset, res, &buf);
+        self.pool.put(buf);
+    }
+
+    fn finish_read(&self, handle: u64, offset: u64, res: io::Result<()>, buf: &[u8]) {
+        match res {
+            Ok(()) => {
+                if let Some(s) = self.sink() {
+                    s.note_read(buf.len() as u64);
+                }
+                let kind = if buf.is_empty() && self.mode != ReplyMode::Simple {
+                    ReplyKind::Ok
+                } else {
+                    ReplyKind::Data { offset, len: buf.len() as u64 }
+                };
+                self.reply(handle, offset, kind, buf);
+            }
+            Err(e) => self.reply_err(handle, offset, nbd_errno(&e)),
+        }
+    }
+
+    fn start_flush(&self, req: Request) {
+        if let (Some(ring), Some(fd)) = (&self.ring, self.fd) {
+            let slot =
+                Slot { kind: OpKind::Flush, handle: req.handle, offset: req.offset, len: 0, fua: false, ticket: None, range: None, done: 0 };
+            let tag = self.alloc_slot(slot, 0);
+            if let Err(e) = ring.submit(u64::from(tag), IoOp::Fsync { fd }) {
+                warn!(error = %e, "io_uring submit failed");
+                self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None);
+            }
+            return;
+        }
+        match self.export().source.flush() {
+            Ok(()) => self.reply(req.handle, req.offset, ReplyKind::Ok, &[]),
+            Err(e) => self.reply_err(req.handle, req.offset, nbd_errno(&e)),
+        }
+    }
+
+    fn zero_or_trim(&self, req: Request) {
+        let src = &self.export().source;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let (ticket, range) = self.begin_write(req.offset, req.len);
+        let res = if req.kind == CMD_TRIM {
+            src.trim(req.offset, req.len).map(|o| match o {
+                TrimOutcome::Zeroed => Recorded::Zero,
+                TrimOutcome::Ignored => Recorded::Dirty,
+            })
+        } else {
+            let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
+            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+            src.write_zeroes(req.offset, req.len, may_trim, fast).map(|()| Recorded::Zero)
+        };
+        let res = match res {
+            Ok(rec) if fua => src.flush().map(|()| rec),
+            other => other,
+        };
+        match res {
+            Ok(rec) => {
+                self.end_write(ticket, range, Ok(rec));
+                self.reply(req.handle, req.offset, ReplyKind::Ok, &[]);
+            }
+            Err(e) => {
+                self.end_write(ticket, range, Err(()));
+                self.reply_err(req.handle, req.offset, nbd_errno(&e));
+            }
+        }
+    }
+
+    fn block_status(&self, req: Request, scratch: &mut Vec<u8>) {
+        let ext = self.mode == ReplyMode::Extended;
+        let max_extents = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { 1024 };
+        // Compact replies carry 32-bit extent lengths.
+        let len = if ext { req.len } else { req.len.min(u64::from(u32::MAX) & !4095) };
+        let mut extents = Vec::new();
+        if let Err(e) = self.export().source.block_status(req.offset, len, max_extents, &mut extents) {
+            self.reply_err(req.handle, req.offset, nbd_errno(&e));
+            return;
+        }
+        if extents.is_empty() {
+            extents.push(Extent { len, flags: 0 });
+        }
+        scratch.clear();
+        let ty = encode_block_status(scratch, ext, META_CONTEXT_ID, &extents);
+        self.reply(req.handle, req.offset, ReplyKind::Chunk { ty, len: scratch.len() as u64 }, scratch);
+    }
+
+    /// Runs on the completion thread: reaps io_uring completions, records
+    /// writes in the sink and replies.
+    fn completion_loop(&self) {
+        let Some(ring) = &self.ring else { return };
+        let mut done = Vec::with_capacity(self.inner.opts.max_inflight as usize);
+        loop {
+            done.clear();
+            if let Err(e) = ring.wait(&mut done) {
+                warn!(error = %e, "io_uring wait failed; completion thread stops");
+                return;
+            }
+            let mut stop = false;
+            for c in done.drain(..) {
+                if c.tag == TAG_STOP {
+                    stop = true;
+                    continue;
+                }
+                self.complete(c);
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn complete(&self, c: Completion) {
+        let Ok(tag) = u32::try_from(c.tag) else { return };
+        let n = u64::try_from(c.result).unwrap_or(0);
+        let (kind, len, offset, fua, done) = {
+            let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            match g.slots.get_mut(tag as usize).and_then(Option::as_mut) {
+                Some(s) => {
+                    s.done += n;
+                    (s.kind, s.len, s.offset, s.fua, s.done)
+                }
+                None => return,
+            }
+        };
+        if c.result < 0 {
+            self.finish(tag, Err(io::Error::from_raw_os_error(-c.result)), c.buf);
+            return;
+        }
+        match (kind, c.buf) {
+            (OpKind::Flush, _) => self.finish(tag, Ok(()), None),
+            (_, None) => self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None),
+            (_, Some(buf)) if done >= len => self.finish(tag, Ok(()), Some(buf)),
+            // A zero-length transfer before the end: the backing shrank.
+            (_, Some(buf)) if n == 0 => self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), Some(buf)),
+            (k, Some(buf)) => {
+                let (Some(ring), Some(fd)) = (&self.ring, self.fd) else { return };
+                let start = done as usize;
+                let op = if k == OpKind::Read {
+                    IoOp::Read { fd, offset, buf, start }
+                } else {
+                    IoOp::Write { fd, offset, buf, start, dsync: fua }
+                };
+                if let Err(e) = ring.submit(c.tag, op) {
+                    warn!(error = %e, "io_uring resubmit failed");
+                    self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None);
+                }
+            }
+        }
+    }
+
+    /// Completes a ring request: records it in the sink, replies, frees the slot.
+    fn finish(&self, tag: u32, res: io::Result<()>, buf: Option<Vec<u8>>) {
+        let Some(slot) = self.take_slot(tag) else { return };
+        let bytes = slot.len;
+        match slot.kind {
+            OpKind::Read => {
+                let b = buf.as_deref().unwrap_or(&[]);
+                self.finish_read(slot.handle, slot.offset, res, b);
+            }
+            OpKind::Write => {
+                let outcome = match (&res, buf.as_deref()) {
+                    (Ok(()), Some(b)) => Ok(Recorded::Data(b)),
+                    _ => Err(()),
+                };
+                self.end_write(slot.ticket, slot.range, outcome);
+                match res {
+                    Ok(()) => self.reply(slot.handle, slot.offset, ReplyKind::Ok, &[]),
+                    Err(e) => self.reply_err(slot.handle, slot.offset, nbd_errno(&e)),
+                }
+            }
+            OpKind::Flush => match res {
+                Ok(()) => self.reply(slot.handle, slot.offset, ReplyKind::Ok, &[]),
+                Err(e) => self.reply_err(slot.handle, slot.offset, nbd_errno(&e)),
+            },
+        }
+        if let Some(b) = buf {
+            self.pool.put(b);
+        }
+        self.release_slot(tag, bytes);
+    }
+}
+
+enum Recorded<'a> {
+    Data(&'a [u8]),
+    Zero,
+    Dirty,
+}
