@@ -193,7 +193,8 @@ impl DmControl {
     }
 
     /// Loads `table` into the device's inactive slot; the next [`resume`](Self::resume) makes
-    /// it live. An invalid table is refused with [`DmError::InvalidTable`] and changes nothing.
+    /// it live. A table the kernel refuses fails with [`DmError::InvalidTable`] (with the
+    /// errno; the kernel log says why) and changes nothing.
     pub fn load_table(&self, name: &str, table: &[Target]) -> Result<(), DmError> {
         let mut req = Self::named(name)?;
         let payload = wire::encode_table(table).map_err(|e| {
@@ -206,7 +207,9 @@ impl DmControl {
         })?;
         req.target_count = table.len() as u32;
         match self.call(Cmd::TableLoad, &req, &payload, false) {
-            Err(DmError::Ioctl { op, device, source }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            // EINVAL (bad arguments, unknown target, gaps), ENODEV (a device that cannot be
+            // found), EBUSY (a device held exclusively), ...: the kernel refused the table.
+            Err(DmError::Ioctl { op, device, source }) => {
                 Err(DmError::InvalidTable {
                     op,
                     device,
@@ -310,10 +313,19 @@ impl DmControl {
             // A stale loaded table would otherwise be what a later rollback resume swaps in.
             self.clear_inactive(name)?;
         }
-        let result = self
-            .load_table(name, new_table)
-            .and_then(|()| self.suspend(name))
-            .and_then(|()| self.resume(name));
+        let result = self.load_table(name, new_table).and_then(|()| self.suspend(name)).and_then(|()| {
+            // The resume swaps the new table in; the kernel checks some things only then (e.g.
+            // that every target fits in its device), so a failure here is a refused table.
+            self.resume(name).map_err(|e| match e {
+                DmError::Ioctl { device, source, .. } => DmError::InvalidTable {
+                    op: "DM_DEV_SUSPEND (resume into the new table)",
+                    device,
+                    table: table_to_string(new_table).replace('\n', "; "),
+                    source,
+                },
+                e => e,
+            })
+        });
         let cause = match result {
             Ok(()) => return Ok(()),
             Err(e) => e,

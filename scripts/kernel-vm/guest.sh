@@ -10,7 +10,7 @@ pass=0
 fail=0
 while read -r cwd exe; do
     echo "REWIND-VM: run $exe"
-    (cd "$cwd" && exec "$exe" --include-ignored --test-threads=1) </dev/null 2>&1
+    (cd "$cwd" && exec "$exe" --include-ignored --test-threads=1 --color never) </dev/null 2>&1
     rc=$?
     echo "REWIND-VM: exit $rc $exe"
     if [ "$rc" = 0 ]; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
