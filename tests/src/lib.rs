@@ -177,7 +177,12 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
 pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
     let what = describe(cmd);
     let o = run(cmd, timeout);
-    assert!(o.status.success(), "`{what}` failed: {}\n{}", o.status, text(&o));
+    assert!(
+        o.status.success(),
+        "`{what}` failed: {}\n{}",
+        o.status,
+        text(&o)
+    );
     o
 }
 
@@ -231,7 +236,11 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new(tag: &str) -> Scratch {
-        let path = PathBuf::from(format!("/tmp/rwt-{}-{}-{tag}", std::process::id(), unique()));
+        let path = PathBuf::from(format!(
+            "/tmp/rwt-{}-{}-{tag}",
+            std::process::id(),
+            unique()
+        ));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("create scratch dir");
         Scratch { path }
@@ -279,7 +288,10 @@ pub fn create_random(path: &Path, size: u64, seed: u64) {
     let mut off = 0u64;
     while off < size {
         let n = (size - off).min(MIB) as usize;
-        fill_random(&mut buf[..n], seed ^ (off / MIB).wrapping_mul(0x100_0000_01B3));
+        fill_random(
+            &mut buf[..n],
+            seed ^ (off / MIB).wrapping_mul(0x100_0000_01B3),
+        );
         f.write_all(&buf[..n]).expect("write backing file");
         off += n as u64;
     }
@@ -432,7 +444,12 @@ impl RangeSet {
         if self.v.len() > max {
             s.push(format!("... {} more", self.v.len() - max));
         }
-        format!("{} ranges, {} bytes: {}", self.v.len(), self.total_len(), s.join(", "))
+        format!(
+            "{} ranges, {} bytes: {}",
+            self.v.len(),
+            self.total_len(),
+            s.join(", ")
+        )
     }
 }
 
@@ -643,7 +660,13 @@ impl Export {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(st) = ex.child.as_mut().expect("child").try_wait().expect("try_wait") {
+            if let Some(st) = ex
+                .child
+                .as_mut()
+                .expect("child")
+                .try_wait()
+                .expect("try_wait")
+            {
                 ex.child = None;
                 panic!(
                     "`{what}` exited before it was ready: {st}\n{}",
@@ -677,7 +700,9 @@ impl Export {
         let max = 20_000;
         if t.len() > max {
             let cut = t.len() - max;
-            let cut = (cut..t.len()).find(|&i| t.is_char_boundary(i)).unwrap_or(cut);
+            let cut = (cut..t.len())
+                .find(|&i| t.is_char_boundary(i))
+                .unwrap_or(cut);
             format!("[export log, last {max} bytes]\n{}", &t[cut..])
         } else {
             format!("[export log]\n{t}")
@@ -710,7 +735,10 @@ impl Export {
             Duration::from_secs(60),
         );
         let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-            panic!("drvutil --dump --json printed invalid JSON: {e}\n{}", text(&o))
+            panic!(
+                "drvutil --dump --json printed invalid JSON: {e}\n{}",
+                text(&o)
+            )
         });
         Some(ChangeLog::parse(v))
     }
@@ -1035,19 +1063,35 @@ impl Model {
 /// Checks an allocation map `(offset, len, is_data)` reported by a client:
 /// it tiles `[0, size)`, every byte of `data` is reported as data, and every
 /// byte of `holes` is reported as a hole.
-pub fn assert_allocation(extents: &[(u64, u64, bool)], size: u64, data: &RangeSet, holes: &RangeSet) {
+pub fn assert_allocation(
+    extents: &[(u64, u64, bool)],
+    size: u64,
+    data: &RangeSet,
+    holes: &RangeSet,
+) {
     let mut end = 0;
     for &(o, l, _) in extents {
         assert_eq!(o, end, "map has a gap or overlap at {o:#x}: {extents:?}");
         end = o + l;
     }
-    assert_eq!(end, size, "map does not end at the export size: {extents:?}");
+    assert_eq!(
+        end, size,
+        "map does not end at the export size: {extents:?}"
+    );
     let rep_data = RangeSet::from_extents(extents.iter().filter(|e| e.2).map(|e| (e.0, e.1)));
     let rep_hole = RangeSet::from_extents(extents.iter().filter(|e| !e.2).map(|e| (e.0, e.1)));
     let d = data.subtract(&rep_data);
-    assert!(d.is_empty(), "data reported as hole: {}\nmap: {extents:?}", d.describe(10));
+    assert!(
+        d.is_empty(),
+        "data reported as hole: {}\nmap: {extents:?}",
+        d.describe(10)
+    );
     let h = holes.subtract(&rep_hole);
-    assert!(h.is_empty(), "holes reported as data: {}\nmap: {extents:?}", h.describe(10));
+    assert!(
+        h.is_empty(),
+        "holes reported as data: {}\nmap: {extents:?}",
+        h.describe(10)
+    );
 }
 
 /// A sparse backing file with data (random) at `data` extents.
@@ -1097,7 +1141,9 @@ mod tests {
         assert!(!b.contains_set(&a));
         assert!(a.union(&b).contains_set(&a));
         assert_eq!(
-            RangeSet::from_extents([(1537, 1024)]).round_out(4096).ranges(),
+            RangeSet::from_extents([(1537, 1024)])
+                .round_out(4096)
+                .ranges(),
             &[(0, 4096)]
         );
         assert_eq!(a.subtract(&RangeSet::new()), a);

@@ -27,14 +27,27 @@ fn fio_verify(tag: &str, iodepth: u32) {
         Duration::from_secs(240),
     );
     let report = std::fs::read_to_string(&out).unwrap_or_default();
-    assert!(o.status.success(), "fio failed: {}\n{}\n{report}", o.status, text(&o));
+    assert!(
+        o.status.success(),
+        "fio failed: {}\n{}\n{report}",
+        o.status,
+        text(&o)
+    );
     let v: Value = serde_json::from_str(&report)
         .unwrap_or_else(|e| panic!("fio JSON: {e}\n{report}\n{}", text(&o)));
     let job = &v["jobs"][0];
     assert_eq!(job["error"], 0, "fio job error: {job}");
     // every block written once, then read back and verified
-    assert_eq!(job["write"]["io_bytes"], SIZE, "write bytes: {}", job["write"]);
-    assert_eq!(job["read"]["io_bytes"], SIZE, "verify read bytes: {}", job["read"]);
+    assert_eq!(
+        job["write"]["io_bytes"], SIZE,
+        "write bytes: {}",
+        job["write"]
+    );
+    assert_eq!(
+        job["read"]["io_bytes"], SIZE,
+        "verify read bytes: {}",
+        job["read"]
+    );
     ex.assert_alive();
     // fio's randwrite touches every 4 KiB block exactly once
     assert_changes_recorded(&ex, &before, Some(&RangeSet::from_extents([(0, SIZE)])));

@@ -115,7 +115,7 @@ fn libnbd_scripted_ops_and_edge_cases() {
     ops.push(pw(&mut m, 3 * MIB, 16 * MIB, 0xa5, false)); // 16 MiB in one request
     ops.push(json!({"op": "flush"}));
     ops.push(pw(&mut m, 64 * MIB + 7, 9 * KIB, 0xa6, true)); // into a hole
-    // one WRITE_ZEROES of 40 MiB over data and holes
+                                                             // one WRITE_ZEROES of 40 MiB over data and holes
     m.fill(36 * MIB, 40 * MIB, 0);
     ops.push(json!({"op": "zero", "off": 36 * MIB, "len": 40 * MIB}));
     m.fill(8 * MIB + 512, 1536, 0);
@@ -123,7 +123,11 @@ fn libnbd_scripted_ops_and_edge_cases() {
     m.trim(10 * MIB, MIB);
     ops.push(json!({"op": "trim", "off": 10 * MIB, "len": MIB}));
     ops.push(json!({"op": "flush"}));
-    let runs: Vec<_> = m.runs().into_iter().map(|(o, l, b)| json!([o, l, b])).collect();
+    let runs: Vec<_> = m
+        .runs()
+        .into_iter()
+        .map(|(o, l, b)| json!([o, l, b]))
+        .collect();
 
     let o = run_python(
         SCRIPT,

@@ -23,7 +23,10 @@ fn copy_in_and_out_four_connections() {
             .arg(ex.uri()),
         T,
     );
-    assert!(files_equal(&src, &backing), "backing differs from source after nbdcopy in");
+    assert!(
+        files_equal(&src, &backing),
+        "backing differs from source after nbdcopy in"
+    );
     let out = s.join("out.img");
     run_ok(
         tool("nbdcopy")

@@ -35,7 +35,11 @@ fn list_shows_export_names() {
         let uri = format!("nbd+unix:///?socket={}", ex.socket.display());
         let o = run_ok(tool("nbdinfo").arg("--list").arg(&uri), T);
         let t = String::from_utf8_lossy(&o.stdout);
-        assert!(t.contains(&format!("export=\"{name}\"")), "{name} not listed:\n{}", text(&o));
+        assert!(
+            t.contains(&format!("export=\"{name}\"")),
+            "{name} not listed:\n{}",
+            text(&o)
+        );
         assert!(t.contains("export-size: 8388608"), "{}", text(&o));
         // and the export is reachable under that name
         assert_eq!(json(ex)["export-name"], name);
@@ -57,12 +61,20 @@ fn json_flags_read_write_and_read_only() {
     let ex = Export::start(&s, &b, ExportOpts::default());
     let e = json(&ex);
     assert_eq!(e["export-size"], 16 * MIB, "{e}");
-    for flag in ["can_multi_conn", "can_flush", "can_fua", "can_trim", "can_zero"] {
+    for flag in [
+        "can_multi_conn",
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+    ] {
         assert_eq!(e[flag], true, "{flag}: {e}");
     }
     assert_eq!(e["is_read_only"], false, "{e}");
     assert!(
-        e["contexts"].as_array().is_some_and(|c| c.iter().any(|x| x == "base:allocation")),
+        e["contexts"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|x| x == "base:allocation")),
         "base:allocation not offered: {e}"
     );
     let max = e["block_size_maximum"].as_u64().unwrap_or(0);

@@ -43,8 +43,14 @@ fn convert_in_and_out_and_compare() {
             .arg(&out),
         T,
     );
-    assert!(files_equal(&src, &out), "image read back differs from source");
-    assert!(files_equal(&src, &backing), "backing file differs from source");
+    assert!(
+        files_equal(&src, &out),
+        "image read back differs from source"
+    );
+    assert!(
+        files_equal(&src, &backing),
+        "backing file differs from source"
+    );
     // and qemu-img compare export vs backing file
     run_ok(
         tool("qemu-img")
@@ -59,8 +65,12 @@ fn convert_in_and_out_and_compare() {
     if let Some(log) = log {
         let changed = diff_files(&before.path, &backing);
         assert!(changed.total_len() > 60 * MIB, "{}", changed.describe(5));
-        assert!(log.covered().contains_set(&RangeSet::from_extents([(16 * MIB, 40 * MIB)])),
-            "the 40 MiB zeroed range is not in the change log: {}", log.summary());
+        assert!(
+            log.covered()
+                .contains_set(&RangeSet::from_extents([(16 * MIB, 40 * MIB)])),
+            "the 40 MiB zeroed range is not in the change log: {}",
+            log.summary()
+        );
     }
     ex.stop();
 }

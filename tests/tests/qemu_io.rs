@@ -156,9 +156,17 @@ fn fua_flags_are_what_we_think() {
     }
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     qemu_io(&uri, &[], &["write -P 1 0 4k".into()]);
-    qemu_io(&uri, &["-t", "writeback"], &["write -P 2 0x10000 4k".into()]);
+    qemu_io(
+        &uri,
+        &["-t", "writeback"],
+        &["write -P 2 0x10000 4k".into()],
+    );
     qemu_io(&uri, &["-t", "none"], &["write -P 3 0x20000 4k".into()]);
-    qemu_io(&uri, &["-t", "writeback"], &["write -f -P 4 0x30000 4k".into()]);
+    qemu_io(
+        &uri,
+        &["-t", "writeback"],
+        &["write -f -P 4 0x30000 4k".into()],
+    );
     let _ = child.kill();
     let _ = child.wait();
     let log = std::fs::read_to_string(&logf).expect("nbdkit log");

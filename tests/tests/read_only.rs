@@ -61,12 +61,16 @@ fn read_only_export_refuses_all_writes() {
         ServerKind::QemuNbd => "qemu-nbd",
     };
     let o = run_python(SCRIPT, &[&uri, &SIZE.to_string(), kind], T);
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok", "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "ok",
+        "{}",
+        text(&o)
+    );
 
     // client tools that write must fail
     run_fails(
-        tool("qemu-io")
-            .args(["-f", "raw", &uri, "-c", "write -P 0x55 0 4k"]),
+        tool("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0x55 0 4k"]),
         T,
     );
     let src = s.join("src.img");
@@ -88,7 +92,10 @@ fn read_only_export_refuses_all_writes() {
     // reads still work and match the backing file
     let out = s.join("out.img");
     run_ok(tool("nbdcopy").arg(&uri).arg(&out), T);
-    assert!(files_equal(&out, &before.path), "read-only export content differs");
+    assert!(
+        files_equal(&out, &before.path),
+        "read-only export content differs"
+    );
 
     ex.assert_alive();
     assert_nothing_recorded(&ex, &before);
