@@ -24,7 +24,10 @@ pub fn dev_num(dev: &File) -> io::Result<DevNum> {
     let m = dev.metadata()?;
     use std::os::unix::fs::FileTypeExt;
     if !m.file_type().is_block_device() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a block device"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a block device",
+        ));
     }
     Ok(DevNum::from_rdev(m.rdev()))
 }

@@ -73,7 +73,9 @@ pub struct DmControl {
 
 impl std::fmt::Debug for DmControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmControl").field("node_dir", &self.node_dir).finish_non_exhaustive()
+        f.debug_struct("DmControl")
+            .field("node_dir", &self.node_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -93,9 +95,17 @@ impl DmControl {
                     .read(true)
                     .write(true)
                     .open(path)
-                    .map_err(|source| DmError::Open { path: path.into(), source })?
+                    .map_err(|source| DmError::Open {
+                        path: path.into(),
+                        source,
+                    })?
             }
-            Err(source) => return Err(DmError::Open { path: path.into(), source }),
+            Err(source) => {
+                return Err(DmError::Open {
+                    path: path.into(),
+                    source,
+                })
+            }
         };
         Ok(DmControl {
             transport: Box::new(ControlFile(file)),
@@ -105,12 +115,21 @@ impl DmControl {
 
     #[cfg(test)]
     pub(crate) fn with_transport(transport: Box<dyn Transport>) -> Self {
-        DmControl { transport, node_dir: None }
+        DmControl {
+            transport,
+            node_dir: None,
+        }
     }
 
     /// One ioctl round trip. `reply` asks for room for the kernel's result; the buffer grows
     /// while the kernel sets `DM_BUFFER_FULL_FLAG`. Errno values become the specific errors.
-    fn call(&self, cmd: Cmd, req: &Header, payload: &[u8], reply: bool) -> Result<(Header, Vec<u8>), DmError> {
+    fn call(
+        &self,
+        cmd: Cmd,
+        req: &Header,
+        payload: &[u8],
+        reply: bool,
+    ) -> Result<(Header, Vec<u8>), DmError> {
         let mut size = if reply { FIRST_REPLY } else { 0 }.max(DM_IOCTL_SIZE + payload.len());
         loop {
             let mut hdr = req.clone();
@@ -183,9 +202,17 @@ impl DmControl {
     }
 
     /// Creates a device, loads `table` and resumes it; on any failure the device is removed.
-    pub fn create_with_table(&self, name: &str, uuid: Option<&str>, table: &[Target]) -> Result<DeviceInfo, DmError> {
+    pub fn create_with_table(
+        &self,
+        name: &str,
+        uuid: Option<&str>,
+        table: &[Target],
+    ) -> Result<DeviceInfo, DmError> {
         self.create(name, uuid)?;
-        let r = self.load_table(name, table).and_then(|()| self.resume(name)).and_then(|()| self.info(name));
+        let r = self
+            .load_table(name, table)
+            .and_then(|()| self.resume(name))
+            .and_then(|()| self.info(name));
         if r.is_err() {
             let _ = self.remove(name);
         }
@@ -200,30 +227,37 @@ impl DmControl {
         let payload = wire::encode_table(table).map_err(|e| {
             let (what, value, reason) = match e {
                 wire::BadTable::Empty => ("table", String::new(), "has no targets".to_string()),
-                wire::BadTable::TargetType(i, b) => ("target type", table[i].target_type.clone(), b.reason()),
-                wire::BadTable::Params(i, b) => ("target parameters", table[i].params.clone(), b.reason()),
+                wire::BadTable::TargetType(i, b) => {
+                    ("target type", table[i].target_type.clone(), b.reason())
+                }
+                wire::BadTable::Params(i, b) => {
+                    ("target parameters", table[i].params.clone(), b.reason())
+                }
             };
-            DmError::InvalidArgument { what, value, reason }
+            DmError::InvalidArgument {
+                what,
+                value,
+                reason,
+            }
         })?;
         req.target_count = table.len() as u32;
         match self.call(Cmd::TableLoad, &req, &payload, false) {
             // EINVAL (bad arguments, unknown target, gaps), ENODEV (a device that cannot be
             // found), EBUSY (a device held exclusively), ...: the kernel refused the table.
-            Err(DmError::Ioctl { op, device, source }) => {
-                Err(DmError::InvalidTable {
-                    op,
-                    device,
-                    table: table_to_string(table).replace('\n', "; "),
-                    source,
-                })
-            }
+            Err(DmError::Ioctl { op, device, source }) => Err(DmError::InvalidTable {
+                op,
+                device,
+                table: table_to_string(table).replace('\n', "; "),
+                source,
+            }),
             r => r.map(|_| ()),
         }
     }
 
     /// Drops a loaded, not yet live table (`DM_TABLE_CLEAR`).
     pub fn clear_inactive(&self, name: &str) -> Result<(), DmError> {
-        self.call(Cmd::TableClear, &Self::named(name)?, &[], false).map(|_| ())
+        self.call(Cmd::TableClear, &Self::named(name)?, &[], false)
+            .map(|_| ())
     }
 
     /// Suspends the device: waits for in-flight I/O, flushes and freezes a filesystem on it;
@@ -263,8 +297,10 @@ impl DmControl {
             req.flags = flags::STATUS_TABLE;
         }
         let (h, buf) = self.call(Cmd::TableStatus, &req, &[], true)?;
-        let area = wire::result_area(&h, &buf).map_err(|e| Self::malformed(Cmd::TableStatus, name, e))?;
-        wire::decode_targets(area, h.target_count).map_err(|e| Self::malformed(Cmd::TableStatus, name, e))
+        let area =
+            wire::result_area(&h, &buf).map_err(|e| Self::malformed(Cmd::TableStatus, name, e))?;
+        wire::decode_targets(area, h.target_count)
+            .map_err(|e| Self::malformed(Cmd::TableStatus, name, e))
     }
 
     /// The live table, one [`Target`] per line (`dmsetup table`).
@@ -280,7 +316,8 @@ impl DmControl {
     /// All device-mapper devices: name and device number.
     pub fn list(&self) -> Result<Vec<(String, DevNum)>, DmError> {
         let (h, buf) = self.call(Cmd::ListDevices, &Header::default(), &[], true)?;
-        let area = wire::result_area(&h, &buf).map_err(|e| Self::malformed(Cmd::ListDevices, "", e))?;
+        let area =
+            wire::result_area(&h, &buf).map_err(|e| Self::malformed(Cmd::ListDevices, "", e))?;
         wire::decode_name_list(area).map_err(|e| Self::malformed(Cmd::ListDevices, "", e))
     }
 
@@ -293,11 +330,17 @@ impl DmControl {
             value: msg.into(),
             reason: e.reason(),
         })?;
-        let (h, buf) = self.call(Cmd::TargetMsg, &req, &wire::encode_message(sector, msg), true)?;
+        let (h, buf) = self.call(
+            Cmd::TargetMsg,
+            &req,
+            &wire::encode_message(sector, msg),
+            true,
+        )?;
         if h.flags & flags::DATA_OUT == 0 {
             return Ok(None);
         }
-        let area = wire::result_area(&h, &buf).map_err(|e| Self::malformed(Cmd::TargetMsg, name, e))?;
+        let area =
+            wire::result_area(&h, &buf).map_err(|e| Self::malformed(Cmd::TargetMsg, name, e))?;
         Ok(Some(wire::decode_string(area)))
     }
 
@@ -308,24 +351,31 @@ impl DmControl {
     /// ([`DmError::RollbackFailed`]). On success the device is resumed.
     pub fn reload_preserving(&self, name: &str, new_table: &[Target]) -> Result<(), DmError> {
         let before = self.info(name)?;
-        let old = if before.active_table { Some(self.table(name)?) } else { None };
+        let old = if before.active_table {
+            Some(self.table(name)?)
+        } else {
+            None
+        };
         if before.inactive_table {
             // A stale loaded table would otherwise be what a later rollback resume swaps in.
             self.clear_inactive(name)?;
         }
-        let result = self.load_table(name, new_table).and_then(|()| self.suspend(name)).and_then(|()| {
-            // The resume swaps the new table in; the kernel checks some things only then (e.g.
-            // that every target fits in its device), so a failure here is a refused table.
-            self.resume(name).map_err(|e| match e {
-                DmError::Ioctl { device, source, .. } => DmError::InvalidTable {
-                    op: "DM_DEV_SUSPEND (resume into the new table)",
-                    device,
-                    table: table_to_string(new_table).replace('\n', "; "),
-                    source,
-                },
-                e => e,
-            })
-        });
+        let result = self
+            .load_table(name, new_table)
+            .and_then(|()| self.suspend(name))
+            .and_then(|()| {
+                // The resume swaps the new table in; the kernel checks some things only then (e.g.
+                // that every target fits in its device), so a failure here is a refused table.
+                self.resume(name).map_err(|e| match e {
+                    DmError::Ioctl { device, source, .. } => DmError::InvalidTable {
+                        op: "DM_DEV_SUSPEND (resume into the new table)",
+                        device,
+                        table: table_to_string(new_table).replace('\n', "; "),
+                        source,
+                    },
+                    e => e,
+                })
+            });
         let cause = match result {
             Ok(()) => return Ok(()),
             Err(e) => e,
@@ -348,7 +398,11 @@ impl DmControl {
         }
         match old {
             Some(old) => {
-                let live = if now.active_table { Some(self.table(name)?) } else { None };
+                let live = if now.active_table {
+                    Some(self.table(name)?)
+                } else {
+                    None
+                };
                 if live.as_deref() != Some(old) {
                     self.load_table(name, old)?;
                 }
@@ -365,13 +419,18 @@ impl DmControl {
 
     /// Path of the device's node, `/dev/mapper/<name>`.
     pub fn node_path(&self, name: &str) -> PathBuf {
-        self.node_dir.as_deref().unwrap_or(Path::new("/dev/mapper")).join(name)
+        self.node_dir
+            .as_deref()
+            .unwrap_or(Path::new("/dev/mapper"))
+            .join(name)
     }
 
     /// Makes sure `/dev/mapper/<name>` is a block node (or a symlink to one, as udev makes)
     /// for `dev`, creating or replacing it otherwise.
     fn ensure_node(&self, name: &str, dev: DevNum) -> Result<(), DmError> {
-        let Some(dir) = &self.node_dir else { return Ok(()) };
+        let Some(dir) = &self.node_dir else {
+            return Ok(());
+        };
         let path = dir.join(name);
         let node_err = |source| DmError::Node {
             device: name.into(),
@@ -379,7 +438,9 @@ impl DmControl {
             source,
         };
         match std::fs::metadata(&path) {
-            Ok(m) if m.file_type().is_block_device() && DevNum::from_rdev(m.rdev()) == dev => return Ok(()),
+            Ok(m) if m.file_type().is_block_device() && DevNum::from_rdev(m.rdev()) == dev => {
+                return Ok(())
+            }
             Ok(_) => std::fs::remove_file(&path).map_err(node_err)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // a dangling symlink counts as missing
@@ -397,7 +458,9 @@ impl DmControl {
     /// Removes `/dev/mapper/<name>` if it is our block node for `dev` (a udev symlink is
     /// left to udev).
     fn remove_node(&self, name: &str, dev: DevNum) -> Result<(), DmError> {
-        let Some(dir) = &self.node_dir else { return Ok(()) };
+        let Some(dir) = &self.node_dir else {
+            return Ok(());
+        };
         let path = dir.join(name);
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_block_device() && DevNum::from_rdev(m.rdev()) == dev => {
@@ -416,22 +479,32 @@ impl DmControl {
 fn map_errno(cmd: Cmd, name: &str, e: io::Error) -> DmError {
     let (op, device) = (cmd.name(), name.to_string());
     match (cmd, e.raw_os_error()) {
-        (Cmd::Version | Cmd::ListDevices, _) => DmError::Ioctl { op, device, source: e },
+        (Cmd::Version | Cmd::ListDevices, _) => DmError::Ioctl {
+            op,
+            device,
+            source: e,
+        },
         (_, Some(libc::ENXIO)) => DmError::NoSuchDevice { op, device },
         (Cmd::DevCreate, Some(libc::EBUSY)) => DmError::NameInUse { op, device },
         (Cmd::DevRemove, Some(libc::EBUSY)) => DmError::Busy { op, device },
-        _ => DmError::Ioctl { op, device, source: e },
+        _ => DmError::Ioctl {
+            op,
+            device,
+            source: e,
+        },
     }
 }
 
 /// mknod /dev/mapper/control from /sys/class/misc/device-mapper/dev ("10:236").
 fn create_control_node(path: &Path) -> io::Result<()> {
     let text = std::fs::read_to_string("/sys/class/misc/device-mapper/dev")?;
-    let (maj, min) = text
-        .trim()
-        .split_once(':')
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad device-mapper dev in sysfs"))?;
-    let parse = |s: &str| s.parse::<u32>().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+    let (maj, min) = text.trim().split_once(':').ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "bad device-mapper dev in sysfs")
+    })?;
+    let parse = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    };
     let dev = DevNum::new(parse(maj)?, parse(min)?);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

@@ -79,7 +79,12 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(start: u64, len: u64, target_type: impl Into<String>, params: impl Into<String>) -> Self {
+    pub fn new(
+        start: u64,
+        len: u64,
+        target_type: impl Into<String>,
+        params: impl Into<String>,
+    ) -> Self {
         Target {
             start,
             len,
@@ -107,7 +112,11 @@ impl fmt::Display for Target {
 
 /// A table in the dmsetup text form, one target per line.
 pub fn table_to_string(targets: &[Target]) -> String {
-    targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join("\n")
+    targets
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]

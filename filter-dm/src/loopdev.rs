@@ -19,7 +19,10 @@ impl LoopDevice {
     /// Attaches `backing` (opened read-write) to a free loop device.
     pub fn attach(backing: &Path) -> io::Result<Self> {
         let backing = OpenOptions::new().read(true).write(true).open(backing)?;
-        let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+        let ctl = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/loop-control")?;
         let mut last = None;
         for _ in 0..20 {
             let n = sys::int_ioctl(ctl.as_fd(), IntIoctl::LoopCtlGetFree, 0)?;
@@ -32,7 +35,11 @@ impl LoopDevice {
                     continue;
                 }
             };
-            match sys::int_ioctl(file.as_fd(), IntIoctl::LoopSetFd, backing.as_raw_fd() as libc::c_ulong) {
+            match sys::int_ioctl(
+                file.as_fd(),
+                IntIoctl::LoopSetFd,
+                backing.as_raw_fd() as libc::c_ulong,
+            ) {
                 Ok(_) => {
                     let dev = block::dev_num(&file)?;
                     return Ok(LoopDevice {

@@ -15,12 +15,18 @@ use crate::DevNum;
 /// `struct dm_ioctl` + payload buffer.
 pub(crate) fn dm_ioctl(fd: BorrowedFd<'_>, request: u32, buf: &mut [u8]) -> io::Result<()> {
     if request & 0xffff_ff00 != wire::DM_IOCTL_BASE {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a DM ioctl request"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a DM ioctl request",
+        ));
     }
     // The kernel reads and writes back `data_size` bytes (the field at offset 12) from the
     // pointer, never more: refuse a header that claims more than the buffer holds.
     if buf.len() < DM_IOCTL_SIZE || wire::data_size_field(buf) as usize > buf.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "dm_ioctl data_size exceeds the buffer"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "dm_ioctl data_size exceeds the buffer",
+        ));
     }
     // SAFETY: `buf` is a live, exclusively borrowed allocation of at least `data_size` bytes
     // (checked above), which is all the kernel accesses for a DM ioctl; `fd` is an open

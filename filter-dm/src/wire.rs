@@ -164,26 +164,26 @@ pub(crate) fn check_cstr(s: &str, field: usize) -> Result<(), BadString> {
     Ok(())
 }
 
-fn put_u32(buf: &mut [u8], off: usize, v: u32) {
+pub(crate) fn put_u32(buf: &mut [u8], off: usize, v: u32) {
     buf[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
-fn put_u64(buf: &mut [u8], off: usize, v: u64) {
+pub(crate) fn put_u64(buf: &mut [u8], off: usize, v: u64) {
     buf[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
-fn get_u32(buf: &[u8], off: usize) -> u32 {
+pub(crate) fn get_u32(buf: &[u8], off: usize) -> u32 {
     u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes"))
 }
-fn get_u64(buf: &[u8], off: usize) -> u64 {
+pub(crate) fn get_u64(buf: &[u8], off: usize) -> u64 {
     u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"))
 }
 /// Copies `s` into `buf[off..off + field]` (the caller checked that it fits with its NUL).
-fn put_cstr(buf: &mut [u8], off: usize, field: usize, s: &str) {
+pub(crate) fn put_cstr(buf: &mut [u8], off: usize, field: usize, s: &str) {
     debug_assert!(s.len() < field);
     buf[off..off + field].fill(0);
     buf[off..off + s.len()].copy_from_slice(s.as_bytes());
 }
 /// Reads a NUL-terminated string from `buf[off..off + max]` (up to the end if no NUL).
-fn get_cstr(buf: &[u8], off: usize, max: usize) -> String {
+pub(crate) fn get_cstr(buf: &[u8], off: usize, max: usize) -> String {
     let end = (off + max).min(buf.len());
     let field = &buf[off.min(end)..end];
     let len = field.iter().position(|&b| b == 0).unwrap_or(field.len());
@@ -204,20 +204,31 @@ pub(crate) fn align8(n: usize) -> usize {
 pub(crate) fn encode(hdr: &Header, payload: &[u8], size: usize) -> Vec<u8> {
     let size = size.max(DM_IOCTL_SIZE + payload.len());
     let mut buf = vec![0u8; size];
-    for (i, v) in hdr.version.iter().enumerate() {
-        put_u32(&mut buf, OFF_VERSION + 4 * i, *v);
-    }
-    put_u32(&mut buf, OFF_DATA_SIZE, size as u32);
-    put_u32(&mut buf, OFF_DATA_START, DM_IOCTL_SIZE as u32);
-    put_u32(&mut buf, OFF_TARGET_COUNT, hdr.target_count);
-    put_u32(&mut buf, OFF_OPEN_COUNT, hdr.open_count as u32);
-    put_u32(&mut buf, OFF_FLAGS, hdr.flags);
-    put_u32(&mut buf, OFF_EVENT_NR, hdr.event_nr);
-    put_u64(&mut buf, OFF_DEV, hdr.dev);
-    put_cstr(&mut buf, OFF_NAME, NAME_LEN, &hdr.name);
-    put_cstr(&mut buf, OFF_UUID, UUID_LEN, &hdr.uuid);
+    let hdr = Header {
+        data_size: size as u32,
+        data_start: DM_IOCTL_SIZE as u32,
+        ..hdr.clone()
+    };
+    write_header(&mut buf, &hdr);
     buf[DM_IOCTL_SIZE..DM_IOCTL_SIZE + payload.len()].copy_from_slice(payload);
     buf
+}
+
+/// Writes every header field as given (including `data_size` and `data_start`).
+pub(crate) fn write_header(buf: &mut [u8], hdr: &Header) {
+    for (i, v) in hdr.version.iter().enumerate() {
+        put_u32(buf, OFF_VERSION + 4 * i, *v);
+    }
+    put_u32(buf, OFF_DATA_SIZE, hdr.data_size);
+    put_u32(buf, OFF_DATA_START, hdr.data_start);
+    put_u32(buf, OFF_TARGET_COUNT, hdr.target_count);
+    put_u32(buf, OFF_OPEN_COUNT, hdr.open_count as u32);
+    put_u32(buf, OFF_FLAGS, hdr.flags);
+    put_u32(buf, OFF_EVENT_NR, hdr.event_nr);
+    put_u32(buf, OFF_EVENT_NR + 4, 0); // padding
+    put_u64(buf, OFF_DEV, hdr.dev);
+    put_cstr(buf, OFF_NAME, NAME_LEN, &hdr.name);
+    put_cstr(buf, OFF_UUID, UUID_LEN, &hdr.uuid);
 }
 
 /// Reads the header back (the caller made sure the buffer holds at least 312 bytes).
@@ -295,7 +306,10 @@ pub(crate) fn decode_targets(area: &[u8], count: u32) -> Result<Vec<Target>, Mal
     let mut off = 0usize;
     for i in 0..count {
         if off + TARGET_SPEC_SIZE > area.len() {
-            return Err(Malformed(format!("target {i} at offset {off} past the result area ({} bytes)", area.len())));
+            return Err(Malformed(format!(
+                "target {i} at offset {off} past the result area ({} bytes)",
+                area.len()
+            )));
         }
         let params_end = area[off + TARGET_SPEC_SIZE..]
             .iter()
@@ -310,7 +324,9 @@ pub(crate) fn decode_targets(area: &[u8], count: u32) -> Result<Vec<Target>, Mal
         });
         let next = get_u32(area, off + 20) as usize;
         if i + 1 < count && next <= off {
-            return Err(Malformed(format!("target {i}: next offset {next} does not advance")));
+            return Err(Malformed(format!(
+                "target {i}: next offset {next} does not advance"
+            )));
         }
         off = next;
     }
@@ -328,7 +344,10 @@ pub(crate) fn decode_name_list(area: &[u8]) -> Result<Vec<(String, DevNum)>, Mal
     let mut off = 0usize;
     loop {
         if off + 12 > area.len() {
-            return Err(Malformed(format!("name list record at {off} past the result area ({} bytes)", area.len())));
+            return Err(Malformed(format!(
+                "name list record at {off} past the result area ({} bytes)",
+                area.len()
+            )));
         }
         let dev = DevNum::from_kernel(get_u64(area, off));
         let next = get_u32(area, off + 8) as usize;

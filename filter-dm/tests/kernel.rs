@@ -86,14 +86,21 @@ fn linear_write_lands_on_the_underlying_device() {
     let dm = DmControl::open().unwrap();
     let name = "rw-linear";
     let info = dm
-        .create_with_table(name, Some("rewind-test-linear"), &[Target::linear(0, 4096, disk.dev(), 2048)])
+        .create_with_table(
+            name,
+            Some("rewind-test-linear"),
+            &[Target::linear(0, 4096, disk.dev(), 2048)],
+        )
         .unwrap();
     let _g = Dm { dm: &dm, name };
     assert!(info.active_table && !info.suspended);
     let node = dm.node_path(name);
     let dev = block::dev_num(&File::open(&node).unwrap()).unwrap();
     assert_eq!(dev, info.dev);
-    assert_eq!(block::size_bytes(&File::open(&node).unwrap()).unwrap(), 4096 * 512);
+    assert_eq!(
+        block::size_bytes(&File::open(&node).unwrap()).unwrap(),
+        4096 * 512
+    );
 
     let data = pattern(0x5a, 64 * 1024);
     write_dev(&node, 8192, &data);
@@ -122,7 +129,9 @@ fn multi_target_table_round_trips() {
     let st = dm.status(name).unwrap();
     assert_eq!(st.len(), 4);
     assert_eq!(
-        st.iter().map(|t| t.target_type.as_str()).collect::<Vec<_>>(),
+        st.iter()
+            .map(|t| t.target_type.as_str())
+            .collect::<Vec<_>>(),
         ["linear", "zero", "linear", "error"]
     );
     let info = dm.info(name).unwrap();
@@ -152,7 +161,11 @@ fn suspend_load_resume_switches_the_mapping() {
     dm.load_table(name, &b).unwrap();
     let i = dm.info(name).unwrap();
     assert!(i.inactive_table && i.active_table && !i.suspended, "{i:?}");
-    assert_eq!(dm.table(name).unwrap(), a, "a loaded table is not live before resume");
+    assert_eq!(
+        dm.table(name).unwrap(),
+        a,
+        "a loaded table is not live before resume"
+    );
     dm.suspend(name).unwrap();
     assert!(dm.info(name).unwrap().suspended);
     dm.resume(name).unwrap();
@@ -162,7 +175,11 @@ fn suspend_load_resume_switches_the_mapping() {
     let pb = pattern(0xbb, 4096);
     write_dev(&node, 0, &pb);
     assert_eq!(disk.read(4096 * 512, 4096), pb);
-    assert_eq!(disk.read(0, 4096), pa, "the old mapping's data is untouched");
+    assert_eq!(
+        disk.read(0, 4096),
+        pa,
+        "the old mapping's data is untouched"
+    );
 
     // and with the all-or-nothing helper, back to A
     dm.reload_preserving(name, &a).unwrap();
@@ -181,9 +198,14 @@ fn reload_keeps_an_open_device_working() {
     dm.create_with_table(name, None, &[Target::linear(0, 2048, disk.dev(), 0)])
         .unwrap();
     let _g = Dm { dm: &dm, name };
-    let user = OpenOptions::new().read(true).write(true).open(dm.node_path(name)).unwrap();
+    let user = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dm.node_path(name))
+        .unwrap();
     assert_eq!(dm.info(name).unwrap().open_count, 1);
-    dm.reload_preserving(name, &[Target::linear(0, 2048, disk.dev(), 8192)]).unwrap();
+    dm.reload_preserving(name, &[Target::linear(0, 2048, disk.dev(), 8192)])
+        .unwrap();
     let data = pattern(0x77, 4096);
     user.write_all_at(&data, 4096).unwrap();
     user.sync_all().unwrap();
@@ -197,7 +219,11 @@ fn list_info_and_remove() {
     let dm = DmControl::open().unwrap();
     let name = "rw-list";
     let info = dm
-        .create_with_table(name, Some("rewind-test-list"), &[Target::linear(0, 100, disk.dev(), 0)])
+        .create_with_table(
+            name,
+            Some("rewind-test-list"),
+            &[Target::linear(0, 100, disk.dev(), 0)],
+        )
         .unwrap();
     let mut guard = Some(Dm { dm: &dm, name });
     assert_eq!(info.name, name);
@@ -207,12 +233,20 @@ fn list_info_and_remove() {
     let list = dm.list().unwrap();
     assert!(list.contains(&(name.to_string(), info.dev)), "{list:?}");
     assert_eq!(
-        std::fs::read_to_string(format!("/sys/dev/block/{}/dm/name", info.dev)).unwrap().trim(),
+        std::fs::read_to_string(format!("/sys/dev/block/{}/dm/name", info.dev))
+            .unwrap()
+            .trim(),
         name
     );
     // the linear target's status line is empty, its table line names the device
-    assert_eq!(dm.status(name).unwrap(), [Target::new(0, 100, "linear", "")]);
-    assert_eq!(dm.table(name).unwrap()[0].params, format!("{} 0", disk.dev()));
+    assert_eq!(
+        dm.status(name).unwrap(),
+        [Target::new(0, 100, "linear", "")]
+    );
+    assert_eq!(
+        dm.table(name).unwrap()[0].params,
+        format!("{} 0", disk.dev())
+    );
 
     dm.remove(name).unwrap();
     std::mem::forget(guard.take());
@@ -257,7 +291,10 @@ fn errors_name_the_device_and_change_nothing() {
         vec![Target::new(0, 2048, "linear", "garbage")],
         vec![Target::new(0, 2048, "linear", "/dev/rw-no-such-disk 0")],
         // overlapping targets
-        vec![Target::linear(0, 2048, disk.dev(), 0), Target::linear(100, 8, disk.dev(), 0)],
+        vec![
+            Target::linear(0, 2048, disk.dev(), 0),
+            Target::linear(100, 8, disk.dev(), 0),
+        ],
         // past the end of the 4 MiB disk
         vec![Target::linear(0, 2048, disk.dev(), 8192 - 1024)],
     ] {
