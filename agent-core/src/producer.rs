@@ -298,8 +298,10 @@ impl ChangeLog {
         Ok((cl, report))
     }
 
-    /// Bits (per block) from the persisted state: bitmap file | its hot
-    /// extents | the activity log's hot extents; everything if unusable.
+    /// Bits (per block) from the persisted state: bitmap file | the activity
+    /// log's hot extents; everything if either is unusable. (The hot set
+    /// stored in the bitmap file is the one in force when it was written; it
+    /// is informational — the activity log is authoritative and newer.)
     fn state_bits(l: &Layout, bitmap_path: &Path, al_path: &Path, id: &VolumeIdentity, uuid: [u8; 16], report: &mut OpenReport) -> (Vec<u64>, u64) {
         let words = l.bitmap_words as usize;
         let ext_words = l.extent_count.div_ceil(64) as usize;
@@ -336,7 +338,7 @@ impl ChangeLog {
         let mut bits = bf.bits.clone();
         for e in 0..l.extent_count {
             let (w, m) = ((e / 64) as usize, 1u64 << (e % 64));
-            if bf.hot[w] & m != 0 || al[w] & m != 0 {
+            if al[w] & m != 0 {
                 let start = e << l.extent_shift;
                 let end = (start + (1u64 << l.extent_shift)).min(l.volume_size);
                 for_each_word(start >> l.block_shift, (end - 1) >> l.block_shift, |w, m| bits[w as usize] |= m);
