@@ -559,6 +559,10 @@ pub struct ExportOpts {
     pub no_tracking: bool,
     pub block_size: Option<u64>,
     pub ring_size: Option<u64>,
+    /// Reuse a change-log directory (restart tests); default: a fresh one.
+    pub shm_dir: Option<PathBuf>,
+    /// Reuse a state directory (restart tests); default: a fresh one.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A running NBD server on a backing file: `rewind export` (or qemu-nbd when
@@ -587,8 +591,14 @@ impl Export {
             "socket path too long: {}",
             socket.display()
         );
-        let shm_dir = scratch.join(&format!("shm{id}"));
-        let state_dir = scratch.join(&format!("state{id}"));
+        let shm_dir = opts
+            .shm_dir
+            .clone()
+            .unwrap_or_else(|| scratch.join(&format!("shm{id}")));
+        let state_dir = opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| scratch.join(&format!("state{id}")));
         fs::create_dir_all(&shm_dir).expect("mkdir shm");
         fs::create_dir_all(&state_dir).expect("mkdir state");
         let log = scratch.join(&format!("export{id}.log"));
@@ -740,7 +750,7 @@ impl Export {
                 text(&o)
             )
         });
-        Some(ChangeLog::parse(v))
+        Some(ChangeLog::parse(v, self.opts.block_size.unwrap_or(BLOCK)))
     }
 
     fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
@@ -763,6 +773,14 @@ impl Export {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Simulated crash: SIGKILL, no chance to flush anything.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -817,7 +835,9 @@ fn num(v: &Value, what: &str) -> u64 {
 }
 
 impl ChangeLog {
-    pub fn parse(v: Value) -> ChangeLog {
+    /// Parses the dump; `default_bs` is the tracking block size to assume
+    /// when the dump does not state one.
+    pub fn parse(v: Value, default_bs: u64) -> ChangeLog {
         let stats = &v["stats"];
         assert!(stats.is_object(), "drvutil JSON has no `stats` object: {v}");
         let records: Vec<Record> = v["records"]
@@ -851,7 +871,7 @@ impl ChangeLog {
         ]
         .iter()
         .find_map(|x| x.as_u64())
-        .unwrap_or(BLOCK);
+        .unwrap_or(default_bs);
         ChangeLog {
             writes: num(&stats["writes"], "stats.writes"),
             bytes_written: num(&stats["bytes_written"], "stats.bytes_written"),
