@@ -912,6 +912,57 @@ impl ChangeLog {
     }
 }
 
+/// The accounting rules, as a pure function (see [`assert_changes_recorded`]).
+/// `changed` = bytes that differ in the backing file; `expected` = the exact
+/// extents a client wrote, when known.
+pub fn check_accounting(
+    changed: &RangeSet,
+    log: &ChangeLog,
+    expected: Option<&RangeSet>,
+) -> Result<(), String> {
+    let covered = log.covered();
+    let missing = changed.subtract(&covered);
+    if !missing.is_empty() {
+        return Err(format!(
+            "bytes changed in the backing file but absent from the change log: {}\nchanged: {}\n{}",
+            missing.describe(10),
+            changed.describe(10),
+            log.summary()
+        ));
+    }
+    if let Some(exp) = expected {
+        let unrecorded = exp.subtract(&covered);
+        if !unrecorded.is_empty() {
+            return Err(format!(
+                "client-written extents missing from the change log: {}\nexpected: {}\n{}",
+                unrecorded.describe(10),
+                exp.describe(10),
+                log.summary()
+            ));
+        }
+        let extra_rec = log.record_set().subtract(exp);
+        if !extra_rec.is_empty() {
+            return Err(format!(
+                "ring records outside what the client wrote: {}\nexpected: {}\n{}",
+                extra_rec.describe(10),
+                exp.describe(10),
+                log.summary()
+            ));
+        }
+        let extra_dirty = log.dirty.subtract(&exp.round_out(log.block_size));
+        if !extra_dirty.is_empty() {
+            return Err(format!(
+                "dirty ranges beyond the client's writes rounded to {} bytes: {}\nexpected: {}\n{}",
+                log.block_size,
+                extra_dirty.describe(10),
+                exp.describe(10),
+                log.summary()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The change-log accounting check, run after every client test.
 ///
 /// * Every byte of the backing file that differs from `before` must lie in
@@ -936,41 +987,8 @@ pub fn assert_changes_recorded(
         );
         return None;
     };
-    let covered = log.covered();
-    let missing = changed.subtract(&covered);
-    assert!(
-        missing.is_empty(),
-        "bytes changed in the backing file but absent from the change log: {}\nchanged: {}\n{}",
-        missing.describe(10),
-        changed.describe(10),
-        log.summary()
-    );
-    if let Some(exp) = expected {
-        let unrecorded = exp.subtract(&covered);
-        assert!(
-            unrecorded.is_empty(),
-            "client-written extents missing from the change log: {}\nexpected: {}\n{}",
-            unrecorded.describe(10),
-            exp.describe(10),
-            log.summary()
-        );
-        let extra_rec = log.record_set().subtract(exp);
-        assert!(
-            extra_rec.is_empty(),
-            "ring records outside what the client wrote: {}\nexpected: {}\n{}",
-            extra_rec.describe(10),
-            exp.describe(10),
-            log.summary()
-        );
-        let extra_dirty = log.dirty.subtract(&exp.round_out(log.block_size));
-        assert!(
-            extra_dirty.is_empty(),
-            "dirty ranges beyond the client's writes rounded to {} bytes: {}\nexpected: {}\n{}",
-            log.block_size,
-            extra_dirty.describe(10),
-            exp.describe(10),
-            log.summary()
-        );
+    if let Err(e) = check_accounting(&changed, &log, expected) {
+        panic!("{e}\n{}", export.log_text());
     }
     Some(log)
 }
@@ -1168,6 +1186,43 @@ mod tests {
         );
         assert_eq!(a.subtract(&RangeSet::new()), a);
         assert!(RangeSet::new().subtract(&a).is_empty());
+    }
+
+    fn log(records: &[(u64, u64)], dirty: &[(u64, u64)]) -> ChangeLog {
+        let v = serde_json::json!({
+            "volume": "v",
+            "stats": {"writes": 1, "bytes_written": 1, "reads": 0, "capture_mode": "data"},
+            "records": records.iter().enumerate().map(|(i, &(o, l))|
+                serde_json::json!({"seq": i, "kind": "data", "offset": o, "len": l})).collect::<Vec<_>>(),
+            "dirty_ranges": dirty.iter().map(|&(o, l)|
+                serde_json::json!({"offset": o, "len": l})).collect::<Vec<_>>(),
+        });
+        ChangeLog::parse(v, 4096)
+    }
+
+    #[test]
+    fn accounting_rules_catch_bad_logs() {
+        let changed = RangeSet::from_extents([(1537, 1024), (8192, 100)]);
+        let exp = RangeSet::from_extents([(1537, 1024), (8192, 4096)]);
+        // exact records: fine
+        let good = log(&[(1537, 1024), (8192, 4096)], &[]);
+        assert!(check_accounting(&changed, &good, Some(&exp)).is_ok());
+        // rounded dirty bits: fine
+        let good = log(&[], &[(0, 4096), (8192, 4096)]);
+        assert!(check_accounting(&changed, &good, Some(&exp)).is_ok());
+        // a changed byte not recorded
+        let bad = log(&[(1537, 1023), (8192, 4096)], &[]);
+        assert!(check_accounting(&changed, &bad, None).is_err());
+        // a written-but-unchanged byte not recorded
+        let bad = log(&[(1537, 1024), (8192, 100)], &[]);
+        assert!(check_accounting(&changed, &bad, None).is_ok());
+        assert!(check_accounting(&changed, &bad, Some(&exp)).is_err());
+        // a record outside what was written
+        let bad = log(&[(1537, 1024), (8192, 4096), (1 << 20, 1)], &[]);
+        assert!(check_accounting(&changed, &bad, Some(&exp)).is_err());
+        // a dirty block outside the rounded writes
+        let bad = log(&[], &[(0, 4096), (8192, 8192)]);
+        assert!(check_accounting(&changed, &bad, Some(&exp)).is_err());
     }
 
     #[test]
