@@ -280,7 +280,16 @@ impl DmControl {
     /// [`DmError::Busy`] and stays as it was.
     pub fn remove(&self, name: &str) -> Result<(), DmError> {
         let req = Self::named(name)?;
-        let dev = self.info(name)?.dev;
+        let dev = match self.info(name) {
+            Ok(i) => i.dev,
+            Err(DmError::NoSuchDevice { device, .. }) => {
+                return Err(DmError::NoSuchDevice {
+                    op: Cmd::DevRemove.name(),
+                    device,
+                })
+            }
+            Err(e) => return Err(e),
+        };
         self.call(Cmd::DevRemove, &req, &[], false)?;
         self.remove_node(name, dev)
     }

@@ -6,11 +6,12 @@ export DM_DISABLE_UDEV=1 RUST_BACKTRACE=1 REWIND_KERNEL_VM=1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "REWIND-VM: guest up at $(up)s, kernel $(uname -r)"
+args=$(cat /run/rewind/test-args)
 pass=0
 fail=0
 while read -r cwd exe; do
     echo "REWIND-VM: run $exe"
-    (cd "$cwd" && exec "$exe" --include-ignored --test-threads=1 --color never) </dev/null 2>&1
+    (cd "$cwd" && exec "$exe" --include-ignored --test-threads=1 --color never $args) </dev/null 2>&1
     rc=$?
     echo "REWIND-VM: exit $rc $exe"
     if [ "$rc" = 0 ]; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
