@@ -613,3 +613,22 @@ impl Transport for FakeKernel {
         Ok(())
     }
 }
+
+#[test]
+fn the_raw_ioctl_refuses_a_header_larger_than_its_buffer() {
+    use std::os::fd::AsFd;
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let mut buf = wire::encode(&Header::default(), &[], 0);
+    wire::put_u32(&mut buf, 12, 4096); // data_size beyond the 312-byte buffer
+    let e = crate::sys::dm_ioctl(null.as_fd(), Cmd::Version.request(), &mut buf).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    let mut ok = wire::encode(&Header::default(), &[], 0);
+    let e = crate::sys::dm_ioctl(null.as_fd(), 0x1234, &mut ok).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "not a DM request");
+    let e = crate::sys::dm_ioctl(null.as_fd(), Cmd::Version.request(), &mut ok[..100]).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        io::ErrorKind::InvalidInput,
+        "shorter than the header"
+    );
+}

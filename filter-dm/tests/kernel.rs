@@ -329,3 +329,56 @@ fn errors_name_the_device_and_change_nothing() {
     assert!(dm.create(&"y".repeat(127), None).is_ok());
     dm.remove(&"y".repeat(127)).unwrap();
 }
+
+#[test]
+#[ignore = "needs the kernel VM: scripts/kernel-vm/run-tests"]
+fn target_messages_reach_dm_era() {
+    // DM_TARGET_MSG on a dm-era device: "checkpoint" starts a new era
+    let disk = Scratch::new(16 * MIB);
+    let dm = DmControl::open().unwrap();
+    dm.create_with_table(
+        "rw-era-meta",
+        None,
+        &[Target::linear(0, 8192, disk.dev(), 0)],
+    )
+    .unwrap();
+    let _m = Dm {
+        dm: &dm,
+        name: "rw-era-meta",
+    };
+    dm.create_with_table(
+        "rw-era-orig",
+        None,
+        &[Target::linear(0, 16384, disk.dev(), 8192)],
+    )
+    .unwrap();
+    let _o = Dm {
+        dm: &dm,
+        name: "rw-era-orig",
+    };
+    let meta = dm.info("rw-era-meta").unwrap().dev;
+    let orig = dm.info("rw-era-orig").unwrap().dev;
+    let era = [Target::new(0, 16384, "era", format!("{meta} {orig} 128"))];
+    dm.create_with_table("rw-era", None, &era).unwrap();
+    let _e = Dm {
+        dm: &dm,
+        name: "rw-era",
+    };
+    let current_era = || -> u64 {
+        let st = dm.status("rw-era").unwrap();
+        println!("era status: {}", st[0]);
+        st[0]
+            .params
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = current_era();
+    assert_eq!(dm.message("rw-era", 0, "checkpoint").unwrap(), None);
+    assert_eq!(current_era(), before + 1);
+    let e = dm.message("rw-era", 0, "no-such-message").unwrap_err();
+    println!("bad message: {e}");
+    assert!(e.to_string().contains("rw-era"), "{e}");
+}
