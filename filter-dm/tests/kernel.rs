@@ -382,3 +382,81 @@ fn target_messages_reach_dm_era() {
     println!("bad message: {e}");
     assert!(e.to_string().contains("rw-era"), "{e}");
 }
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "needs the kernel VM: scripts/kernel-vm/run-tests"]
+fn a_layer_is_inserted_and_removed_under_a_mounted_filesystem() {
+    // The shape of hot insertion: a mounted ext4 on "rw-top" (linear onto the disk) gets a
+    // layer "rw-mid" slipped in between (top -> mid -> disk) and taken out again, with files
+    // written at every stage; the filesystem stays mounted throughout and checks clean.
+    const SECTORS: u64 = 64 * 2048; // 64 MiB
+    let disk = Scratch::new(64 * MIB);
+    let dm = DmControl::open().unwrap();
+    let direct = [Target::linear(0, SECTORS, disk.dev(), 0)];
+    let top = dm.create_with_table("rw-top", None, &direct).unwrap();
+    let _t = Dm {
+        dm: &dm,
+        name: "rw-top",
+    };
+    let node = dm.node_path("rw-top");
+    let node = node.to_str().unwrap();
+    run("mkfs.ext4", &["-q", "-F", node]);
+    let mnt = tempfile::tempdir().unwrap();
+    let mnt_s = mnt.path().to_str().unwrap();
+    run("mount", &["-t", "ext4", node, mnt_s]);
+    let write = |name: &str, tag: u8| {
+        std::fs::write(mnt.path().join(name), pattern(tag, 256 * 1024)).unwrap();
+        File::open(mnt.path().join(name))
+            .unwrap()
+            .sync_all()
+            .unwrap();
+    };
+    write("before", 1);
+
+    // insert: the mid layer maps the same sectors, the top now goes through it
+    let mid = dm.create_with_table("rw-mid", None, &direct).unwrap();
+    let _m = Dm {
+        dm: &dm,
+        name: "rw-mid",
+    };
+    dm.reload_preserving("rw-top", &[Target::linear(0, SECTORS, mid.dev, 0)])
+        .unwrap();
+    assert_eq!(
+        dm.info("rw-mid").unwrap().open_count,
+        1,
+        "the top device holds the layer"
+    );
+    assert!(!dm.info("rw-top").unwrap().suspended);
+    write("during", 2);
+    let e = dm.remove("rw-mid").unwrap_err();
+    assert!(matches!(e, DmError::Busy { .. }), "{e}");
+
+    // remove the layer again
+    dm.reload_preserving("rw-top", &direct).unwrap();
+    assert_eq!(dm.info("rw-mid").unwrap().open_count, 0);
+    dm.remove("rw-mid").unwrap();
+    write("after", 3);
+
+    run("umount", &[mnt_s]);
+    run("fsck.ext4", &["-n", "-f", node]);
+    assert_eq!(dm.info("rw-top").unwrap().dev, top.dev);
+    run("mount", &["-t", "ext4", "-o", "ro", node, mnt_s]);
+    for (name, tag) in [("before", 1), ("during", 2), ("after", 3)] {
+        assert_eq!(
+            std::fs::read(mnt.path().join(name)).unwrap(),
+            pattern(tag, 256 * 1024),
+            "{name}"
+        );
+    }
+    run("umount", &[mnt_s]);
+}
