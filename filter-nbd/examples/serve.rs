@@ -5,13 +5,19 @@
 //! cargo run -p filter-nbd --release --example serve -- SOCKET_OR_HOST:PORT FILE [--ro] [--no-uring] [--name NAME]
 //! ```
 //! A first argument containing '/' is a unix socket path; anything else is a
-//! TCP address. Stops on EOF of stdin... or Ctrl-C (process exit).
+//! TCP address. Stop it with Ctrl-C. `RUST_LOG=debug` shows the negotiated mode per connection.
 
 use std::sync::Arc;
 
 use filter_nbd::{Backing, Export, Server, ServerOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
         eprintln!("usage: serve SOCKET|HOST:PORT FILE [--ro] [--no-uring] [--name NAME]");
@@ -22,7 +28,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.iter().any(|a| a == "--no-uring") {
         opts.io_uring = false;
     }
-    let name = args.iter().position(|a| a == "--name").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
+    let name = args
+        .iter()
+        .position(|a| a == "--name")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_default();
     let backing = Backing::open(&args[1], ro)?;
     let export = Export::new(name, Arc::new(backing)).with_description(format!("file {}", args[1]));
     let server = Server::new(vec![export], opts)?;

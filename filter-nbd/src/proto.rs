@@ -257,8 +257,12 @@ fn take_string(b: &[u8], at: usize, len: usize) -> Result<String, DecodeError> {
     if len > MAX_STRING_LEN {
         return Err(DecodeError::Malformed("string too long"));
     }
-    let end = at.checked_add(len).ok_or(DecodeError::Malformed("length"))?;
-    let s = b.get(at..end).ok_or(DecodeError::Malformed("string past end"))?;
+    let end = at
+        .checked_add(len)
+        .ok_or(DecodeError::Malformed("length"))?;
+    let s = b
+        .get(at..end)
+        .ok_or(DecodeError::Malformed("string past end"))?;
     String::from_utf8(s.to_vec()).map_err(|_| DecodeError::Malformed("string not UTF-8"))
 }
 
@@ -334,7 +338,11 @@ impl Request {
 /// Decodes a request header: 28 bytes compact, 32 bytes with extended headers.
 pub fn decode_request(b: &[u8], extended: bool) -> Result<Request, DecodeError> {
     let magic = be32(b, 0).ok_or(DecodeError::Truncated)?;
-    let want = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    let want = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
     if magic != want {
         return Err(DecodeError::BadMagic(magic.into()));
     }
@@ -347,7 +355,13 @@ pub fn decode_request(b: &[u8], extended: bool) -> Result<Request, DecodeError> 
     } else {
         u64::from(be32(b, 24).ok_or(DecodeError::Truncated)?)
     };
-    Ok(Request { flags, kind, handle, offset, len })
+    Ok(Request {
+        flags,
+        kind,
+        handle,
+        offset,
+        len,
+    })
 }
 
 /// Encodes a request header (used by tests and test clients).
@@ -554,12 +568,24 @@ mod tests {
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
         b.extend_from_slice(&OPT_GO.to_be_bytes());
         b.extend_from_slice(&10u32.to_be_bytes());
-        assert_eq!(decode_option_header(&b), Ok(OptionHeader { option: OPT_GO, len: 10 }));
+        assert_eq!(
+            decode_option_header(&b),
+            Ok(OptionHeader {
+                option: OPT_GO,
+                len: 10
+            })
+        );
         b[15] = 0;
         b[13] = 0x10; // 1 MiB
-        assert!(matches!(decode_option_header(&b), Err(DecodeError::TooLong(_))));
+        assert!(matches!(
+            decode_option_header(&b),
+            Err(DecodeError::TooLong(_))
+        ));
         b[0] = 0;
-        assert!(matches!(decode_option_header(&b), Err(DecodeError::BadMagic(_))));
+        assert!(matches!(
+            decode_option_header(&b),
+            Err(DecodeError::BadMagic(_))
+        ));
         assert_eq!(decode_option_header(&b[..5]), Err(DecodeError::Truncated));
     }
 
@@ -599,15 +625,34 @@ mod tests {
     #[test]
     fn request_roundtrip() {
         for ext in [false, true] {
-            let r = Request { flags: CMD_FLAG_FUA, kind: CMD_WRITE, handle: 42, offset: 4096, len: 512 };
+            let r = Request {
+                flags: CMD_FLAG_FUA,
+                kind: CMD_WRITE,
+                handle: 42,
+                offset: 4096,
+                len: 512,
+            };
             let mut b = Vec::new();
             encode_request(&mut b, &r, ext);
-            assert_eq!(b.len(), if ext { EXTENDED_REQUEST_LEN } else { REQUEST_LEN });
+            assert_eq!(
+                b.len(),
+                if ext {
+                    EXTENDED_REQUEST_LEN
+                } else {
+                    REQUEST_LEN
+                }
+            );
             assert_eq!(decode_request(&b, ext), Ok(r));
             assert_eq!(r.payload_len(ext), 512);
             assert!(decode_request(&b, !ext).is_err());
         }
-        let r = Request { flags: 0, kind: CMD_WRITE_ZEROES, handle: 1, offset: 0, len: 1 << 40 };
+        let r = Request {
+            flags: 0,
+            kind: CMD_WRITE_ZEROES,
+            handle: 1,
+            offset: 0,
+            len: 1 << 40,
+        };
         let mut b = Vec::new();
         encode_request(&mut b, &r, true);
         assert_eq!(decode_request(&b, true).unwrap().len, 1 << 40);
@@ -617,11 +662,23 @@ mod tests {
     #[test]
     fn reply_headers() {
         let mut h = [0u8; MAX_REPLY_HEADER];
-        assert_eq!(encode_reply_header(&mut h, ReplyMode::Simple, 7, 0, ReplyKind::Error(EINVAL)), 16);
+        assert_eq!(
+            encode_reply_header(&mut h, ReplyMode::Simple, 7, 0, ReplyKind::Error(EINVAL)),
+            16
+        );
         assert_eq!(&h[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
         assert_eq!(&h[4..8], &EINVAL.to_be_bytes());
         assert_eq!(&h[8..16], &7u64.to_be_bytes());
-        let n = encode_reply_header(&mut h, ReplyMode::Structured, 7, 0, ReplyKind::Data { offset: 512, len: 4096 });
+        let n = encode_reply_header(
+            &mut h,
+            ReplyMode::Structured,
+            7,
+            0,
+            ReplyKind::Data {
+                offset: 512,
+                len: 4096,
+            },
+        );
         assert_eq!(n, 28);
         assert_eq!(&h[6..8], &REPLY_TYPE_OFFSET_DATA.to_be_bytes());
         assert_eq!(&h[16..20], &(4096u32 + 8).to_be_bytes());
@@ -638,12 +695,27 @@ mod tests {
 
     #[test]
     fn block_status_payload() {
-        let ex = [Extent { len: 4096, flags: 0 }, Extent { len: 8192, flags: STATE_HOLE | STATE_ZERO }];
+        let ex = [
+            Extent {
+                len: 4096,
+                flags: 0,
+            },
+            Extent {
+                len: 8192,
+                flags: STATE_HOLE | STATE_ZERO,
+            },
+        ];
         let mut b = Vec::new();
-        assert_eq!(encode_block_status(&mut b, false, 1, &ex), REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(
+            encode_block_status(&mut b, false, 1, &ex),
+            REPLY_TYPE_BLOCK_STATUS
+        );
         assert_eq!(b.len(), 4 + 16);
         b.clear();
-        assert_eq!(encode_block_status(&mut b, true, 1, &ex), REPLY_TYPE_BLOCK_STATUS_EXT);
+        assert_eq!(
+            encode_block_status(&mut b, true, 1, &ex),
+            REPLY_TYPE_BLOCK_STATUS_EXT
+        );
         assert_eq!(b.len(), 8 + 32);
     }
 }

@@ -49,7 +49,11 @@ impl RangeLocks {
 
     /// Number of ranges currently held.
     pub fn held(&self) -> usize {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).ranges.len()
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ranges
+            .len()
     }
 }
 

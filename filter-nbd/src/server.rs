@@ -62,7 +62,13 @@ impl Export {
     /// An export of `source` named `name`, writable if the source is, with
     /// no description and tracking off.
     pub fn new(name: impl Into<String>, source: Arc<dyn BlockSource>) -> Self {
-        Self { name: name.into(), description: String::new(), source, read_only: false, sink: None }
+        Self {
+            name: name.into(),
+            description: String::new(),
+            source,
+            read_only: false,
+            sink: None,
+        }
     }
     /// Sets the description.
     pub fn with_description(mut self, d: impl Into<String>) -> Self {
@@ -228,7 +234,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("exports", &self.inner.exports.len()).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("exports", &self.inner.exports.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -249,7 +257,13 @@ impl ShutdownHandle {
     /// Initiates shutdown; `serve_*` return once all connections ended.
     pub fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
-        for s in self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for s in self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
             s.shutdown(Shutdown::Read);
         }
         // Wake a blocking accept() by connecting to ourselves.
@@ -270,16 +284,30 @@ impl Server {
         }
         for (i, e) in exports.iter().enumerate() {
             if e.name.len() > MAX_STRING_LEN || e.description.len() > MAX_STRING_LEN {
-                return Err(ServerError::Config(format!("export name or description too long: {:?}", e.name)));
+                return Err(ServerError::Config(format!(
+                    "export name or description too long: {:?}",
+                    e.name
+                )));
             }
             if exports[..i].iter().any(|o| o.name == e.name) {
-                return Err(ServerError::Config(format!("duplicate export {:?}", e.name)));
+                return Err(ServerError::Config(format!(
+                    "duplicate export {:?}",
+                    e.name
+                )));
             }
         }
         if opts.max_payload == 0 || opts.max_inflight == 0 {
-            return Err(ServerError::Config("max_payload and max_inflight must be > 0".into()));
+            return Err(ServerError::Config(
+                "max_payload and max_inflight must be > 0".into(),
+            ));
         }
-        let exports = exports.into_iter().map(|export| ExportState { export, ranges: RangeLocks::new() }).collect();
+        let exports = exports
+            .into_iter()
+            .map(|export| ExportState {
+                export,
+                ranges: RangeLocks::new(),
+            })
+            .collect();
         Ok(Self {
             inner: Arc::new(Inner {
                 exports,
@@ -294,7 +322,9 @@ impl Server {
 
     /// A handle that stops this server (and every `serve_*` running on it).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle { inner: self.inner.clone() }
+        ShutdownHandle {
+            inner: self.inner.clone(),
+        }
     }
 
     /// Binds a unix socket at `path` (a stale socket file is replaced) and
@@ -315,7 +345,8 @@ impl Server {
     /// Serves connections accepted from a bound unix listener until shut down.
     pub fn serve_unix_listener(&self, l: UnixListener) -> Result<(), ServerError> {
         if let Some(p) = l.local_addr()?.as_pathname() {
-            *self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(WakeAddr::Unix(p.to_path_buf()));
+            *self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(WakeAddr::Unix(p.to_path_buf()));
         }
         self.accept_loop(|| l.accept().map(|(s, _)| Stream::Unix(s)))
     }
@@ -329,11 +360,15 @@ impl Server {
 
     /// Serves connections accepted from a bound TCP listener until shut down.
     pub fn serve_tcp_listener(&self, l: TcpListener) -> Result<(), ServerError> {
-        *self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(WakeAddr::Tcp(l.local_addr()?));
+        *self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(WakeAddr::Tcp(l.local_addr()?));
         self.accept_loop(|| l.accept().map(|(s, _)| Stream::Tcp(s)))
     }
 
-    fn accept_loop(&self, mut accept: impl FnMut() -> io::Result<Stream>) -> Result<(), ServerError> {
+    fn accept_loop(
+        &self,
+        mut accept: impl FnMut() -> io::Result<Stream>,
+    ) -> Result<(), ServerError> {
         let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
         loop {
             if self.inner.shutting_down.load(Ordering::SeqCst) {
@@ -353,11 +388,13 @@ impl Server {
             }
             threads.retain(|t| !t.is_finished());
             let srv = self.clone();
-            let t = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-                if let Err(e) = srv.handle_connection(s) {
-                    debug!(error = %e, "connection ended with error");
-                }
-            })?;
+            let t = std::thread::Builder::new()
+                .name("nbd-conn".into())
+                .spawn(move || {
+                    if let Err(e) = srv.handle_connection(s) {
+                        debug!(error = %e, "connection ended with error");
+                    }
+                })?;
             threads.push(t);
         }
         for t in threads {
@@ -376,12 +413,22 @@ impl Server {
             let _ = t.set_nodelay(true);
         }
         let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(id, stream.try_clone()?);
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, stream.try_clone()?);
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             stream.shutdown(Shutdown::Read);
         }
         let r = self.run_connection(stream);
-        if let Some(s) = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+        if let Some(s) = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+        {
             s.shutdown(Shutdown::Both);
         }
         r
@@ -402,7 +449,10 @@ impl Server {
         if name.is_empty() {
             return Some(0);
         }
-        self.inner.exports.iter().position(|e| e.export.name == name)
+        self.inner
+            .exports
+            .iter()
+            .position(|e| e.export.name == name)
     }
 
     fn handshake(&self, r: &mut impl Read, w: &mut Stream) -> Result<Option<Session>, ServerError> {
@@ -411,7 +461,9 @@ impl Server {
         r.read_exact(&mut cf)?;
         let cflags = u32::from_be_bytes(cf);
         if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(ServerError::Protocol(format!("unknown client flags {cflags:#x}")));
+            return Err(ServerError::Protocol(format!(
+                "unknown client flags {cflags:#x}"
+            )));
         }
         let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
         let mut mode = ReplyMode::Simple;
@@ -435,14 +487,28 @@ impl Server {
             }
             match opt {
                 OPT_EXPORT_NAME => {
-                    let Some(idx) = std::str::from_utf8(&data).ok().and_then(|n| self.find_export(n)) else {
-                        return Err(ServerError::Protocol("EXPORT_NAME of an unknown export".into()));
+                    let Some(idx) = std::str::from_utf8(&data)
+                        .ok()
+                        .and_then(|n| self.find_export(n))
+                    else {
+                        return Err(ServerError::Protocol(
+                            "EXPORT_NAME of an unknown export".into(),
+                        ));
                     };
                     let e = &self.inner.exports[idx].export;
-                    encode_export_name_reply(&mut out, e.source.size(), tx_flags(e, mode), no_zeroes);
+                    encode_export_name_reply(
+                        &mut out,
+                        e.source.size(),
+                        tx_flags(e, mode),
+                        no_zeroes,
+                    );
                     w.write_all(&out)?;
                     let meta_ok = meta.as_deref().and_then(|n| self.find_export(n)) == Some(idx);
-                    return Ok(Some(Session { export: idx, mode, meta: meta_ok }));
+                    return Ok(Some(Session {
+                        export: idx,
+                        mode,
+                        meta: meta_ok,
+                    }));
                 }
                 OPT_ABORT => {
                     encode_option_reply(&mut out, opt, REP_ACK, &[]);
@@ -454,7 +520,9 @@ impl Server {
                         encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"LIST takes no data");
                     } else {
                         for e in &self.inner.exports {
-                            let mut d = Vec::with_capacity(4 + e.export.name.len() + e.export.description.len());
+                            let mut d = Vec::with_capacity(
+                                4 + e.export.name.len() + e.export.description.len(),
+                            );
                             d.extend_from_slice(&(e.export.name.len() as u32).to_be_bytes());
                             d.extend_from_slice(e.export.name.as_bytes());
                             d.extend_from_slice(e.export.description.as_bytes());
@@ -463,26 +531,61 @@ impl Server {
                         encode_option_reply(&mut out, opt, REP_ACK, &[]);
                     }
                 }
-                OPT_STARTTLS => encode_option_reply(&mut out, opt, REP_ERR_UNSUP, b"TLS not supported"),
+                OPT_STARTTLS => {
+                    encode_option_reply(&mut out, opt, REP_ERR_UNSUP, b"TLS not supported")
+                }
                 OPT_INFO | OPT_GO => match decode_info_request(&data) {
-                    Err(e) => encode_option_reply(&mut out, opt, REP_ERR_INVALID, e.to_string().as_bytes()),
+                    Err(e) => encode_option_reply(
+                        &mut out,
+                        opt,
+                        REP_ERR_INVALID,
+                        e.to_string().as_bytes(),
+                    ),
                     Ok(req) => match self.find_export(&req.name) {
-                        None => encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, b"no such export"),
+                        None => {
+                            encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, b"no such export")
+                        }
                         Some(idx) => {
                             let e = &self.inner.exports[idx].export;
-                            encode_option_reply(&mut out, opt, REP_INFO, &info_export(e.source.size(), tx_flags(e, mode)));
+                            encode_option_reply(
+                                &mut out,
+                                opt,
+                                REP_INFO,
+                                &info_export(e.source.size(), tx_flags(e, mode)),
+                            );
                             if req.requests.contains(&INFO_NAME) {
-                                encode_option_reply(&mut out, opt, REP_INFO, &info_string(INFO_NAME, &e.name));
+                                encode_option_reply(
+                                    &mut out,
+                                    opt,
+                                    REP_INFO,
+                                    &info_string(INFO_NAME, &e.name),
+                                );
                             }
-                            if req.requests.contains(&INFO_DESCRIPTION) && !e.description.is_empty() {
-                                encode_option_reply(&mut out, opt, REP_INFO, &info_string(INFO_DESCRIPTION, &e.description));
+                            if req.requests.contains(&INFO_DESCRIPTION) && !e.description.is_empty()
+                            {
+                                encode_option_reply(
+                                    &mut out,
+                                    opt,
+                                    REP_INFO,
+                                    &info_string(INFO_DESCRIPTION, &e.description),
+                                );
                             }
-                            encode_option_reply(&mut out, opt, REP_INFO, &info_block_size(1, 4096, self.inner.opts.max_payload));
+                            encode_option_reply(
+                                &mut out,
+                                opt,
+                                REP_INFO,
+                                &info_block_size(1, 4096, self.inner.opts.max_payload),
+                            );
                             encode_option_reply(&mut out, opt, REP_ACK, &[]);
                             if opt == OPT_GO {
                                 w.write_all(&out)?;
-                                let meta_ok = meta.as_deref().and_then(|n| self.find_export(n)) == Some(idx);
-                                return Ok(Some(Session { export: idx, mode, meta: meta_ok }));
+                                let meta_ok =
+                                    meta.as_deref().and_then(|n| self.find_export(n)) == Some(idx);
+                                return Ok(Some(Session {
+                                    export: idx,
+                                    mode,
+                                    meta: meta_ok,
+                                }));
                             }
                         }
                     },
@@ -491,7 +594,12 @@ impl Server {
                     if !data.is_empty() {
                         encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"no data expected");
                     } else if mode == ReplyMode::Extended {
-                        encode_option_reply(&mut out, opt, REP_ERR_EXT_HEADER_REQD, b"extended headers already negotiated");
+                        encode_option_reply(
+                            &mut out,
+                            opt,
+                            REP_ERR_EXT_HEADER_REQD,
+                            b"extended headers already negotiated",
+                        );
                     } else if mode == ReplyMode::Structured {
                         encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"already negotiated");
                     } else {
@@ -515,17 +623,34 @@ impl Server {
                         meta = None;
                     }
                     match decode_meta_request(&data) {
-                        Err(e) => encode_option_reply(&mut out, opt, REP_ERR_INVALID, e.to_string().as_bytes()),
-                        Ok(_) if set && mode == ReplyMode::Simple => {
-                            encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"structured replies not negotiated")
-                        }
+                        Err(e) => encode_option_reply(
+                            &mut out,
+                            opt,
+                            REP_ERR_INVALID,
+                            e.to_string().as_bytes(),
+                        ),
+                        Ok(_) if set && mode == ReplyMode::Simple => encode_option_reply(
+                            &mut out,
+                            opt,
+                            REP_ERR_INVALID,
+                            b"structured replies not negotiated",
+                        ),
                         Ok(req) => match self.find_export(&req.name) {
-                            None => encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, b"no such export"),
+                            None => encode_option_reply(
+                                &mut out,
+                                opt,
+                                REP_ERR_UNKNOWN,
+                                b"no such export",
+                            ),
                             Some(_) => {
                                 let matches = if set {
                                     req.queries.iter().any(|q| q == BASE_ALLOCATION)
                                 } else {
-                                    req.queries.is_empty() || req.queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
+                                    req.queries.is_empty()
+                                        || req
+                                            .queries
+                                            .iter()
+                                            .any(|q| q == BASE_ALLOCATION || q == "base:")
                                 };
                                 if matches {
                                     let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
@@ -587,30 +712,50 @@ fn nbd_errno(e: &io::Error) -> u32 {
 }
 
 /// Pool of payload buffers, so steady-state requests do not allocate.
+/// Keeps at most [`POOL_KEEP_COUNT`] buffers and [`POOL_KEEP_BYTES`] of
+/// capacity per connection.
 struct BufPool {
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<(Vec<Vec<u8>>, usize)>,
 }
 
 const POOL_KEEP_MAX_CAP: usize = 4 << 20;
 const POOL_KEEP_COUNT: usize = 128;
+const POOL_KEEP_BYTES: usize = 16 << 20;
 
 impl BufPool {
+    fn new() -> Self {
+        Self {
+            free: Mutex::new((Vec::new(), 0)),
+        }
+    }
+
     fn get(&self, len: usize) -> Vec<u8> {
         let mut b = {
             let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            match f.iter().rposition(|b| b.capacity() >= len) {
-                Some(i) => f.swap_remove(i),
-                None => f.pop().unwrap_or_default(),
+            let i =
+                f.0.iter()
+                    .rposition(|b| b.capacity() >= len)
+                    .or_else(|| f.0.len().checked_sub(1));
+            match i {
+                Some(i) => {
+                    let b = f.0.swap_remove(i);
+                    f.1 -= b.capacity();
+                    b
+                }
+                None => Vec::new(),
             }
         };
         b.resize(len, 0);
         b
     }
+
     fn put(&self, b: Vec<u8>) {
-        if b.capacity() <= POOL_KEEP_MAX_CAP {
+        let cap = b.capacity();
+        if cap <= POOL_KEEP_MAX_CAP {
             let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if f.len() < POOL_KEEP_COUNT {
-                f.push(b);
+            if f.0.len() < POOL_KEEP_COUNT && f.1 + cap <= POOL_KEEP_BYTES {
+                f.1 += cap;
+                f.0.push(b);
             }
         }
     }
@@ -686,7 +831,7 @@ fn transmission(
         mode: session.mode,
         writer: Mutex::new(writer),
         broken: AtomicBool::new(false),
-        pool: BufPool { free: Mutex::new(Vec::new()) },
+        pool: BufPool::new(),
         ring,
         fd,
         inflight: Mutex::new(Inflight {
@@ -760,10 +905,14 @@ impl Conn<'_> {
 
     fn alloc_slot(&self, slot: Slot, bytes: u64) -> u32 {
         let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        while g.free.is_empty() || (g.count > 0 && g.bytes + bytes > self.inner.opts.max_inflight_bytes) {
+        while g.free.is_empty()
+            || (g.count > 0 && g.bytes + bytes > self.inner.opts.max_inflight_bytes)
+        {
             g = self.inflight_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        let Some(i) = g.free.pop() else { unreachable!("free slot checked above") };
+        let Some(i) = g.free.pop() else {
+            unreachable!("free slot checked above")
+        };
         g.slots[i as usize] = Some(slot);
         g.bytes += bytes;
         g.count += 1;
@@ -798,7 +947,11 @@ impl Conn<'_> {
 
     fn request_loop(&self, r: &mut BufReader<Stream>, meta: bool) -> Result<(), ServerError> {
         let ext = self.mode == ReplyMode::Extended;
-        let hlen = if ext { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
+        let hlen = if ext {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        };
         let mut hb = [0u8; EXTENDED_REQUEST_LEN];
         let mut scratch = Vec::new();
         loop {
@@ -813,7 +966,8 @@ impl Conn<'_> {
                 }
                 Err(e) => return Err(e.into()),
             }
-            let req = decode_request(&hb[..hlen], ext).map_err(|e| ServerError::Protocol(e.to_string()))?;
+            let req = decode_request(&hb[..hlen], ext)
+                .map_err(|e| ServerError::Protocol(e.to_string()))?;
             match self.dispatch(r, req, meta, &mut scratch)? {
                 Next::Continue => {}
                 Next::Stop => return Ok(()),
@@ -823,9 +977,15 @@ impl Conn<'_> {
 
     /// Checks `[offset, offset+len)` against the export; `Err(errno)` if bad.
     fn check_range(&self, offset: u64, len: u64, write_like: bool) -> Result<(), u32> {
-        let Some(end) = offset.checked_add(len) else { return Err(proto::EINVAL) };
+        let Some(end) = offset.checked_add(len) else {
+            return Err(proto::EINVAL);
+        };
         if end > self.export().source.size() {
-            return Err(if write_like { proto::ENOSPC } else { proto::EINVAL });
+            return Err(if write_like {
+                proto::ENOSPC
+            } else {
+                proto::EINVAL
+            });
         }
         Ok(())
     }
@@ -846,7 +1006,9 @@ impl Conn<'_> {
         // sync, then fail the request.
         let reject_payload = |err: u32, r: &mut BufReader<Stream>| -> Result<Next, ServerError> {
             if payload > self.inner.opts.max_discard {
-                return Err(ServerError::Protocol(format!("payload of {payload} bytes is too large to discard")));
+                return Err(ServerError::Protocol(format!(
+                    "payload of {payload} bytes is too large to discard"
+                )));
             }
             self.discard(r, payload)?;
             self.reply_err(h, off, err);
@@ -874,7 +1036,11 @@ impl Conn<'_> {
             _ if payload > 0 => reject_payload(proto::EINVAL, r),
             CMD_READ => {
                 if req.len > max {
-                    let e = if req.flags & CMD_FLAG_DF != 0 { proto::EOVERFLOW } else { proto::EINVAL };
+                    let e = if req.flags & CMD_FLAG_DF != 0 {
+                        proto::EOVERFLOW
+                    } else {
+                        proto::EINVAL
+                    };
                     self.reply_err(h, off, e);
                 } else if let Err(e) = self.check_range(off, req.len, false) {
                     self.reply_err(h, off, e);
@@ -890,7 +1056,8 @@ impl Conn<'_> {
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 if ro {
                     self.reply_err(h, off, proto::EPERM);
-                } else if let Err(e) = self.check_range(off, req.len, req.kind == CMD_WRITE_ZEROES) {
+                } else if let Err(e) = self.check_range(off, req.len, req.kind == CMD_WRITE_ZEROES)
+                {
                     self.reply_err(h, off, e);
                 } else {
                     self.zero_or_trim(req);
@@ -898,9 +1065,7 @@ impl Conn<'_> {
                 Ok(Next::Continue)
             }
             CMD_BLOCK_STATUS => {
-                if !meta {
-                    self.reply_err(h, off, proto::EINVAL);
-                } else if req.len == 0 {
+                if !meta || req.len == 0 {
                     self.reply_err(h, off, proto::EINVAL);
                 } else if let Err(e) = self.check_range(off, req.len, false) {
                     self.reply_err(h, off, e);
@@ -936,7 +1101,12 @@ impl Conn<'_> {
         }
     }
 
-    fn end_write(&self, ticket: Option<WriteTicket>, range: Option<u64>, outcome: Result<Recorded<'_>, ()>) {
+    fn end_write(
+        &self,
+        ticket: Option<WriteTicket>,
+        range: Option<u64>,
+        outcome: Result<Recorded<'_>, ()>,
+    ) {
         if let (Some(s), Some(t)) = (self.sink(), ticket) {
             match outcome {
                 Ok(Recorded::Data(d)) => s.complete_write(t, d),
@@ -953,18 +1123,38 @@ impl Conn<'_> {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let (ticket, range) = self.begin_write(req.offset, req.len);
         if let (Some(ring), Some(fd)) = (&self.ring, self.fd) {
-            let slot = Slot { kind: OpKind::Write, handle: req.handle, offset: req.offset, len: req.len, fua, ticket, range, done: 0 };
+            let slot = Slot {
+                kind: OpKind::Write,
+                handle: req.handle,
+                offset: req.offset,
+                len: req.len,
+                fua,
+                ticket,
+                range,
+                done: 0,
+            };
             let tag = self.alloc_slot(slot, req.len);
-            if let Err(e) =
-                ring.submit(u64::from(tag), IoOp::Write { fd, offset: req.offset, buf, start: 0, dsync: fua })
-            {
+            if let Err(e) = ring.submit(
+                u64::from(tag),
+                IoOp::Write {
+                    fd,
+                    offset: req.offset,
+                    buf,
+                    start: 0,
+                    dsync: fua,
+                },
+            ) {
                 warn!(error = %e, "io_uring submit failed");
                 self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None);
             }
             return;
         }
         let res = self.export().source.write_at(&buf, req.offset, fua);
-        let outcome = if res.is_ok() { Ok(Recorded::Data(&buf)) } else { Err(()) };
+        let outcome = if res.is_ok() {
+            Ok(Recorded::Data(&buf))
+        } else {
+            Err(())
+        };
         self.end_write(ticket, range, outcome);
         match res {
             Ok(()) => self.reply(req.handle, req.offset, ReplyKind::Ok, &[]),
@@ -987,7 +1177,15 @@ impl Conn<'_> {
                 done: 0,
             };
             let tag = self.alloc_slot(slot, req.len);
-            if let Err(e) = ring.submit(u64::from(tag), IoOp::Read { fd, offset: req.offset, buf, start: 0 }) {
+            if let Err(e) = ring.submit(
+                u64::from(tag),
+                IoOp::Read {
+                    fd,
+                    offset: req.offset,
+                    buf,
+                    start: 0,
+                },
+            ) {
                 warn!(error = %e, "io_uring submit failed");
                 self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None);
             }
@@ -1008,7 +1206,10 @@ impl Conn<'_> {
                 let kind = if buf.is_empty() && self.mode != ReplyMode::Simple {
                     ReplyKind::Ok
                 } else {
-                    ReplyKind::Data { offset, len: buf.len() as u64 }
+                    ReplyKind::Data {
+                        offset,
+                        len: buf.len() as u64,
+                    }
                 };
                 self.reply(handle, offset, kind, buf);
             }
@@ -1018,8 +1219,16 @@ impl Conn<'_> {
 
     fn start_flush(&self, req: Request) {
         if let (Some(ring), Some(fd)) = (&self.ring, self.fd) {
-            let slot =
-                Slot { kind: OpKind::Flush, handle: req.handle, offset: req.offset, len: 0, fua: false, ticket: None, range: None, done: 0 };
+            let slot = Slot {
+                kind: OpKind::Flush,
+                handle: req.handle,
+                offset: req.offset,
+                len: 0,
+                fua: false,
+                ticket: None,
+                range: None,
+                done: 0,
+            };
             let tag = self.alloc_slot(slot, 0);
             if let Err(e) = ring.submit(u64::from(tag), IoOp::Fsync { fd }) {
                 warn!(error = %e, "io_uring submit failed");
@@ -1045,7 +1254,8 @@ impl Conn<'_> {
         } else {
             let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
             let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
-            src.write_zeroes(req.offset, req.len, may_trim, fast).map(|()| Recorded::Zero)
+            src.write_zeroes(req.offset, req.len, may_trim, fast)
+                .map(|()| Recorded::Zero)
         };
         let res = match res {
             Ok(rec) if fua => src.flush().map(|()| rec),
@@ -1065,11 +1275,23 @@ impl Conn<'_> {
 
     fn block_status(&self, req: Request, scratch: &mut Vec<u8>) {
         let ext = self.mode == ReplyMode::Extended;
-        let max_extents = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { 1024 };
+        let max_extents = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            1
+        } else {
+            1024
+        };
         // Compact replies carry 32-bit extent lengths.
-        let len = if ext { req.len } else { req.len.min(u64::from(u32::MAX) & !4095) };
+        let len = if ext {
+            req.len
+        } else {
+            req.len.min(u64::from(u32::MAX) & !4095)
+        };
         let mut extents = Vec::new();
-        if let Err(e) = self.export().source.block_status(req.offset, len, max_extents, &mut extents) {
+        if let Err(e) =
+            self.export()
+                .source
+                .block_status(req.offset, len, max_extents, &mut extents)
+        {
             self.reply_err(req.handle, req.offset, nbd_errno(&e));
             return;
         }
@@ -1078,7 +1300,15 @@ impl Conn<'_> {
         }
         scratch.clear();
         let ty = encode_block_status(scratch, ext, META_CONTEXT_ID, &extents);
-        self.reply(req.handle, req.offset, ReplyKind::Chunk { ty, len: scratch.len() as u64 }, scratch);
+        self.reply(
+            req.handle,
+            req.offset,
+            ReplyKind::Chunk {
+                ty,
+                len: scratch.len() as u64,
+            },
+            scratch,
+        );
     }
 
     /// Runs on the completion thread: reaps io_uring completions, records
@@ -1089,8 +1319,11 @@ impl Conn<'_> {
         loop {
             done.clear();
             if let Err(e) = ring.wait(&mut done) {
-                warn!(error = %e, "io_uring wait failed; completion thread stops");
-                return;
+                // In-flight operations still own their buffers in the ring:
+                // keep reaping rather than abandon them.
+                warn!(error = %e, "io_uring wait failed; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
             }
             let mut stop = false;
             for c in done.drain(..) {
@@ -1107,7 +1340,9 @@ impl Conn<'_> {
     }
 
     fn complete(&self, c: Completion) {
-        let Ok(tag) = u32::try_from(c.tag) else { return };
+        let Ok(tag) = u32::try_from(c.tag) else {
+            return;
+        };
         let n = u64::try_from(c.result).unwrap_or(0);
         let (kind, len, offset, fua, done) = {
             let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -1128,14 +1363,29 @@ impl Conn<'_> {
             (_, None) => self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None),
             (_, Some(buf)) if done >= len => self.finish(tag, Ok(()), Some(buf)),
             // A zero-length transfer before the end: the backing shrank.
-            (_, Some(buf)) if n == 0 => self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), Some(buf)),
+            (_, Some(buf)) if n == 0 => {
+                self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), Some(buf))
+            }
             (k, Some(buf)) => {
-                let (Some(ring), Some(fd)) = (&self.ring, self.fd) else { return };
+                let (Some(ring), Some(fd)) = (&self.ring, self.fd) else {
+                    return;
+                };
                 let start = done as usize;
                 let op = if k == OpKind::Read {
-                    IoOp::Read { fd, offset, buf, start }
+                    IoOp::Read {
+                        fd,
+                        offset,
+                        buf,
+                        start,
+                    }
                 } else {
-                    IoOp::Write { fd, offset, buf, start, dsync: fua }
+                    IoOp::Write {
+                        fd,
+                        offset,
+                        buf,
+                        start,
+                        dsync: fua,
+                    }
                 };
                 if let Err(e) = ring.submit(c.tag, op) {
                     warn!(error = %e, "io_uring resubmit failed");
@@ -1147,7 +1397,9 @@ impl Conn<'_> {
 
     /// Completes a ring request: records it in the sink, replies, frees the slot.
     fn finish(&self, tag: u32, res: io::Result<()>, buf: Option<Vec<u8>>) {
-        let Some(slot) = self.take_slot(tag) else { return };
+        let Some(slot) = self.take_slot(tag) else {
+            return;
+        };
         let bytes = slot.len;
         match slot.kind {
             OpKind::Read => {

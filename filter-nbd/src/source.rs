@@ -37,7 +37,13 @@ pub trait BlockSource: Send + Sync {
     /// Makes `len` bytes at `offset` read as zeroes. `may_trim`: holes may be
     /// punched. `fast_only`: fail with [`io::ErrorKind::Unsupported`] (before
     /// changing anything) rather than fall back to writing zeroes.
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fast_only: bool,
+    ) -> io::Result<()>;
     /// Discards a range (advisory).
     fn trim(&self, offset: u64, len: u64) -> io::Result<TrimOutcome>;
     /// Makes every completed write durable.
@@ -45,7 +51,13 @@ pub trait BlockSource: Send + Sync {
     /// Appends `base:allocation` extents describing `[offset, offset+len)` to
     /// `out`, at most `max_extents`; the extents are contiguous from `offset`
     /// and their total never exceeds `len`.
-    fn block_status(&self, offset: u64, len: u64, max_extents: usize, out: &mut Vec<Extent>) -> io::Result<()>;
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()>;
     /// A file descriptor on which the server may issue `pread`/`pwrite`/
     /// `fdatasync` through io_uring instead of calling `read_at`/`write_at`/
     /// `flush`. `None` (the default) disables the io_uring path.
@@ -78,7 +90,8 @@ fn blkdev_size(file: &File) -> io::Result<u64> {
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let l = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     loop {
         // SAFETY: plain syscall on an fd owned by `file`; no memory is passed.
@@ -94,11 +107,15 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Resul
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
+    )
 }
 
 fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: plain syscall on an fd owned by `file`; no memory is passed.
     let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
     if rc < 0 {
@@ -127,8 +144,17 @@ impl Backing {
     pub fn from_file(file: File, read_only: bool) -> io::Result<Self> {
         let meta = file.metadata()?;
         let block_device = meta.file_type().is_block_device();
-        let size = if block_device { blkdev_size(&file)? } else { meta.len() };
-        Ok(Self { file, size, read_only, block_device })
+        let size = if block_device {
+            blkdev_size(&file)?
+        } else {
+            meta.len()
+        };
+        Ok(Self {
+            file,
+            size,
+            read_only,
+            block_device,
+        })
     }
 
     /// Whether the backing is a block device.
@@ -165,22 +191,41 @@ impl BlockSource for Backing {
         }
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> io::Result<()> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fast_only: bool,
+    ) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
         let mut r = if may_trim {
-            fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            fallocate(
+                &self.file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
         } else {
             Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
         };
         if matches!(&r, Err(e) if is_unsupported(e)) {
-            r = fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+            r = fallocate(
+                &self.file,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            );
         }
         match r {
             Err(e) if is_unsupported(&e) => {
                 if fast_only {
-                    Err(io::Error::new(io::ErrorKind::Unsupported, "no fast zeroing"))
+                    Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "no fast zeroing",
+                    ))
                 } else {
                     self.write_zero_buffer(offset, len)
                 }
@@ -192,7 +237,12 @@ impl BlockSource for Backing {
         if len == 0 {
             return Ok(TrimOutcome::Zeroed);
         }
-        match fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Ok(()) => Ok(TrimOutcome::Zeroed),
             Err(e) if is_unsupported(&e) => Ok(TrimOutcome::Ignored),
             Err(e) => Err(e),
@@ -201,13 +251,22 @@ impl BlockSource for Backing {
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
-    fn block_status(&self, offset: u64, len: u64, max_extents: usize, out: &mut Vec<Extent>) -> io::Result<()> {
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
             return Ok(());
         }
         if self.block_device {
-            out.push(Extent { len: end - offset, flags: 0 });
+            out.push(Extent {
+                len: end - offset,
+                flags: 0,
+            });
             return Ok(());
         }
         let mut pos = offset;
@@ -218,19 +277,28 @@ impl BlockSource for Backing {
                 Ok(None) => end, // no data after pos: hole to the end
                 Err(_) => {
                     // SEEK_DATA unsupported: report everything as data.
-                    out.push(Extent { len: end - pos, flags: 0 });
+                    out.push(Extent {
+                        len: end - pos,
+                        flags: 0,
+                    });
                     return Ok(());
                 }
             };
             if data > pos {
                 let stop = data.min(end);
-                out.push(Extent { len: stop - pos, flags: STATE_HOLE | STATE_ZERO });
+                out.push(Extent {
+                    len: stop - pos,
+                    flags: STATE_HOLE | STATE_ZERO,
+                });
                 pos = stop;
                 continue;
             }
             let hole = lseek(&self.file, pos, libc::SEEK_HOLE)?.unwrap_or(end);
             let stop = hole.min(end).max(pos + 1);
-            out.push(Extent { len: stop - pos, flags: 0 });
+            out.push(Extent {
+                len: stop - pos,
+                flags: 0,
+            });
             pos = stop;
         }
         Ok(())

@@ -16,9 +16,20 @@ use io_uring::{opcode, types, IoUring};
 #[derive(Debug)]
 pub(crate) enum IoOp {
     /// `pread` into `buf[start..]` from `offset`.
-    Read { fd: RawFd, offset: u64, buf: Vec<u8>, start: usize },
+    Read {
+        fd: RawFd,
+        offset: u64,
+        buf: Vec<u8>,
+        start: usize,
+    },
     /// `pwrite` of `buf[start..]` at `offset`, with `RWF_DSYNC` if `dsync`.
-    Write { fd: RawFd, offset: u64, buf: Vec<u8>, start: usize, dsync: bool },
+    Write {
+        fd: RawFd,
+        offset: u64,
+        buf: Vec<u8>,
+        start: usize,
+        dsync: bool,
+    },
     /// `fdatasync`.
     Fsync { fd: RawFd },
     /// No operation (used to wake the completion thread).
@@ -60,21 +71,56 @@ impl Ring {
         let entries = (slots * 2).next_power_of_two().max(8);
         let ring = IoUring::builder().build(entries)?;
         let bufs = (0..slots).map(|_| None).collect();
-        Ok(Self { ring, sq_lock: Mutex::new(()), cq_lock: Mutex::new(()), bufs: Mutex::new(bufs) })
+        Ok(Self {
+            ring,
+            sq_lock: Mutex::new(()),
+            cq_lock: Mutex::new(()),
+            bufs: Mutex::new(bufs),
+        })
     }
 
     /// Submits `op` under `tag`. Tags below [`TAG_NO_BUF`] must be free slot
     /// indices (< `slots`) when the op carries a buffer.
     pub(crate) fn submit(&self, tag: u64, op: IoOp) -> io::Result<()> {
         enum K {
-            Read { fd: RawFd, offset: u64, start: usize },
-            Write { fd: RawFd, offset: u64, start: usize, dsync: bool },
-            Fsync { fd: RawFd },
+            Read {
+                fd: RawFd,
+                offset: u64,
+                start: usize,
+            },
+            Write {
+                fd: RawFd,
+                offset: u64,
+                start: usize,
+                dsync: bool,
+            },
+            Fsync {
+                fd: RawFd,
+            },
             Nop,
         }
         let (buf, kind) = match op {
-            IoOp::Read { fd, offset, buf, start } => (Some(buf), K::Read { fd, offset, start }),
-            IoOp::Write { fd, offset, buf, start, dsync } => (Some(buf), K::Write { fd, offset, start, dsync }),
+            IoOp::Read {
+                fd,
+                offset,
+                buf,
+                start,
+            } => (Some(buf), K::Read { fd, offset, start }),
+            IoOp::Write {
+                fd,
+                offset,
+                buf,
+                start,
+                dsync,
+            } => (
+                Some(buf),
+                K::Write {
+                    fd,
+                    offset,
+                    start,
+                    dsync,
+                },
+            ),
             IoOp::Fsync { fd } => (None, K::Fsync { fd }),
             IoOp::Nop => (None, K::Nop),
         };
@@ -86,7 +132,10 @@ impl Ring {
                     .and_then(|i| bufs.get_mut(i))
                     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad ring tag"))?;
                 if slot.is_some() {
-                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "ring tag in use"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "ring tag in use",
+                    ));
                 }
                 let (p, len) = (b.as_mut_ptr(), b.len());
                 // The Vec's heap allocation does not move when the Vec is
@@ -103,15 +152,26 @@ impl Ring {
                     .offset(offset + start as u64)
                     .build()
             }
-            K::Write { fd, offset, start, dsync } => {
+            K::Write {
+                fd,
+                offset,
+                start,
+                dsync,
+            } => {
                 let start = start.min(len);
                 let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(types::Fd(fd), p.wrapping_add(start) as *const u8, (len - start) as u32)
-                    .offset(offset + start as u64)
-                    .rw_flags(flags)
-                    .build()
+                opcode::Write::new(
+                    types::Fd(fd),
+                    p.wrapping_add(start) as *const u8,
+                    (len - start) as u32,
+                )
+                .offset(offset + start as u64)
+                .rw_flags(flags)
+                .build()
             }
-            K::Fsync { fd } => opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build(),
+            K::Fsync { fd } => opcode::Fsync::new(types::Fd(fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
             K::Nop => opcode::Nop::new().build(),
         }
         .user_data(tag);
@@ -132,7 +192,10 @@ impl Ring {
             match self.ring.submitter().submit() {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EAGAIN) => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        || e.raw_os_error() == Some(libc::EAGAIN) =>
+                {
                     // Completion queue busy; the reaper will submit on its next enter.
                     return Ok(());
                 }
@@ -158,8 +221,15 @@ impl Ring {
         let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
         for cqe in cq {
             let tag = cqe.user_data();
-            let buf = usize::try_from(tag).ok().and_then(|i| bufs.get_mut(i)).and_then(Option::take);
-            out.push(Completion { tag, result: cqe.result(), buf });
+            let buf = usize::try_from(tag)
+                .ok()
+                .and_then(|i| bufs.get_mut(i))
+                .and_then(Option::take);
+            out.push(Completion {
+                tag,
+                result: cqe.result(),
+                buf,
+            });
         }
         Ok(())
     }
@@ -179,7 +249,17 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.set_len(8192).unwrap();
         let fd = f.as_raw_fd();
-        ring.submit(0, IoOp::Write { fd, offset: 4096, buf: vec![7u8; 4096], start: 0, dsync: true }).unwrap();
+        ring.submit(
+            0,
+            IoOp::Write {
+                fd,
+                offset: 4096,
+                buf: vec![7u8; 4096],
+                start: 0,
+                dsync: true,
+            },
+        )
+        .unwrap();
         let mut out = Vec::new();
         while out.is_empty() {
             ring.wait(&mut out).unwrap();
@@ -187,7 +267,16 @@ mod tests {
         assert_eq!(out[0].result, 4096);
         assert_eq!(out[0].buf.as_ref().unwrap().len(), 4096);
         out.clear();
-        ring.submit(1, IoOp::Read { fd, offset: 4096, buf: vec![0u8; 4096], start: 0 }).unwrap();
+        ring.submit(
+            1,
+            IoOp::Read {
+                fd,
+                offset: 4096,
+                buf: vec![0u8; 4096],
+                start: 0,
+            },
+        )
+        .unwrap();
         ring.submit(TAG_NO_BUF, IoOp::Fsync { fd }).unwrap();
         while out.len() < 2 {
             ring.wait(&mut out).unwrap();
@@ -195,6 +284,16 @@ mod tests {
         let rd = out.iter().find(|c| c.tag == 1).unwrap();
         assert_eq!(rd.result, 4096);
         assert!(rd.buf.as_ref().unwrap().iter().all(|&b| b == 7));
-        assert!(ring.submit(9, IoOp::Read { fd, offset: 0, buf: vec![0; 1], start: 0 }).is_err());
+        assert!(ring
+            .submit(
+                9,
+                IoOp::Read {
+                    fd,
+                    offset: 0,
+                    buf: vec![0; 1],
+                    start: 0
+                }
+            )
+            .is_err());
     }
 }

@@ -25,8 +25,14 @@ fn assert_healthy(f: &Fixture) {
     let mut c = Client::go(&f.sock, "vol", Mode::Structured, false);
     assert_eq!(c.read(0, 4096).unwrap(), vec![0x5a; 4096]);
     c.disconnect();
-    assert!(read_file(&f.files[0]).iter().all(|&b| b == 0x5a), "rw backing changed");
-    assert!(read_file(&f.files[1]).iter().all(|&b| b == 0x33), "ro backing changed");
+    assert!(
+        read_file(&f.files[0]).iter().all(|&b| b == 0x5a),
+        "rw backing changed"
+    );
+    assert!(
+        read_file(&f.files[1]).iter().all(|&b| b == 0x33),
+        "ro backing changed"
+    );
 }
 
 #[test]
@@ -87,7 +93,11 @@ fn unknown_options_and_bad_option_data_keep_going() {
         (OPT_INFO, vec![0, 0, 0, 200, 1], REP_ERR_INVALID), // name length past end
         (OPT_GO, info_data("nope", &[]), REP_ERR_UNKNOWN),
         (OPT_LIST, vec![1], REP_ERR_INVALID),
-        (OPT_SET_META_CONTEXT, meta_data("vol", &[BASE_ALLOCATION]), REP_ERR_INVALID), // no structured replies yet
+        (
+            OPT_SET_META_CONTEXT,
+            meta_data("vol", &[BASE_ALLOCATION]),
+            REP_ERR_INVALID,
+        ), // no structured replies yet
         (OPT_STRUCTURED_REPLY, vec![1], REP_ERR_INVALID),
     ] {
         send_opt(&mut s, opt, &data);
@@ -132,8 +142,15 @@ fn out_of_range_requests() {
         assert_eq!(c.write(SIZE - 2, &[1, 2, 3, 4]), ENOSPC);
         assert_eq!(c.write(u64::MAX - 1, &[1, 2, 3, 4]), EINVAL);
         assert_eq!(c.call(CMD_TRIM, 0, SIZE, 4096, &[]).error, EINVAL);
-        assert_eq!(c.call(CMD_WRITE_ZEROES, 0, SIZE - 4096, 8192, &[]).error, ENOSPC);
-        assert_eq!(c.call(CMD_WRITE_ZEROES, 0, u64::MAX - 4095, 8192, &[]).error, EINVAL);
+        assert_eq!(
+            c.call(CMD_WRITE_ZEROES, 0, SIZE - 4096, 8192, &[]).error,
+            ENOSPC
+        );
+        assert_eq!(
+            c.call(CMD_WRITE_ZEROES, 0, u64::MAX - 4095, 8192, &[])
+                .error,
+            EINVAL
+        );
         if mode != Mode::Simple {
             assert_eq!(c.call(CMD_BLOCK_STATUS, 0, SIZE, 1, &[]).error, EINVAL);
         }
@@ -150,7 +167,10 @@ fn read_only_export_refuses_writes() {
     let mut c = Client::go(&f.sock, "ro", Mode::Structured, false);
     assert_ne!(c.flags & TF_READ_ONLY, 0);
     assert_eq!(c.write(0, &[9; 4096]), EPERM);
-    assert_eq!(c.call(CMD_WRITE, CMD_FLAG_FUA, 0, 512, &[7; 512]).error, EPERM);
+    assert_eq!(
+        c.call(CMD_WRITE, CMD_FLAG_FUA, 0, 512, &[7; 512]).error,
+        EPERM
+    );
     assert_eq!(c.call(CMD_TRIM, 0, 0, 4096, &[]).error, EPERM);
     assert_eq!(c.call(CMD_WRITE_ZEROES, 0, 0, 4096, &[]).error, EPERM);
     assert_eq!(c.call(CMD_FLUSH, 0, 0, 0, &[]).error, 0);
@@ -179,9 +199,15 @@ fn oversized_write_is_discarded_and_oversized_read_refused() {
     for mode in [Mode::Simple, Mode::Extended] {
         let mut c = Client::go(&f.sock, "vol", mode, false);
         let big = vec![0xee; (32 << 20) + 4096];
-        assert_eq!(c.call(CMD_WRITE, 0, 0, big.len() as u64, &big).error, EINVAL);
+        assert_eq!(
+            c.call(CMD_WRITE, 0, 0, big.len() as u64, &big).error,
+            EINVAL
+        );
         assert_eq!(c.read(0, (32 << 20) + 1), Err(EINVAL));
-        assert_eq!(c.call(CMD_READ, CMD_FLAG_DF, 0, (32 << 20) + 1, &[]).error, EOVERFLOW);
+        assert_eq!(
+            c.call(CMD_READ, CMD_FLAG_DF, 0, (32 << 20) + 1, &[]).error,
+            EOVERFLOW
+        );
         // The payload was consumed: the stream is still in sync.
         assert_eq!(c.read(0, 4).unwrap(), vec![0x5a; 4]);
         c.disconnect();
@@ -226,7 +252,17 @@ fn disconnect_mid_request_leaves_others_unaffected() {
         let mut c = Client::go(&f.sock, "vol", Mode::Structured, false);
         // Header of a 64 KiB write, then only half of the payload.
         let mut b = Vec::new();
-        encode_request(&mut b, &Request { flags: 0, kind: CMD_WRITE, handle: 1, offset: 0, len: 65536 }, false);
+        encode_request(
+            &mut b,
+            &Request {
+                flags: 0,
+                kind: CMD_WRITE,
+                handle: 1,
+                offset: 0,
+                len: 65536,
+            },
+            false,
+        );
         b.extend_from_slice(&[0xee; 32768]);
         c.s.write_all(&b).unwrap();
         // And a truncated header on a second connection.

@@ -80,7 +80,16 @@ fn server_survives_random_bytes() {
             let _ = s.shutdown(std::net::Shutdown::Write);
             assert_closed(&mut s);
         } else {
-            let mut c = Client::go(&f.sock, "vol", if i % 4 == 1 { Mode::Structured } else { Mode::Extended }, false);
+            let mut c = Client::go(
+                &f.sock,
+                "vol",
+                if i % 4 == 1 {
+                    Mode::Structured
+                } else {
+                    Mode::Extended
+                },
+                false,
+            );
             let _ = c.s.write_all(&junk);
             let _ = c.s.shutdown(std::net::Shutdown::Write);
             assert_closed(&mut c.s);

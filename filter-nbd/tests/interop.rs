@@ -39,7 +39,10 @@ fn python_nbd(script: &str) -> String {
         panic!("{python} missing: run scripts/setup");
     }
     let check = tool(python, &["-c", "import nbd"]);
-    assert!(check.status.success(), "python3 libnbd binding missing (python3-libnbd): run scripts/setup");
+    assert!(
+        check.status.success(),
+        "python3 libnbd binding missing (python3-libnbd): run scripts/setup"
+    );
     ok(python, &["-c", script])
 }
 
@@ -59,26 +62,44 @@ fn qemu_io_and_qemu_img() {
     let out = ok(
         "qemu-io",
         &[
-            "-f", "raw", &uri,
-            "-c", "write -P 0xab 0 64k",
-            "-c", "read -P 0xab 0 64k",
-            "-c", "write -z 1M 1M",
-            "-c", "write -P 0xcd 3M 4k",
-            "-c", "discard 3M 4k",
-            "-c", "read -P 0 3M 4k",
-            "-c", "write -P 0x11 4M 32M",
-            "-c", "flush",
-            "-c", "read -P 0 1M 1M",
-            "-c", "read -P 0x11 4M 32M",
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xab 0 64k",
+            "-c",
+            "read -P 0xab 0 64k",
+            "-c",
+            "write -z 1M 1M",
+            "-c",
+            "write -P 0xcd 3M 4k",
+            "-c",
+            "discard 3M 4k",
+            "-c",
+            "read -P 0 3M 4k",
+            "-c",
+            "write -P 0x11 4M 32M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0 1M 1M",
+            "-c",
+            "read -P 0x11 4M 32M",
         ],
     );
-    assert!(!out.contains("failed") && !out.contains("error"), "qemu-io: {out}");
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io: {out}"
+    );
     let data = read_file(&f.files[0]);
     assert!(data[..65536].iter().all(|&b| b == 0xab));
     assert!(data[4 << 20..36 << 20].iter().all(|&b| b == 0x11));
     // BLOCK_STATUS through qemu-img map: the data we wrote shows up as data.
     let map = ok("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
-    assert!(map.contains("\"data\": true") && map.contains("\"data\": false"), "qemu-img map: {map}");
+    assert!(
+        map.contains("\"data\": true") && map.contains("\"data\": false"),
+        "qemu-img map: {map}"
+    );
     // Whole-image copy and compare (large WRITE_ZEROES from convert).
     let src = f.dir.path().join("src.img");
     let mut content = vec![0u8; SIZE as usize];
@@ -87,12 +108,21 @@ fn qemu_io_and_qemu_img() {
     }
     std::fs::write(&src, &content).unwrap();
     let src_s = src.to_str().unwrap();
-    ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src_s, &uri]);
-    let cmp = ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", src_s, &uri]);
+    ok(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src_s, &uri],
+    );
+    let cmp = ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src_s, &uri],
+    );
     assert!(cmp.contains("identical"), "{cmp}");
     // Read-only export: writes are refused.
     let ro_uri = format!("nbd+unix:///snap?socket={}", f.sock.display());
-    let o = tool("qemu-io", &["-r", "-f", "raw", &ro_uri, "-c", "read -P 0x42 0 4k"]);
+    let o = tool(
+        "qemu-io",
+        &["-r", "-f", "raw", &ro_uri, "-c", "read -P 0x42 0 4k"],
+    );
     assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("failed"));
 }
 
@@ -161,8 +191,17 @@ print("list-ok")
     ));
     assert!(out.contains("list-ok"), "{out}");
     // nbdinfo: LIST, and INFO of the read-only export.
-    let out = ok("nbdinfo", &["--list", &format!("nbd+unix://?socket={sock}")]);
-    assert!(out.contains("export=\"vol\"") && out.contains("export=\"snap\""), "{out}");
+    let out = ok(
+        "nbdinfo",
+        &["--list", &format!("nbd+unix://?socket={sock}")],
+    );
+    assert!(
+        out.contains("export=\"vol\"") && out.contains("export=\"snap\""),
+        "{out}"
+    );
     let out = ok("nbdinfo", &[&format!("nbd+unix:///snap?socket={sock}")]);
-    assert!(out.contains("is_read_only: true") && out.contains("block_size_maximum: 33554432"), "{out}");
+    assert!(
+        out.contains("is_read_only: true") && out.contains("block_size_maximum: 33554432"),
+        "{out}"
+    );
 }

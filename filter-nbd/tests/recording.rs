@@ -24,14 +24,26 @@ fn check_serialised(log: &[Event]) {
     let mut open: HashMap<u64, (u64, u64)> = HashMap::new();
     for e in log {
         match *e {
-            Event::Begin { offset, len, cookie } => {
+            Event::Begin {
+                offset,
+                len,
+                cookie,
+            } => {
                 for (&c, &r) in &open {
-                    assert!(!overlaps(r, (offset, len)), "ticket {cookie} {offset}+{len} began while {c} {r:?} open");
+                    assert!(
+                        !overlaps(r, (offset, len)),
+                        "ticket {cookie} {offset}+{len} began while {c} {r:?} open"
+                    );
                 }
                 open.insert(cookie, (offset, len));
             }
-            Event::Write { cookie, .. } | Event::Zero { cookie, .. } | Event::Abort { cookie, .. } => {
-                assert!(open.remove(&cookie).is_some(), "ticket {cookie} completed twice or never begun");
+            Event::Write { cookie, .. }
+            | Event::Zero { cookie, .. }
+            | Event::Abort { cookie, .. } => {
+                assert!(
+                    open.remove(&cookie).is_some(),
+                    "ticket {cookie} completed twice or never begun"
+                );
             }
             Event::Read(_) => {}
         }
@@ -49,26 +61,55 @@ fn recording_fixture(opts: ServerOptions) -> (Fixture, Arc<RecordingSink>) {
 #[test]
 fn every_write_trim_zero_and_read_is_recorded() {
     for uring in [true, false] {
-        let (f, sink) = recording_fixture(ServerOptions { io_uring: uring, ..Default::default() });
+        let (f, sink) = recording_fixture(ServerOptions {
+            io_uring: uring,
+            ..Default::default()
+        });
         let mut c = Client::go(&f.sock, "vol", Mode::Structured, false);
         assert_eq!(c.write(4096, &[1; 8192]), 0);
         assert_eq!(c.call(CMD_WRITE, CMD_FLAG_FUA, 100, 10, &[2; 10]).error, 0);
         assert_eq!(c.call(CMD_TRIM, 0, 65536, 65536, &[]).error, 0);
-        assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 131072, 4096, &[]).error, 0);
+        assert_eq!(
+            c.call(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 131072, 4096, &[])
+                .error,
+            0
+        );
         assert_eq!(c.read(0, 512).unwrap().len(), 512);
         // Refused requests are not recorded.
         assert_eq!(c.write(SIZE, &[1]), ENOSPC);
         c.disconnect();
         let log = sink.log.lock().unwrap().clone();
         check_serialised(&log);
-        let done: Vec<_> = log.iter().filter(|e| !matches!(e, Event::Begin { .. })).cloned().collect();
+        let done: Vec<_> = log
+            .iter()
+            .filter(|e| !matches!(e, Event::Begin { .. }))
+            .cloned()
+            .collect();
         assert_eq!(
             done,
             vec![
-                Event::Write { offset: 4096, len: 8192, cookie: 1, first: 1 },
-                Event::Write { offset: 100, len: 10, cookie: 2, first: 2 },
-                Event::Zero { offset: 65536, len: 65536, cookie: 3 },
-                Event::Zero { offset: 131072, len: 4096, cookie: 4 },
+                Event::Write {
+                    offset: 4096,
+                    len: 8192,
+                    cookie: 1,
+                    first: 1
+                },
+                Event::Write {
+                    offset: 100,
+                    len: 10,
+                    cookie: 2,
+                    first: 2
+                },
+                Event::Zero {
+                    offset: 65536,
+                    len: 65536,
+                    cookie: 3
+                },
+                Event::Zero {
+                    offset: 131072,
+                    len: 4096,
+                    cookie: 4
+                },
                 Event::Read(512),
             ],
             "uring={uring}"
@@ -79,7 +120,10 @@ fn every_write_trim_zero_and_read_is_recorded() {
 #[test]
 fn overlapping_concurrent_writes_are_recorded_in_backing_order() {
     for uring in [true, false] {
-        let (f, sink) = recording_fixture(ServerOptions { io_uring: uring, ..Default::default() });
+        let (f, sink) = recording_fixture(ServerOptions {
+            io_uring: uring,
+            ..Default::default()
+        });
         let threads: Vec<_> = (0..4u8)
             .map(|t| {
                 let sock = f.sock.clone();
@@ -90,7 +134,11 @@ fn overlapping_concurrent_writes_are_recorded_in_backing_order() {
                         let mut handles = Vec::new();
                         for i in 0..24u8 {
                             let off = u64::from(i % 8) * 2048;
-                            let val = t.wrapping_mul(61).wrapping_add(round.wrapping_mul(24)).wrapping_add(i) | 1;
+                            let val = t
+                                .wrapping_mul(61)
+                                .wrapping_add(round.wrapping_mul(24))
+                                .wrapping_add(i)
+                                | 1;
                             handles.push(c.send(CMD_WRITE, 0, off, 4096, &[val; 4096]));
                         }
                         for _ in &handles {
@@ -111,13 +159,24 @@ fn overlapping_concurrent_writes_are_recorded_in_backing_order() {
         let data = read_file(&f.files[0]);
         for blk in 0..9u64 {
             let last = log.iter().rev().find_map(|e| match *e {
-                Event::Write { offset, len, first, .. } if overlaps((offset, len), (blk * 2048, 2048)) => Some(first),
+                Event::Write {
+                    offset, len, first, ..
+                } if overlaps((offset, len), (blk * 2048, 2048)) => Some(first),
                 _ => None,
             });
             let got = &data[(blk * 2048) as usize..(blk * 2048 + 2048) as usize];
-            assert!(got.iter().all(|&b| Some(b) == last), "block {blk}: backing {} vs sink {last:?} (uring={uring})", got[0]);
+            assert!(
+                got.iter().all(|&b| Some(b) == last),
+                "block {blk}: backing {} vs sink {last:?} (uring={uring})",
+                got[0]
+            );
         }
-        assert_eq!(log.iter().filter(|e| matches!(e, Event::Write { .. })).count(), 4 * 10 * 24);
+        assert_eq!(
+            log.iter()
+                .filter(|e| matches!(e, Event::Write { .. }))
+                .count(),
+            4 * 10 * 24
+        );
     }
 }
 
@@ -176,7 +235,10 @@ impl BlockSource for CacheSource {
 
 #[test]
 fn flush_on_one_connection_covers_writes_replied_on_another() {
-    let src = Arc::new(CacheSource { durable: Mutex::new(vec![0; SIZE as usize]), cache: Mutex::new(Vec::new()) });
+    let src = Arc::new(CacheSource {
+        durable: Mutex::new(vec![0; SIZE as usize]),
+        cache: Mutex::new(Vec::new()),
+    });
     let sink = Arc::new(RecordingSink::default());
     let export = Export::new("mem", src.clone()).with_sink(Some(sink.clone()));
     let server = Server::new(vec![export], ServerOptions::default()).unwrap();
@@ -198,7 +260,10 @@ fn flush_on_one_connection_covers_writes_replied_on_another() {
     let d = src.durable.lock().unwrap().clone();
     assert!(d[..4096].iter().all(|&x| x == 7) && d[8192..12288].iter().all(|&x| x == 8));
     // FUA on a write makes it durable by itself.
-    assert_eq!(b.call(CMD_WRITE, CMD_FLAG_FUA, 65536, 512, &[9; 512]).error, 0);
+    assert_eq!(
+        b.call(CMD_WRITE, CMD_FLAG_FUA, 65536, 512, &[9; 512]).error,
+        0
+    );
     assert_eq!(src.durable.lock().unwrap()[65536], 9);
     // A trim the source ignores is recorded as dirty (abort), not as zeroes.
     assert_eq!(a.call(CMD_TRIM, 0, 0, 4096, &[]).error, 0);
@@ -207,7 +272,11 @@ fn flush_on_one_connection_covers_writes_replied_on_another() {
     b.disconnect();
     let log = sink.log.lock().unwrap().clone();
     check_serialised(&log);
-    assert!(log.contains(&Event::Abort { offset: 0, len: 4096, cookie: 4 }));
+    assert!(log.contains(&Event::Abort {
+        offset: 0,
+        len: 4096,
+        cookie: 4
+    }));
     stop.shutdown();
     t.join().unwrap();
 }
@@ -237,7 +306,13 @@ fn pipelined_reads_and_writes_on_one_connection() {
         let mut c = Client::go(&f.sock, "vol", mode, mode != Mode::Simple);
         let mut expect = HashMap::new();
         for i in 0..64u64 {
-            let h = c.send(CMD_WRITE, if i % 5 == 0 { CMD_FLAG_FUA } else { 0 }, i * 8192, 8192, &[i as u8; 8192]);
+            let h = c.send(
+                CMD_WRITE,
+                if i % 5 == 0 { CMD_FLAG_FUA } else { 0 },
+                i * 8192,
+                8192,
+                &[i as u8; 8192],
+            );
             expect.insert(h, None);
         }
         for _ in 0..64 {
@@ -275,7 +350,17 @@ fn large_write_zeroes_beyond_max_payload() {
     assert_eq!(c.read(100 << 20, 4096).unwrap(), vec![0; 4096]);
     let r = c.call(CMD_BLOCK_STATUS, 0, 0, 192 << 20, &[]);
     assert_eq!(r.extents, vec![(192 << 20, STATE_HOLE | STATE_ZERO)]);
-    assert_eq!(c.call(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, 0, 1 << 20, &[]).error, 0);
+    assert_eq!(
+        c.call(
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            0,
+            1 << 20,
+            &[]
+        )
+        .error,
+        0
+    );
     assert_eq!(c.call(CMD_TRIM, CMD_FLAG_FUA, 0, 256 << 20, &[]).error, 0);
     c.disconnect();
 }

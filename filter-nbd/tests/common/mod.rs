@@ -40,7 +40,13 @@ pub struct Spec {
 
 impl Spec {
     pub fn rw(name: &'static str, size: u64) -> Self {
-        Self { name, size, read_only: false, sink: None, fill: 0 }
+        Self {
+            name,
+            size,
+            read_only: false,
+            sink: None,
+            fill: 0,
+        }
     }
 }
 
@@ -49,10 +55,17 @@ pub fn serve(specs: Vec<Spec>, opts: ServerOptions) -> Fixture {
     let mut exports = Vec::new();
     let mut files = Vec::new();
     for s in specs {
-        let p = dir.path().join(format!("{}.img", if s.name.is_empty() { "default" } else { s.name }));
+        let p = dir.path().join(format!(
+            "{}.img",
+            if s.name.is_empty() { "default" } else { s.name }
+        ));
         std::fs::write(&p, vec![s.fill; s.size as usize]).unwrap();
         let b = Backing::open(&p, s.read_only).unwrap();
-        exports.push(Export::new(s.name, Arc::new(b)).with_description(format!("test {}", s.name)).with_sink(s.sink));
+        exports.push(
+            Export::new(s.name, Arc::new(b))
+                .with_description(format!("test {}", s.name))
+                .with_sink(s.sink),
+        );
         files.push(p);
     }
     let sock = dir.path().join("nbd.sock");
@@ -60,7 +73,13 @@ pub fn serve(specs: Vec<Spec>, opts: ServerOptions) -> Fixture {
     let stop = server.shutdown_handle();
     let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let thread = std::thread::spawn(move || server.serve_unix_listener(l).unwrap());
-    Fixture { dir, sock, files, stop, thread: Some(thread) }
+    Fixture {
+        dir,
+        sock,
+        files,
+        stop,
+        thread: Some(thread),
+    }
 }
 
 pub fn serve_one(size: u64) -> Fixture {
@@ -108,8 +127,12 @@ pub fn greet(s: &mut UnixStream) {
     s.read_exact(&mut g).unwrap();
     assert_eq!(&g[0..8], &NBDMAGIC.to_be_bytes());
     assert_eq!(&g[8..16], &IHAVEOPT.to_be_bytes());
-    assert_eq!(u16::from_be_bytes([g[16], g[17]]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).unwrap();
+    assert_eq!(
+        u16::from_be_bytes([g[16], g[17]]),
+        FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+    );
+    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
 }
 
 pub fn send_opt(s: &mut UnixStream, opt: u32, data: &[u8]) {
@@ -187,7 +210,11 @@ impl Client {
             }
         }
         if meta {
-            send_opt(&mut s, OPT_SET_META_CONTEXT, &meta_data(name, &[BASE_ALLOCATION]));
+            send_opt(
+                &mut s,
+                OPT_SET_META_CONTEXT,
+                &meta_data(name, &[BASE_ALLOCATION]),
+            );
             let (_, ty, d) = read_opt_reply(&mut s);
             assert_eq!(ty, REP_META_CONTEXT);
             assert_eq!(&d[4..], BASE_ALLOCATION.as_bytes());
@@ -209,7 +236,14 @@ impl Client {
                 other => panic!("GO failed: {other:#x}"),
             }
         }
-        Client { s, mode, size, flags, reads: HashMap::new(), next: 1 }
+        Client {
+            s,
+            mode,
+            size,
+            flags,
+            reads: HashMap::new(),
+            next: 1,
+        }
     }
 
     /// Handshake with EXPORT_NAME (no structured replies).
@@ -221,7 +255,14 @@ impl Client {
         s.read_exact(&mut b).unwrap();
         let size = u64::from_be_bytes(b[0..8].try_into().unwrap());
         let flags = u16::from_be_bytes([b[8], b[9]]);
-        Client { s, mode: Mode::Simple, size, flags, reads: HashMap::new(), next: 1 }
+        Client {
+            s,
+            mode: Mode::Simple,
+            size,
+            flags,
+            reads: HashMap::new(),
+            next: 1,
+        }
     }
 
     /// Sends a request (with `payload` for WRITE) and returns its handle.
@@ -229,7 +270,17 @@ impl Client {
         let h = self.next;
         self.next += 1;
         let mut b = Vec::new();
-        encode_request(&mut b, &Request { flags, kind, handle: h, offset, len }, self.mode == Mode::Extended);
+        encode_request(
+            &mut b,
+            &Request {
+                flags,
+                kind,
+                handle: h,
+                offset,
+                len,
+            },
+            self.mode == Mode::Extended,
+        );
         b.extend_from_slice(payload);
         self.s.write_all(&b).unwrap();
         if kind == CMD_READ {
@@ -246,7 +297,11 @@ impl Client {
             self.s.read_exact(&mut m).unwrap();
             let magic = u32::from_be_bytes(m);
             if magic == SIMPLE_REPLY_MAGIC {
-                assert_eq!(self.mode, Mode::Simple, "simple reply after structured negotiation");
+                assert_eq!(
+                    self.mode,
+                    Mode::Simple,
+                    "simple reply after structured negotiation"
+                );
                 let mut b = [0u8; 12];
                 self.s.read_exact(&mut b).unwrap();
                 r.error = u32::from_be_bytes(b[0..4].try_into().unwrap());
@@ -264,13 +319,21 @@ impl Client {
                 let mut b = [0u8; 16];
                 self.s.read_exact(&mut b).unwrap();
                 r.handle = u64::from_be_bytes(b[4..12].try_into().unwrap());
-                (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]), u64::from(u32::from_be_bytes(b[12..16].try_into().unwrap())))
+                (
+                    u16::from_be_bytes([b[0], b[1]]),
+                    u16::from_be_bytes([b[2], b[3]]),
+                    u64::from(u32::from_be_bytes(b[12..16].try_into().unwrap())),
+                )
             } else if magic == EXTENDED_REPLY_MAGIC {
                 assert_eq!(self.mode, Mode::Extended);
                 let mut b = [0u8; 28];
                 self.s.read_exact(&mut b).unwrap();
                 r.handle = u64::from_be_bytes(b[4..12].try_into().unwrap());
-                (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]), u64::from_be_bytes(b[20..28].try_into().unwrap()))
+                (
+                    u16::from_be_bytes([b[0], b[1]]),
+                    u16::from_be_bytes([b[2], b[3]]),
+                    u64::from_be_bytes(b[20..28].try_into().unwrap()),
+                )
             } else {
                 panic!("bad reply magic {magic:#x}");
             };
@@ -283,12 +346,18 @@ impl Client {
                 REPLY_TYPE_ERROR => r.error = u32::from_be_bytes(p[0..4].try_into().unwrap()),
                 REPLY_TYPE_BLOCK_STATUS => {
                     for c in p[4..].chunks(8) {
-                        r.extents.push((u64::from(u32::from_be_bytes(c[0..4].try_into().unwrap())), u32::from_be_bytes(c[4..8].try_into().unwrap())));
+                        r.extents.push((
+                            u64::from(u32::from_be_bytes(c[0..4].try_into().unwrap())),
+                            u32::from_be_bytes(c[4..8].try_into().unwrap()),
+                        ));
                     }
                 }
                 REPLY_TYPE_BLOCK_STATUS_EXT => {
                     for c in p[8..].chunks(16) {
-                        r.extents.push((u64::from_be_bytes(c[0..8].try_into().unwrap()), u64::from_be_bytes(c[8..16].try_into().unwrap()) as u32));
+                        r.extents.push((
+                            u64::from_be_bytes(c[0..8].try_into().unwrap()),
+                            u64::from_be_bytes(c[8..16].try_into().unwrap()) as u32,
+                        ));
                     }
                 }
                 other => panic!("unexpected chunk type {other}"),
@@ -309,12 +378,17 @@ impl Client {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> u32 {
-        self.call(CMD_WRITE, 0, offset, data.len() as u64, data).error
+        self.call(CMD_WRITE, 0, offset, data.len() as u64, data)
+            .error
     }
 
     pub fn read(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, u32> {
         let r = self.call(CMD_READ, 0, offset, len, &[]);
-        if r.error == 0 { Ok(r.data) } else { Err(r.error) }
+        if r.error == 0 {
+            Ok(r.data)
+        } else {
+            Err(r.error)
+        }
     }
 
     pub fn disconnect(mut self) {
@@ -332,10 +406,27 @@ pub struct RecordingSink {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Begin { offset: u64, len: u64, cookie: u64 },
-    Write { offset: u64, len: u64, cookie: u64, first: u8 },
-    Zero { offset: u64, len: u64, cookie: u64 },
-    Abort { offset: u64, len: u64, cookie: u64 },
+    Begin {
+        offset: u64,
+        len: u64,
+        cookie: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+        cookie: u64,
+        first: u8,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        cookie: u64,
+    },
+    Abort {
+        offset: u64,
+        len: u64,
+        cookie: u64,
+    },
     Read(u64),
 }
 
@@ -344,18 +435,39 @@ impl ChangeSink for RecordingSink {
         let mut n = self.next.lock().unwrap();
         *n += 1;
         let cookie = *n;
-        self.log.lock().unwrap().push(Event::Begin { offset, len, cookie });
-        WriteTicket { offset, len, cookie }
+        self.log.lock().unwrap().push(Event::Begin {
+            offset,
+            len,
+            cookie,
+        });
+        WriteTicket {
+            offset,
+            len,
+            cookie,
+        }
     }
     fn complete_write(&self, t: WriteTicket, data: &[u8]) {
         assert_eq!(data.len() as u64, t.len);
-        self.log.lock().unwrap().push(Event::Write { offset: t.offset, len: t.len, cookie: t.cookie, first: data.first().copied().unwrap_or(0) });
+        self.log.lock().unwrap().push(Event::Write {
+            offset: t.offset,
+            len: t.len,
+            cookie: t.cookie,
+            first: data.first().copied().unwrap_or(0),
+        });
     }
     fn complete_zero(&self, t: WriteTicket) {
-        self.log.lock().unwrap().push(Event::Zero { offset: t.offset, len: t.len, cookie: t.cookie });
+        self.log.lock().unwrap().push(Event::Zero {
+            offset: t.offset,
+            len: t.len,
+            cookie: t.cookie,
+        });
     }
     fn abort(&self, t: WriteTicket) {
-        self.log.lock().unwrap().push(Event::Abort { offset: t.offset, len: t.len, cookie: t.cookie });
+        self.log.lock().unwrap().push(Event::Abort {
+            offset: t.offset,
+            len: t.len,
+            cookie: t.cookie,
+        });
     }
     fn note_read(&self, len: u64) {
         self.log.lock().unwrap().push(Event::Read(len));
