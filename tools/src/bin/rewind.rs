@@ -1,1 +1,39 @@
-fn main() {}
+//! `rewind`: daemons and admin commands of rewind.
+
+use clap::{Parser, Subcommand};
+use tools::export::ExportArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rewind",
+    version,
+    about = "Continuous data protection for Linux block devices",
+    long_about = "Continuous data protection for Linux block devices: serve volumes through a \
+change-tracking NBD filter (and, as the project grows, replicate them to a target and recover \
+any point in time)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve one volume through the change-tracking NBD filter.
+    Export(ExportArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tools::logging::init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Export(args) => tools::export::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rewind: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

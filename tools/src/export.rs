@@ -1,0 +1,270 @@
+//! `rewind export`: serve one volume through the NBD filter, recording every
+//! completed write in the volume's shared-memory change log.
+//!
+//! Lifecycle: the change log is opened (or recovered, after a crash) before
+//! the socket accepts its first connection, and closed cleanly (bitmap
+//! persisted, region marked clean) after the server has stopped on SIGINT or
+//! SIGTERM, so no write acknowledged to a client is missing from the log.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use agent_core::config::{DEFAULT_SHM_DIR, DEFAULT_STATE_DIR};
+use agent_core::{ChangeLog, ChangeLogConfig, ChangeSink};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use filter_nbd::{Backing, BlockSource, Export, Server, ServerOptions};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::listen::ListenAddr;
+
+/// Arguments of `rewind export`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    rewind export --backing /srv/vol0.img --listen unix:/run/rewind/vol0.sock\n  \
+    rewind export --backing /dev/vg0/data --listen tcp:127.0.0.1:10809 --volume data --read-only\n  \
+    qemu-io -f raw 'nbd+unix:///vol0?socket=/run/rewind/vol0.sock' -c 'write -P 0xab 0 1M'")]
+pub struct ExportArgs {
+    /// File or block device holding the volume's data.
+    #[arg(long, value_name = "PATH")]
+    pub backing: PathBuf,
+    /// Where to serve: unix:PATH (default choice; socket mode 0600) or tcp:HOST:PORT.
+    #[arg(long, value_name = "unix:SOCKET|tcp:HOST:PORT")]
+    pub listen: ListenAddr,
+    /// Refuse every write-like request with EPERM.
+    #[arg(long)]
+    pub read_only: bool,
+    /// NBD export name (default: the volume name).
+    #[arg(long, value_name = "NAME")]
+    pub export_name: Option<String>,
+    /// Volume name, which names the change log (default: the export name, else the backing file's stem).
+    #[arg(long, value_name = "NAME")]
+    pub volume: Option<String>,
+    /// Directory of the shared-memory change log.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_SHM_DIR)]
+    pub shm_dir: PathBuf,
+    /// Directory of the persisted bitmap, activity log and volume identity.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Ring (data-mode buffer) size in bytes, e.g. 64M or 1G; used when the change log is created.
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    pub ring_size: u64,
+    /// Tracking block size (one dirty bit), a power of two from 4K to 1M.
+    #[arg(long, value_name = "BYTES", default_value = "4K", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Serve without any change tracking (a baseline for benchmarks; nothing is protected).
+    #[arg(long)]
+    pub no_tracking: bool,
+    /// Serve backing I/O with plain pread/pwrite instead of io_uring.
+    #[arg(long)]
+    pub no_io_uring: bool,
+}
+
+/// Parses a byte count with an optional K/M/G/T suffix (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count such as 4096, 64K or 1G"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// The volume name used when `--volume` and `--export-name` are absent.
+fn default_volume_name(backing: &Path) -> Result<String> {
+    backing
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .map(str::to_owned)
+        .filter(|s| !s.is_empty())
+        .with_context(|| {
+            format!(
+                "cannot derive a volume name from {}; pass --volume NAME",
+                backing.display()
+            )
+        })
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket file left by a
+/// crashed server but refusing to steal the path from a live one.
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if UnixStream::connect(path).is_ok() {
+            bail!("another server is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Runs `rewind export` until SIGINT or SIGTERM.
+pub fn run(args: ExportArgs) -> Result<()> {
+    // Block the stop signals in every thread; one thread waits for them.
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGINT);
+    stop_signals.add(Signal::SIGTERM);
+    stop_signals
+        .thread_block()
+        .context("blocking SIGINT/SIGTERM")?;
+
+    let block_size = u32::try_from(args.block_size)
+        .ok()
+        .filter(|b| b.is_power_of_two() && (4096..=1 << 20).contains(b))
+        .with_context(|| {
+            format!(
+                "--block-size {} must be a power of two from 4K to 1M",
+                args.block_size
+            )
+        })?;
+    let volume = match (&args.volume, &args.export_name) {
+        (Some(v), _) => v.clone(),
+        (None, Some(e)) => e.clone(),
+        (None, None) => default_volume_name(&args.backing)?,
+    };
+    let export_name = args.export_name.clone().unwrap_or_else(|| volume.clone());
+
+    let backing = Backing::open(&args.backing, args.read_only)
+        .with_context(|| format!("opening backing {}", args.backing.display()))?;
+    let size = backing.size();
+    if size == 0 {
+        bail!(
+            "backing {} has size 0; nothing to serve",
+            args.backing.display()
+        );
+    }
+
+    let change_log = if args.no_tracking || args.read_only {
+        if args.no_tracking {
+            tracing::warn!(
+                volume,
+                "change tracking is OFF: writes to this export are not protected"
+            );
+        }
+        None
+    } else {
+        let mut cfg = ChangeLogConfig::new(volume.clone(), size);
+        cfg.shm_dir = args.shm_dir.clone();
+        cfg.state_dir = args.state_dir.clone();
+        cfg.block_size = block_size;
+        cfg.ring_bytes = args.ring_size;
+        let log = ChangeLog::open_or_create(cfg)
+            .with_context(|| format!("opening the change log of volume {volume}"))?;
+        let log = Arc::new(log);
+        log.start_persister();
+        Some(log)
+    };
+    let sink = change_log.clone().map(|l| l as Arc<dyn ChangeSink>);
+
+    let export = Export::new(export_name.clone(), Arc::new(backing))
+        .with_description(format!("rewind volume {volume}"))
+        .with_read_only(args.read_only)
+        .with_sink(sink);
+    let opts = ServerOptions {
+        io_uring: !args.no_io_uring,
+        ..ServerOptions::default()
+    };
+    let server = Arc::new(Server::new(vec![export], opts).context("creating the NBD server")?);
+
+    let stopper = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = stop_signals.wait() {
+                tracing::info!(?sig, "stopping");
+            }
+            stopper.shutdown();
+        })
+        .context("spawning the signal thread")?;
+
+    tracing::info!(
+        volume,
+        export = export_name,
+        size,
+        backing = %args.backing.display(),
+        listen = %args.listen,
+        tracking = change_log.is_some(),
+        "serving"
+    );
+    let served = match &args.listen {
+        ListenAddr::Unix(path) => {
+            let listener = bind_unix(path)?;
+            let r = server.serve_unix_listener(listener);
+            let _ = std::fs::remove_file(path);
+            r
+        }
+        ListenAddr::Tcp(addr) => {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "serving NBD on a non-loopback address: NBD itself is unauthenticated and unencrypted");
+            }
+            let listener =
+                std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+            server.serve_tcp_listener(listener)
+        }
+    };
+    // serve_* returned after every connection thread ended, so dropping the
+    // server releases the last other reference to the change log.
+    drop(server);
+    if let Some(log) = change_log {
+        match Arc::try_unwrap(log) {
+            Ok(log) => log.close().context("closing the change log")?,
+            Err(_) => bail!("the change log is still in use after the server stopped; it was not closed cleanly (the next start recovers it)"),
+        }
+    }
+    served.context("serving NBD")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn volume_name_defaults_to_the_file_stem() {
+        assert_eq!(
+            default_volume_name(Path::new("/srv/vol0.img")).unwrap(),
+            "vol0"
+        );
+        assert!(default_volume_name(Path::new("/")).is_err());
+    }
+}
