@@ -37,6 +37,20 @@ impl RangeLocks {
         id
     }
 
+    /// Holds `[offset, offset+len)` if nothing overlapping is held, without
+    /// blocking.
+    pub fn try_acquire(&self, offset: u64, len: u64) -> Option<u64> {
+        let end = offset.saturating_add(len.max(1));
+        let mut g = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if g.ranges.iter().any(|&(s, e, _)| s < end && offset < e) {
+            return None;
+        }
+        g.next_id += 1;
+        let id = g.next_id;
+        g.ranges.push((offset, end, id));
+        Some(id)
+    }
+
     /// Releases a range held by [`RangeLocks::acquire`].
     pub fn release(&self, id: u64) {
         let mut g = self.held.lock().unwrap_or_else(|e| e.into_inner());

@@ -801,7 +801,16 @@ struct Conn<'a> {
     fd: Option<std::os::fd::RawFd>,
     inflight: Mutex<Inflight>,
     inflight_cv: Condvar,
+    /// The completion thread, whose replies are coalesced into `batch` and
+    /// written once per reaped batch of completions.
+    completer: std::sync::OnceLock<std::thread::ThreadId>,
+    batch: Mutex<Vec<u8>>,
 }
+
+/// Replies with payloads above this size are written directly, not batched.
+const BATCH_MAX_PAYLOAD: usize = 64 << 10;
+/// A reply batch is written out once it reaches this size.
+const BATCH_FLUSH_AT: usize = 256 << 10;
 
 const TAG_STOP: u64 = TAG_NO_BUF + 1;
 
@@ -841,6 +850,8 @@ fn transmission(
             count: 0,
         }),
         inflight_cv: Condvar::new(),
+        completer: std::sync::OnceLock::new(),
+        batch: Mutex::new(Vec::new()),
     };
     std::thread::scope(|scope| {
         let completer = if conn.ring.is_some() {
@@ -877,18 +888,52 @@ impl Conn<'_> {
         &self.exp.export
     }
 
-    /// Sends one complete reply (header + payload) with a single write.
+    /// Sends one complete reply (header + payload) with a single write. On
+    /// the completion thread, small replies are appended to the reply batch
+    /// instead and written together by [`Conn::flush_batch`] (one write for
+    /// several complete replies; a reply is never split across writes
+    /// interleaved with another).
     fn reply(&self, handle: u64, req_offset: u64, kind: ReplyKind, payload: &[u8]) {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
         let mut h = [0u8; MAX_REPLY_HEADER];
         let n = encode_reply_header(&mut h, self.mode, handle, req_offset, kind);
+        if self.completer.get() == Some(&std::thread::current().id()) {
+            if payload.len() <= BATCH_MAX_PAYLOAD {
+                let full = {
+                    let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+                    b.extend_from_slice(&h[..n]);
+                    b.extend_from_slice(payload);
+                    b.len() >= BATCH_FLUSH_AT
+                };
+                if full {
+                    self.flush_batch();
+                }
+                return;
+            }
+            self.flush_batch();
+        }
+        self.write_reply(&h[..n], payload);
+    }
+
+    fn write_reply(&self, a: &[u8], b: &[u8]) {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = write_all2(&mut *w, &h[..n], payload) {
+        if let Err(e) = write_all2(&mut *w, a, b) {
             debug!(error = %e, "reply write failed; closing connection");
             self.broken.store(true, Ordering::Relaxed);
             w.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Writes the completion thread's batched replies.
+    fn flush_batch(&self) {
+        let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        if !b.is_empty() {
+            if !self.broken.load(Ordering::Relaxed) {
+                self.write_reply(&b, &[]);
+            }
+            b.clear();
         }
     }
 
@@ -897,26 +942,47 @@ impl Conn<'_> {
     }
 
     fn wait_idle(&self) {
+        self.kick();
         let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         while g.count > 0 {
             g = self.inflight_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
     }
 
+    /// Hands queued io_uring operations to the kernel. The reader batches
+    /// submissions and calls this before it may block (socket read, slot or
+    /// range wait), so a queued operation is never waited for unsubmitted.
+    fn kick(&self) {
+        if let Some(r) = &self.ring {
+            if let Err(e) = r.flush() {
+                warn!(error = %e, "io_uring submit failed");
+            }
+        }
+    }
+
     fn alloc_slot(&self, slot: Slot, bytes: u64) -> u32 {
+        let max = self.inner.opts.max_inflight_bytes;
+        let mut kicked = false;
         let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        while g.free.is_empty()
-            || (g.count > 0 && g.bytes + bytes > self.inner.opts.max_inflight_bytes)
-        {
+        loop {
+            let over = g.count > 0 && g.bytes + bytes > max;
+            if !over {
+                if let Some(i) = g.free.pop() {
+                    g.slots[i as usize] = Some(slot);
+                    g.bytes += bytes;
+                    g.count += 1;
+                    return i;
+                }
+            }
+            if !kicked {
+                drop(g);
+                self.kick();
+                kicked = true;
+                g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
             g = self.inflight_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        let Some(i) = g.free.pop() else {
-            unreachable!("free slot checked above")
-        };
-        g.slots[i as usize] = Some(slot);
-        g.bytes += bytes;
-        g.count += 1;
-        i
     }
 
     /// Takes a slot's request out; the slot stays allocated (counted as in
@@ -957,6 +1023,9 @@ impl Conn<'_> {
         loop {
             if self.broken.load(Ordering::Relaxed) {
                 return Ok(());
+            }
+            if r.buffer().len() < hlen {
+                self.kick();
             }
             match r.read_exact(&mut hb[..hlen]) {
                 Ok(()) => {}
@@ -1029,6 +1098,9 @@ impl Conn<'_> {
                     return reject_payload(e, r);
                 }
                 let mut buf = self.pool.get(payload as usize);
+                if (r.buffer().len() as u64) < payload {
+                    self.kick();
+                }
                 r.read_exact(&mut buf)?;
                 self.start_write(req, buf);
                 Ok(Next::Continue)
@@ -1094,7 +1166,13 @@ impl Conn<'_> {
     fn begin_write(&self, offset: u64, len: u64) -> (Option<WriteTicket>, Option<u64>) {
         match self.sink() {
             Some(s) => {
-                let id = self.exp.ranges.acquire(offset, len);
+                let id = match self.exp.ranges.try_acquire(offset, len) {
+                    Some(id) => id,
+                    None => {
+                        self.kick();
+                        self.exp.ranges.acquire(offset, len)
+                    }
+                };
                 (Some(s.begin(offset, len)), Some(id))
             }
             None => (None, None),
@@ -1134,7 +1212,7 @@ impl Conn<'_> {
                 done: 0,
             };
             let tag = self.alloc_slot(slot, req.len);
-            if let Err(e) = ring.submit(
+            if let Err(e) = ring.push(
                 u64::from(tag),
                 IoOp::Write {
                     fd,
@@ -1177,7 +1255,7 @@ impl Conn<'_> {
                 done: 0,
             };
             let tag = self.alloc_slot(slot, req.len);
-            if let Err(e) = ring.submit(
+            if let Err(e) = ring.push(
                 u64::from(tag),
                 IoOp::Read {
                     fd,
@@ -1230,7 +1308,7 @@ impl Conn<'_> {
                 done: 0,
             };
             let tag = self.alloc_slot(slot, 0);
-            if let Err(e) = ring.submit(u64::from(tag), IoOp::Fsync { fd }) {
+            if let Err(e) = ring.push(u64::from(tag), IoOp::Fsync { fd }) {
                 warn!(error = %e, "io_uring submit failed");
                 self.finish(tag, Err(io::Error::from_raw_os_error(libc::EIO)), None);
             }
@@ -1243,6 +1321,7 @@ impl Conn<'_> {
     }
 
     fn zero_or_trim(&self, req: Request) {
+        self.kick();
         let src = &self.export().source;
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let (ticket, range) = self.begin_write(req.offset, req.len);
@@ -1274,6 +1353,7 @@ impl Conn<'_> {
     }
 
     fn block_status(&self, req: Request, scratch: &mut Vec<u8>) {
+        self.kick();
         let ext = self.mode == ReplyMode::Extended;
         let max_extents = if req.flags & CMD_FLAG_REQ_ONE != 0 {
             1
@@ -1315,6 +1395,7 @@ impl Conn<'_> {
     /// writes in the sink and replies.
     fn completion_loop(&self) {
         let Some(ring) = &self.ring else { return };
+        let _ = self.completer.set(std::thread::current().id());
         let mut done = Vec::with_capacity(self.inner.opts.max_inflight as usize);
         loop {
             done.clear();
@@ -1333,6 +1414,7 @@ impl Conn<'_> {
                 }
                 self.complete(c);
             }
+            self.flush_batch();
             if stop {
                 return;
             }

@@ -79,9 +79,38 @@ impl Ring {
         })
     }
 
-    /// Submits `op` under `tag`. Tags below [`TAG_NO_BUF`] must be free slot
-    /// indices (< `slots`) when the op carries a buffer.
+    /// Queues `op` under `tag` and hands it to the kernel at once.
     pub(crate) fn submit(&self, tag: u64, op: IoOp) -> io::Result<()> {
+        self.push(tag, op)?;
+        self.flush()
+    }
+
+    /// Hands every queued operation to the kernel (no-op if none).
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        let _g = self.sq_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `sq_lock` gives this thread exclusive access to the
+        // submission queue; we only read its length.
+        if unsafe { self.ring.submission_shared().is_empty() } {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submitter().submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EAGAIN) => {
+                    // Completion queue busy; the reaper submits on its next enter.
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Queues `op` under `tag` without entering the kernel (batching); the
+    /// caller must [`Ring::flush`] before waiting for its completion. Tags
+    /// below [`TAG_NO_BUF`] must be free slot indices (< `slots`) when the op
+    /// carries a buffer.
+    pub(crate) fn push(&self, tag: u64, op: IoOp) -> io::Result<()> {
         enum K {
             Read {
                 fd: RawFd,
@@ -188,20 +217,7 @@ impl Ring {
             // Queue full: hand the queued entries to the kernel and retry.
             self.ring.submitter().submit()?;
         }
-        loop {
-            match self.ring.submitter().submit() {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EBUSY)
-                        || e.raw_os_error() == Some(libc::EAGAIN) =>
-                {
-                    // Completion queue busy; the reaper will submit on its next enter.
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(())
     }
 
     /// Waits for at least one completion and appends all available ones to
