@@ -487,7 +487,7 @@ impl ChangeLog {
     /// Clean shutdown: stops the persister, persists, and marks the region
     /// cleanly shut down (the next open does no crash recovery). Also done by
     /// `Drop`. Writes racing with `close` are still recorded.
-    pub fn close(self) -> Result<()> {
+    pub fn close(&self) -> Result<()> {
         self.close_inner()
     }
 
