@@ -7,6 +7,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+use nix::fcntl::FallocateFlags;
+use nix::unistd::Whence;
+
 use crate::proto::{Extent, STATE_HOLE, STATE_ZERO};
 
 /// Result of a TRIM on a backing store.
@@ -89,19 +92,15 @@ fn blkdev_size(file: &File) -> io::Result<u64> {
     Ok(size)
 }
 
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+fn fallocate(file: &File, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
     let off =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let l = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     loop {
-        // SAFETY: plain syscall on an fd owned by `file`; no memory is passed.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, l) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match nix::fcntl::fallocate(file.as_raw_fd(), mode, off, l) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
         }
     }
 }
@@ -113,19 +112,14 @@ fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
-fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+fn lseek(file: &File, offset: u64, whence: Whence) -> io::Result<Option<u64>> {
     let off =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: plain syscall on an fd owned by `file`; no memory is passed.
-    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
+    match nix::unistd::lseek(file.as_raw_fd(), off, whence) {
+        Ok(r) => Ok(Some(r as u64)),
+        Err(nix::errno::Errno::ENXIO) => Ok(None),
+        Err(e) => Err(io::Error::from_raw_os_error(e as i32)),
     }
-    Ok(Some(rc as u64))
 }
 
 impl Backing {
@@ -204,7 +198,7 @@ impl BlockSource for Backing {
         let mut r = if may_trim {
             fallocate(
                 &self.file,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 offset,
                 len,
             )
@@ -214,7 +208,7 @@ impl BlockSource for Backing {
         if matches!(&r, Err(e) if is_unsupported(e)) {
             r = fallocate(
                 &self.file,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                 offset,
                 len,
             );
@@ -239,7 +233,7 @@ impl BlockSource for Backing {
         }
         match fallocate(
             &self.file,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
             offset,
             len,
         ) {
@@ -272,7 +266,7 @@ impl BlockSource for Backing {
         let mut pos = offset;
         while pos < end && out.len() < max_extents.max(1) {
             // Is `pos` in data or in a hole?
-            let data = match lseek(&self.file, pos, libc::SEEK_DATA) {
+            let data = match lseek(&self.file, pos, Whence::SeekData) {
                 Ok(Some(d)) => d,
                 Ok(None) => end, // no data after pos: hole to the end
                 Err(_) => {
@@ -293,7 +287,7 @@ impl BlockSource for Backing {
                 pos = stop;
                 continue;
             }
-            let hole = lseek(&self.file, pos, libc::SEEK_HOLE)?.unwrap_or(end);
+            let hole = lseek(&self.file, pos, Whence::SeekHole)?.unwrap_or(end);
             let stop = hole.min(end).max(pos + 1);
             out.push(Extent {
                 len: stop - pos,
