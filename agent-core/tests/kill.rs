@@ -50,6 +50,11 @@ fn role_child() {
     match role.as_str() {
         "producer" => producer(&dir),
         "consumer" => consumer(&dir),
+        "recover" => {
+            // What a restarted agent does first: open (= recovery), then die.
+            let log = retry(|| ChangeLog::open_or_create(config(&dir)));
+            log.simulate_crash();
+        }
         r => panic!("unknown role {r}"),
     }
 }
@@ -191,6 +196,41 @@ fn check_alive(c: &mut Child, role: &str, dir: &Path, n: usize) {
     }
 }
 
+
+/// With both processes dead and recovery done: every byte where the replica
+/// differs from the source must be owed by the change log (ring records or
+/// dirty bits), and so must every acknowledged write. Returns (differing
+/// bytes, acknowledged writes).
+fn check_nothing_lost(dir: &Path, cfg: &ChangeLogConfig) -> (usize, usize) {
+    let view = ChangeLogView::open(cfg.region_path()).unwrap();
+    let owed = view.uncommitted_ranges();
+    let source = std::fs::read(dir.join("source")).unwrap();
+    let replica = std::fs::read(dir.join("replica")).unwrap();
+    let mut owed_byte = vec![false; source.len()];
+    for &(s, n) in &owed {
+        owed_byte[s as usize..(s + n) as usize].fill(true);
+    }
+    let differing: Vec<usize> = (0..source.len()).filter(|&i| source[i] != replica[i]).collect();
+    for &i in &differing {
+        assert!(owed_byte[i], "byte {i} differs but is owed by nobody (lost change); {} owed ranges", owed.len());
+    }
+    // Every acknowledged write is, byte by byte, already equal at the replica
+    // or owed by the change log (prefix sums of "lost" bytes: O(1) per write).
+    let mut lost_prefix = vec![0u32; source.len() + 1];
+    for i in 0..source.len() {
+        lost_prefix[i + 1] = lost_prefix[i] + (source[i] != replica[i] && !owed_byte[i]) as u32;
+    }
+    let acks = std::fs::read(dir.join("acks")).unwrap();
+    let mut nacks = 0;
+    for rec in acks.chunks_exact(16) {
+        let off = u64::from_le_bytes(rec[..8].try_into().unwrap()) as usize;
+        let len = u64::from_le_bytes(rec[8..].try_into().unwrap()) as usize;
+        assert_eq!(lost_prefix[off + len], lost_prefix[off], "acknowledged write {off}+{len} lost");
+        nacks += 1;
+    }
+    (differing.len(), nacks)
+}
+
 #[test]
 fn kill_producer_and_consumer_at_random_moments() {
     let iterations: usize = std::env::var("REWIND_KILL_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
@@ -206,22 +246,41 @@ fn kill_producer_and_consumer_at_random_moments() {
     let (mut np, mut nc) = (0usize, 0usize);
     let mut prod = spawn("producer", dir, np);
     let mut cons = spawn("consumer", dir, nc);
-    let (mut kp, mut kc) = (0, 0);
+    let (mut kp, mut kc, mut checks) = (0, 0, 0);
     for _ in 0..iterations {
         std::thread::sleep(Duration::from_micros(rng.gen_range(1_000..30_000)));
         check_alive(&mut prod, "producer", dir, np);
         check_alive(&mut cons, "consumer", dir, nc);
-        let victim = rng.gen_range(0..5); // 0,1: producer; 2,3: consumer; 4: both
-        if victim <= 1 || victim == 4 {
+        let victim = rng.gen_range(0..3); // 0: producer; 1: consumer; 2: both, then check
+        if victim != 1 {
             kill9(&mut prod);
             kp += 1;
             np += 1;
-            prod = spawn("producer", dir, np);
         }
-        if (2..=4).contains(&victim) {
+        if victim != 0 {
             kill9(&mut cons);
             kc += 1;
             nc += 1;
+        }
+        if victim == 2 {
+            // Quiescent point: a child process recovers the change log, then
+            // nothing may be lost.
+            let st = Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "role_child", "--nocapture", "--test-threads", "1"])
+                .env(ROLE_ENV, "recover")
+                .env(DIR_ENV, dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success());
+            check_nothing_lost(dir, &config(dir));
+            checks += 1;
+        }
+        if victim != 1 {
+            prod = spawn("producer", dir, np);
+        }
+        if victim != 0 {
             cons = spawn("consumer", dir, nc);
         }
     }
@@ -234,29 +293,9 @@ fn kill_producer_and_consumer_at_random_moments() {
     // from the source must be owed by the change log (ring or bitmap).
     let cfg = config(dir);
     let (log, report) = ChangeLog::open_with_report(cfg.clone()).unwrap();
-    eprintln!("final recovery: {report:?}");
+    eprintln!("final recovery: {report:?}; {checks} intermediate no-loss checks passed");
+    let (ndiff, nacks) = check_nothing_lost(dir, &cfg);
     let source = std::fs::read(dir.join("source")).unwrap();
-    let replica = std::fs::read(dir.join("replica")).unwrap();
-    let view = ChangeLogView::open(cfg.region_path()).unwrap();
-    let owed = view.uncommitted_ranges();
-    let mut owed_byte = vec![false; source.len()];
-    for &(s, n) in &owed {
-        owed_byte[s as usize..(s + n) as usize].fill(true);
-    }
-    let differing: Vec<usize> = (0..source.len()).filter(|&i| source[i] != replica[i]).collect();
-    for &i in &differing {
-        assert!(owed_byte[i], "byte {i} differs but is owed by nobody (lost change); owed {owed:?}");
-    }
-    // Every acknowledged write is, byte by byte, already equal at the replica
-    // or owed by the change log.
-    let acks = std::fs::read(dir.join("acks")).unwrap();
-    let mut nacks = 0;
-    for rec in acks.chunks_exact(16) {
-        let off = u64::from_le_bytes(rec[..8].try_into().unwrap()) as usize;
-        let len = u64::from_le_bytes(rec[8..].try_into().unwrap()) as usize;
-        assert!((off..off + len).all(|i| source[i] == replica[i] || owed_byte[i]), "acknowledged write {off}+{len} lost");
-        nacks += 1;
-    }
     let st = log.stats();
     log.close().unwrap();
 
@@ -275,7 +314,7 @@ fn kill_producer_and_consumer_at_random_moments() {
     eprintln!(
         "kill test: {kp} producer kills, {kc} consumer kills in {run_time:?}; {nacks} acknowledged writes; {} bytes differed before the final drain; \
          data/meta/zero records {}/{}/{}, bitmap writes {}, transitions {:?}, recoveries {}, tags {}/{} refused",
-        differing.len(),
+        ndiff,
         st.data_records,
         st.metadata_records,
         st.zero_records,
