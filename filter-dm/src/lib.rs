@@ -9,17 +9,22 @@
 //! No udev is assumed (the semantics of `DM_DISABLE_UDEV=1`): `/dev/mapper/<name>` nodes are
 //! created with mknod when missing and removed with the device.
 //!
-//! dm-era import and the hot insertion itself are not implemented yet (issue "Kernel paths
-//! on a real kernel").
+//! - [`era`]: dm-era as a kernel-side change tracker: [`Era`] drives the target
+//!   (checkpoint, metadata snapshots, status) and [`era::meta`] parses its on-disk metadata
+//!   into the byte ranges written since an era.
+//!
+//! The hot insertion itself is not implemented yet (issue "Kernel paths on a real kernel").
 
 pub mod block;
 mod control;
+pub mod era;
 mod error;
 mod loopdev;
 mod sys;
 mod wire;
 
 pub use control::{DeviceInfo, DmControl, DM_CONTROL_PATH};
+pub use era::{Era, EraError, EraStatus};
 pub use error::DmError;
 pub use loopdev::LoopDevice;
 
