@@ -1,0 +1,167 @@
+//! Named fault points for crash testing.
+//!
+//! Every durability-relevant step of [`crate::TargetVolume`] calls a fault
+//! point. A configured point either returns [`crate::JournalError::Injected`]
+//! (in-process crash simulation: the caller drops the handle and reopens) or
+//! calls [`std::process::abort`] (a real crash, for kill-style tests). The
+//! configuration comes from [`crate::TargetVolume::set_fault`] or from the
+//! environment variable `REWIND_JOURNAL_FAULT=<point>[:error|abort][:skip]`,
+//! read by `create`/`open`. With no configuration a fault point costs one
+//! branch.
+
+use crate::{JournalError, Result};
+
+/// A step of the spool/apply protocol where a crash can be injected.
+///
+/// The order below is the order in which the points are reached by
+/// `spool` followed by `apply`. See `docs/journal-format.md` for why each
+/// point recovers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    /// A new spool file was created and its header written, before the directory fsync.
+    SpoolFileAfterCreate,
+    /// Spool records were written (not yet fdatasync'ed).
+    SpoolAfterWrite,
+    /// Spool records are durable, the caller has not been acknowledged yet.
+    SpoolAfterSync,
+    /// A new journal segment was created, header written.
+    SegmentAfterCreate,
+    /// Undo records were appended to the segment (not yet durable).
+    UndoAfterAppend,
+    /// Undo records are durable; the replica is untouched.
+    UndoAfterSync,
+    /// The first extent of the batch was written to the replica, others not.
+    ReplicaMidWrite,
+    /// All replica writes of the batch were issued (not yet durable).
+    ReplicaAfterWrite,
+    /// Replica writes are durable; the commit record is not written.
+    ReplicaAfterSync,
+    /// The commit record was appended (not durable until the next journal sync).
+    CommitAfterAppend,
+    /// Spool files are about to be deleted (their chunks are committed).
+    ReclaimBeforeDelete,
+    /// Spool files were deleted (directory not yet synced).
+    ReclaimAfterDelete,
+}
+
+impl FaultPoint {
+    /// Every fault point, in protocol order.
+    pub const ALL: [FaultPoint; 12] = [
+        FaultPoint::SpoolFileAfterCreate,
+        FaultPoint::SpoolAfterWrite,
+        FaultPoint::SpoolAfterSync,
+        FaultPoint::SegmentAfterCreate,
+        FaultPoint::UndoAfterAppend,
+        FaultPoint::UndoAfterSync,
+        FaultPoint::ReplicaMidWrite,
+        FaultPoint::ReplicaAfterWrite,
+        FaultPoint::ReplicaAfterSync,
+        FaultPoint::CommitAfterAppend,
+        FaultPoint::ReclaimBeforeDelete,
+        FaultPoint::ReclaimAfterDelete,
+    ];
+
+    /// Stable name (used in the environment variable).
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultPoint::SpoolFileAfterCreate => "spool-file-after-create",
+            FaultPoint::SpoolAfterWrite => "spool-after-write",
+            FaultPoint::SpoolAfterSync => "spool-after-sync",
+            FaultPoint::SegmentAfterCreate => "segment-after-create",
+            FaultPoint::UndoAfterAppend => "undo-after-append",
+            FaultPoint::UndoAfterSync => "undo-after-sync",
+            FaultPoint::ReplicaMidWrite => "replica-mid-write",
+            FaultPoint::ReplicaAfterWrite => "replica-after-write",
+            FaultPoint::ReplicaAfterSync => "replica-after-sync",
+            FaultPoint::CommitAfterAppend => "commit-after-append",
+            FaultPoint::ReclaimBeforeDelete => "reclaim-before-delete",
+            FaultPoint::ReclaimAfterDelete => "reclaim-after-delete",
+        }
+    }
+
+    /// Parse a name produced by [`FaultPoint::name`].
+    pub fn from_name(s: &str) -> Option<FaultPoint> {
+        FaultPoint::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// What a triggered fault point does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Return [`JournalError::Injected`]; the handle becomes poisoned.
+    Error,
+    /// `std::process::abort()`: a crash without unwinding or flushing.
+    Abort,
+}
+
+/// A fault configuration: trigger `action` at the `skip + 1`-th time `point` is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultConfig {
+    /// Where.
+    pub point: FaultPoint,
+    /// What.
+    pub action: FaultAction,
+    /// How many hits to let pass first.
+    pub skip: u32,
+}
+
+impl FaultConfig {
+    /// Name of the environment variable read by `create`/`open`.
+    pub const ENV: &'static str = "REWIND_JOURNAL_FAULT";
+
+    /// Parse `<point>[:error|abort][:skip]`.
+    pub fn parse(s: &str) -> Option<FaultConfig> {
+        let mut it = s.split(':');
+        let point = FaultPoint::from_name(it.next()?)?;
+        let action = match it.next() {
+            None | Some("error") => FaultAction::Error,
+            Some("abort") => FaultAction::Abort,
+            Some(_) => return None,
+        };
+        let skip = match it.next() {
+            None => 0,
+            Some(n) => n.parse().ok()?,
+        };
+        Some(FaultConfig {
+            point,
+            action,
+            skip,
+        })
+    }
+
+    /// The configuration from [`FaultConfig::ENV`], if set and valid.
+    pub fn from_env() -> Option<FaultConfig> {
+        std::env::var(Self::ENV).ok().and_then(|s| Self::parse(&s))
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    cfg: Option<FaultConfig>,
+    hits: u32,
+}
+
+impl Faults {
+    pub(crate) fn new(cfg: Option<FaultConfig>) -> Self {
+        Faults { cfg, hits: 0 }
+    }
+
+    #[inline]
+    pub(crate) fn hit(&mut self, p: FaultPoint) -> Result<()> {
+        let Some(cfg) = self.cfg else { return Ok(()) };
+        if cfg.point != p {
+            return Ok(());
+        }
+        if self.hits < cfg.skip {
+            self.hits += 1;
+            return Ok(());
+        }
+        match cfg.action {
+            FaultAction::Abort => std::process::abort(),
+            FaultAction::Error => {
+                self.cfg = None;
+                Err(JournalError::Injected(p))
+            }
+        }
+    }
+}
