@@ -69,17 +69,35 @@ impl ChangeLogConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ChangeLogError::InvalidConfig(m));
         let n = &self.volume_name;
-        if n.is_empty() || n.len() > 128 || n.starts_with('.') || !n.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-            return bad(format!("volume name {n:?} must be 1-128 chars of [A-Za-z0-9._-] not starting with '.'"));
+        if n.is_empty()
+            || n.len() > 128
+            || n.starts_with('.')
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return bad(format!(
+                "volume name {n:?} must be 1-128 chars of [A-Za-z0-9._-] not starting with '.'"
+            ));
         }
         if self.volume_size == 0 {
             return bad("volume size is 0".into());
         }
-        if !self.block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size) {
-            return bad(format!("block size {} is not a power of two in 4 KiB..=1 MiB", self.block_size));
+        if !self.block_size.is_power_of_two()
+            || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size)
+        {
+            return bad(format!(
+                "block size {} is not a power of two in 4 KiB..=1 MiB",
+                self.block_size
+            ));
         }
-        if !(20..=40).contains(&self.extent_shift) || (1u64 << self.extent_shift) < self.block_size as u64 {
-            return bad(format!("extent shift {} out of range 20..=40 or below the block size", self.extent_shift));
+        if !(20..=40).contains(&self.extent_shift)
+            || (1u64 << self.extent_shift) < self.block_size as u64
+        {
+            return bad(format!(
+                "extent shift {} out of range 20..=40 or below the block size",
+                self.extent_shift
+            ));
         }
         if self.ring_bytes > (1 << 40) {
             return bad("ring larger than 1 TiB".into());

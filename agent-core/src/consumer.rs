@@ -29,8 +29,17 @@ pub enum BatchKind {
 
 #[derive(Debug)]
 enum Content {
-    Ring { start: u64, end: u64, records: Vec<Record>, bytes: u64 },
-    Bitmap { ranges: Vec<(u64, u64)>, masks: Vec<(u64, u64)>, blocks: u64 },
+    Ring {
+        start: u64,
+        end: u64,
+        records: Vec<Record>,
+        bytes: u64,
+    },
+    Bitmap {
+        ranges: Vec<(u64, u64)>,
+        masks: Vec<(u64, u64)>,
+        blocks: u64,
+    },
 }
 
 /// A unit of drain handed out by [`Consumer::get`]. Apply it to the target in
@@ -119,18 +128,36 @@ impl Consumer {
         let tail = sh.tail().load(Acquire);
         let head = sh.head().load(Acquire);
         if tail > head || head - tail > sh.layout().ring_capacity || tail % 8 != 0 {
-            return Err(ChangeLogError::CorruptRecord { pos: tail, reason: format!("tail {tail} inconsistent with head {head}") });
+            return Err(ChangeLogError::CorruptRecord {
+                pos: tail,
+                reason: format!("tail {tail} inconsistent with head {head}"),
+            });
         }
-        sh.field(OFF_CONSUMER_PID).store(std::process::id() as u64, SeqCst);
+        sh.field(OFF_CONSUMER_PID)
+            .store(std::process::id() as u64, SeqCst);
         sh.bump(stat::CONSUMER_ATTACHES, 1);
         info!(path = %path.display(), tail, head, restored_pending_blocks = restored, "consumer attached");
         let owner = (std::process::id() as u64) << 32 | NEXT_OWNER.fetch_add(1, Relaxed);
-        Ok(Consumer { sh, _lock: lock, owner, cursor: tail, outstanding: VecDeque::new(), deferred: None, scan_word: 0, last_full_scan: None, next_id: 1 })
+        Ok(Consumer {
+            sh,
+            _lock: lock,
+            owner,
+            cursor: tail,
+            outstanding: VecDeque::new(),
+            deferred: None,
+            scan_word: 0,
+            last_full_scan: None,
+            next_id: 1,
+        })
     }
 
     fn new_batch(&mut self, content: Content) -> Batch {
         self.next_id += 1;
-        Batch { id: self.next_id - 1, owner: self.owner, content }
+        Batch {
+            id: self.next_id - 1,
+            owner: self.owner,
+            content,
+        }
     }
 
     /// Next batch of at most about `max_bytes` (ring bytes, or bitmap bytes of
@@ -188,7 +215,12 @@ impl Consumer {
         self.outstanding.push_back((start, pos));
         self.sh.bump(stat::RECORDS_DRAINED, records.len() as u64);
         self.sh.bump(stat::BYTES_DRAINED, pos - start);
-        Ok(self.new_batch(Content::Ring { start, end: pos, records, bytes: pos - start }))
+        Ok(self.new_batch(Content::Ring {
+            start,
+            end: pos,
+            records,
+            bytes: pos - start,
+        }))
     }
 
     fn take_bitmap(&mut self, max_bytes: u64) -> Option<Batch> {
@@ -196,7 +228,11 @@ impl Consumer {
         let l = *sh.layout();
         let counted = sh.field(OFF_ACTIVE_COUNT).load(SeqCst);
         // The counter is a hint: rescan anyway every 500 ms in case it drifted.
-        if counted == 0 && self.last_full_scan.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+        if counted == 0
+            && self
+                .last_full_scan
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
+        {
             return None;
         }
         let limit = (max_bytes >> l.block_shift).max(1);
@@ -243,12 +279,20 @@ impl Consumer {
                 let a = w * 64 + bit;
                 let (s, n) = sh.blocks_to_bytes(a, a + run - 1);
                 crate::region::push_range(&mut ranges, s, n);
-                x &= if bit + run >= 64 { 0 } else { !0u64 << (bit + run) };
+                x &= if bit + run >= 64 {
+                    0
+                } else {
+                    !0u64 << (bit + run)
+                };
             }
         }
         sh.bump(stat::BITMAP_BATCHES, 1);
         sh.bump(stat::BITMAP_BLOCKS_DRAINED, taken);
-        Some(self.new_batch(Content::Bitmap { ranges, masks, blocks: taken }))
+        Some(self.new_batch(Content::Bitmap {
+            ranges,
+            masks,
+            blocks: taken,
+        }))
     }
 
     /// Declares `batch` durably applied at the target. A ring batch advances
@@ -257,14 +301,32 @@ impl Consumer {
     /// `active` meanwhile stay set).
     pub fn commit(&mut self, batch: Batch) -> Result<()> {
         if batch.owner != self.owner {
-            return Err(ChangeLogError::CommitOrder { expected: self.sh.tail().load(Acquire), got: u64::MAX });
+            return Err(ChangeLogError::CommitOrder {
+                expected: self.sh.tail().load(Acquire),
+                got: u64::MAX,
+            });
         }
         match batch.content {
-            Content::Ring { start, end, records, bytes } => {
+            Content::Ring {
+                start,
+                end,
+                records,
+                bytes,
+            } => {
                 match self.outstanding.front() {
                     Some(&(s, e)) if s == start && e == end => {}
-                    Some(&(s, _)) => return Err(ChangeLogError::CommitOrder { expected: s, got: start }),
-                    None => return Err(ChangeLogError::CommitOrder { expected: self.cursor, got: start }),
+                    Some(&(s, _)) => {
+                        return Err(ChangeLogError::CommitOrder {
+                            expected: s,
+                            got: start,
+                        })
+                    }
+                    None => {
+                        return Err(ChangeLogError::CommitOrder {
+                            expected: self.cursor,
+                            got: start,
+                        })
+                    }
                 }
                 self.outstanding.pop_front();
                 self.sh.tail().store(end, Release);

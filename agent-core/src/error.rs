@@ -81,7 +81,11 @@ pub enum ChangeLogError {
 
 impl ChangeLogError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ChangeLogError::Io { op, path: path.into(), source }
+        ChangeLogError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 }
 

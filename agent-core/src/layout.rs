@@ -126,8 +126,16 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    pub(crate) fn compute(volume_size: u64, block_size: u32, ring_capacity: u64, extent_shift: u32) -> Option<Layout> {
-        if volume_size == 0 || !block_size.is_power_of_two() || !(4096..=(1 << 20)).contains(&block_size) {
+    pub(crate) fn compute(
+        volume_size: u64,
+        block_size: u32,
+        ring_capacity: u64,
+        extent_shift: u32,
+    ) -> Option<Layout> {
+        if volume_size == 0
+            || !block_size.is_power_of_two()
+            || !(4096..=(1 << 20)).contains(&block_size)
+        {
             return None;
         }
         if !(20..=40).contains(&extent_shift) || ring_capacity == 0 || ring_capacity % PAGE != 0 {
@@ -163,13 +171,19 @@ impl Layout {
     }
 
     /// Serialises the immutable header part (bytes 0..132).
-    pub(crate) fn encode_header(&self, uuid: [u8; 16], generation: u64, created_ns: u64) -> [u8; STATIC_LEN + 4] {
+    pub(crate) fn encode_header(
+        &self,
+        uuid: [u8; 16],
+        generation: u64,
+        created_ns: u64,
+    ) -> [u8; STATIC_LEN + 4] {
         let mut h = [0u8; STATIC_LEN + 4];
         h[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&REGION_MAGIC);
         h[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
         h[OFF_BLOCK_SIZE..OFF_BLOCK_SIZE + 4].copy_from_slice(&self.block_size.to_le_bytes());
         h[OFF_UUID..OFF_UUID + 16].copy_from_slice(&uuid);
-        let put = |h: &mut [u8], off: usize, v: u64| h[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        let put =
+            |h: &mut [u8], off: usize, v: u64| h[off..off + 8].copy_from_slice(&v.to_le_bytes());
         put(&mut h, OFF_VOLUME_SIZE, self.volume_size);
         put(&mut h, OFF_GENERATION, generation);
         put(&mut h, OFF_RING_CAPACITY, self.ring_capacity);
@@ -216,7 +230,9 @@ pub(crate) fn decode_header(h: &[u8; STATIC_LEN + 4], file_len: u64) -> Result<H
     }
     let version = le_u32(h, OFF_VERSION);
     if version != LAYOUT_VERSION {
-        return Err(format!("layout version {version}, this build understands {LAYOUT_VERSION}"));
+        return Err(format!(
+            "layout version {version}, this build understands {LAYOUT_VERSION}"
+        ));
     }
     let crc = le_u32(h, OFF_HEADER_CRC);
     if crc != crc32c(&h[..STATIC_LEN]) {
@@ -237,16 +253,34 @@ pub(crate) fn decode_header(h: &[u8; STATIC_LEN + 4], file_len: u64) -> Result<H
         le_u64(h, OFF_RING_OFF),
         le_u64(h, OFF_REGION_LEN),
     );
-    let want = (layout.bitmap_words, layout.active_off, layout.pending_off, layout.inflight_off, layout.extent_count, layout.ring_off, layout.region_len);
+    let want = (
+        layout.bitmap_words,
+        layout.active_off,
+        layout.pending_off,
+        layout.inflight_off,
+        layout.extent_count,
+        layout.ring_off,
+        layout.region_len,
+    );
     if stored != want {
-        return Err(format!("section offsets {stored:?} do not match the geometry {want:?}"));
+        return Err(format!(
+            "section offsets {stored:?} do not match the geometry {want:?}"
+        ));
     }
     if file_len != layout.region_len {
-        return Err(format!("file is {file_len} bytes, header says {}", layout.region_len));
+        return Err(format!(
+            "file is {file_len} bytes, header says {}",
+            layout.region_len
+        ));
     }
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&h[OFF_UUID..OFF_UUID + 16]);
-    Ok(Header { layout, uuid, generation: le_u64(h, OFF_GENERATION), created_ns: le_u64(h, OFF_CREATED_NS) })
+    Ok(Header {
+        layout,
+        uuid,
+        generation: le_u64(h, OFF_GENERATION),
+        created_ns: le_u64(h, OFF_CREATED_NS),
+    })
 }
 
 #[cfg(test)]
@@ -264,8 +298,10 @@ mod tests {
     }
     #[test]
     fn stats_fit_header() {
-        assert!(OFF_STATS + stat::SLOTS * 8 <= HEADER_SIZE);
-        assert!(stat::READ_HIST + HIST_BUCKETS <= stat::SLOTS);
-        assert!(stat::WRITE_HIST + HIST_BUCKETS <= stat::READ_HIST);
+        const {
+            assert!(OFF_STATS + stat::SLOTS * 8 <= HEADER_SIZE);
+            assert!(stat::READ_HIST + HIST_BUCKETS <= stat::SLOTS);
+            assert!(stat::WRITE_HIST + HIST_BUCKETS <= stat::READ_HIST);
+        }
     }
 }

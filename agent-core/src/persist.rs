@@ -37,19 +37,34 @@ pub struct VolumeIdentity {
 
 impl VolumeIdentity {
     pub(crate) fn uuid_bytes(&self) -> Result<[u8; 16]> {
-        uuid::Uuid::parse_str(&self.uuid).map(|u| *u.as_bytes()).map_err(|e| ChangeLogError::BadStateFile { path: PathBuf::new(), reason: format!("uuid: {e}") })
+        uuid::Uuid::parse_str(&self.uuid)
+            .map(|u| *u.as_bytes())
+            .map_err(|e| ChangeLogError::BadStateFile {
+                path: PathBuf::new(),
+                reason: format!("uuid: {e}"),
+            })
     }
 }
 
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ChangeLogError::io("fsync dir", dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ChangeLogError::io("fsync dir", dir, e))
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(|e| ChangeLogError::io("create", &tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| ChangeLogError::io("write", &tmp, e))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ChangeLogError::io("create", &tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| ChangeLogError::io("write", &tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| ChangeLogError::io("rename", path, e))?;
     fsync_dir(path.parent().unwrap_or(Path::new(".")))
@@ -57,14 +72,22 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 pub(crate) fn read_identity(path: &Path) -> Result<Option<VolumeIdentity>> {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| ChangeLogError::BadStateFile { path: path.into(), reason: e.to_string() }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| ChangeLogError::BadStateFile {
+                path: path.into(),
+                reason: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ChangeLogError::io("read", path, e)),
     }
 }
 
 pub(crate) fn write_identity(path: &Path, id: &VolumeIdentity) -> Result<()> {
-    let mut s = serde_json::to_vec_pretty(id).map_err(|e| ChangeLogError::BadStateFile { path: path.into(), reason: e.to_string() })?;
+    let mut s = serde_json::to_vec_pretty(id).map_err(|e| ChangeLogError::BadStateFile {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     s.push(b'\n');
     write_atomic(path, &s)
 }
@@ -106,7 +129,10 @@ impl BitmapFile {
     }
 
     pub(crate) fn decode(path: &Path, b: &[u8]) -> Result<BitmapFile> {
-        let bad = |r: &str| ChangeLogError::BadStateFile { path: path.into(), reason: r.into() };
+        let bad = |r: &str| ChangeLogError::BadStateFile {
+            path: path.into(),
+            reason: r.into(),
+        };
         if b.len() < BITMAP_HDR + 4 || b[..8] != BITMAP_MAGIC {
             return Err(bad("bad magic or too short"));
         }
@@ -131,14 +157,27 @@ impl BitmapFile {
         let nbits = u64_at(48);
         let nhot = u64_at(56);
         let next_seq = u64_at(64);
-        let words = nbits.checked_add(nhot).and_then(|n| n.checked_mul(8)).and_then(|n| n.checked_add(BITMAP_HDR as u64));
+        let words = nbits
+            .checked_add(nhot)
+            .and_then(|n| n.checked_mul(8))
+            .and_then(|n| n.checked_add(BITMAP_HDR as u64));
         if words != Some(body.len() as u64) {
             return Err(bad("length does not match word counts"));
         }
         let word = |i: usize| u64_at(BITMAP_HDR + 8 * i);
         let bits = (0..nbits as usize).map(word).collect();
-        let hot = (nbits as usize..(nbits + nhot) as usize).map(word).collect();
-        Ok(BitmapFile { block_size, volume_size, uuid, generation, next_seq, bits, hot })
+        let hot = (nbits as usize..(nbits + nhot) as usize)
+            .map(word)
+            .collect();
+        Ok(BitmapFile {
+            block_size,
+            volume_size,
+            uuid,
+            generation,
+            next_seq,
+            bits,
+            hot,
+        })
     }
 
     pub(crate) fn load(path: &Path) -> Result<Option<BitmapFile>> {
@@ -170,9 +209,17 @@ impl AlFile {
     /// Opens (creating if needed) the AL file; returns it with the current hot
     /// set (all zero if the file is new; `None` if both slots are unreadable).
     pub(crate) fn open(path: &Path, words: usize) -> Result<(AlFile, Option<Vec<u64>>)> {
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(|e| ChangeLogError::io("open", path, e))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| ChangeLogError::io("open", path, e))?;
         let mut all = Vec::new();
-        file.read_to_end(&mut all).map_err(|e| ChangeLogError::io("read", path, e))?;
+        file.read_to_end(&mut all)
+            .map_err(|e| ChangeLogError::io("read", path, e))?;
         let sl = Self::slot_len(words);
         let mut best: Option<(u64, Vec<u64>)> = None;
         let fresh = all.is_empty();
@@ -185,7 +232,13 @@ impl AlFile {
                 }
             }
         }
-        let mut al = AlFile { file, path: path.to_path_buf(), words, seq: 0, buf: vec![0u8; sl] };
+        let mut al = AlFile {
+            file,
+            path: path.to_path_buf(),
+            words,
+            seq: 0,
+            buf: vec![0u8; sl],
+        };
         let hot = match best {
             Some((seq, hot)) => {
                 al.seq = seq;
@@ -219,7 +272,10 @@ impl AlFile {
         if crc32c(&slot[..end]) != crc {
             return None;
         }
-        Some((u64_at(8), (0..words).map(|i| u64_at(AL_HDR + 8 * i)).collect()))
+        Some((
+            u64_at(8),
+            (0..words).map(|i| u64_at(AL_HDR + 8 * i)).collect(),
+        ))
     }
 
     /// Durably replaces the hot set (one pwrite of one slot + fdatasync).
@@ -238,7 +294,10 @@ impl AlFile {
         let crc = Crc::new().update(&b[..end]).finish();
         b[end..end + 4].copy_from_slice(&crc.to_le_bytes());
         let off = (self.seq % 2) * b.len() as u64;
-        self.file.write_all_at(b, off).and_then(|_| self.file.sync_data()).map_err(|e| ChangeLogError::io("write activity log", &self.path, e))
+        self.file
+            .write_all_at(b, off)
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| ChangeLogError::io("write activity log", &self.path, e))
     }
 }
 
@@ -247,7 +306,15 @@ mod tests {
     use super::*;
     #[test]
     fn bitmap_file_round_trip_and_corruption() {
-        let f = BitmapFile { block_size: 4096, volume_size: 1 << 30, uuid: [7; 16], generation: 3, next_seq: 9, bits: vec![1, 0, u64::MAX], hot: vec![5] };
+        let f = BitmapFile {
+            block_size: 4096,
+            volume_size: 1 << 30,
+            uuid: [7; 16],
+            generation: 3,
+            next_seq: 9,
+            bits: vec![1, 0, u64::MAX],
+            hot: vec![5],
+        };
         let mut b = f.encode();
         assert_eq!(BitmapFile::decode(Path::new("x"), &b).ok(), Some(f));
         b[70] ^= 1;

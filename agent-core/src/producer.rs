@@ -15,9 +15,14 @@ use tracing::{error, info, warn};
 use crate::config::ChangeLogConfig;
 use crate::error::{ChangeLogError, Result};
 use crate::layout::{stat, Layout, *};
-use crate::persist::{read_identity, write_atomic, write_identity, AlFile, BitmapFile, VolumeIdentity};
+use crate::persist::{
+    read_identity, write_atomic, write_identity, AlFile, BitmapFile, VolumeIdentity,
+};
 use crate::region::{for_each_word, Shared};
-use crate::ring::{align8, walk, RecHeader, TagType, K_DATA, K_METADATA, K_PAD, K_TAG, K_ZERO, MAX_TAG_NAME, RECORD_HEADER};
+use crate::ring::{
+    align8, walk, RecHeader, TagType, K_DATA, K_METADATA, K_PAD, K_TAG, K_ZERO, MAX_TAG_NAME,
+    RECORD_HEADER,
+};
 use crate::sink::{ChangeSink, WriteTicket};
 use crate::view::{read_stats, Stats};
 
@@ -44,7 +49,9 @@ impl CaptureMode {
 }
 
 pub(crate) fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -52,12 +59,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(crate) fn make_dir(dir: &Path) -> Result<()> {
-    DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| ChangeLogError::io("create directory", dir, e))
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ChangeLogError::io("create directory", dir, e))
 }
 
 pub(crate) fn take_lock(path: &Path, role: &'static str, region: &Path) -> Result<Flock<File>> {
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(|e| ChangeLogError::io("open lock", path, e))?;
-    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| ChangeLogError::Busy { path: region.to_path_buf(), role })
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| ChangeLogError::io("open lock", path, e))?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| ChangeLogError::Busy {
+        path: region.to_path_buf(),
+        role,
+    })
 }
 
 /// State guarded by the write mutex (the producer-side serialisation of all
@@ -154,7 +175,11 @@ impl ChangeLog {
         make_dir(&cfg.shm_dir)?;
         make_dir(&cfg.state_dir)?;
         let region_path = cfg.region_path();
-        let plock = take_lock(&region_path.with_extension("producer.lock"), "producer", &region_path)?;
+        let plock = take_lock(
+            &region_path.with_extension("producer.lock"),
+            "producer",
+            &region_path,
+        )?;
         let mut report = OpenReport::default();
         let name = &cfg.volume_name;
         let id_path = cfg.state_dir.join(format!("{name}.identity"));
@@ -166,25 +191,41 @@ impl ChangeLog {
                 if id.volume_size != cfg.volume_size || id.block_size != cfg.block_size {
                     return Err(ChangeLogError::Mismatch {
                         path: id_path,
-                        reason: format!("identity is for size {} block {}, configured size {} block {}", id.volume_size, id.block_size, cfg.volume_size, cfg.block_size),
+                        reason: format!(
+                            "identity is for size {} block {}, configured size {} block {}",
+                            id.volume_size, id.block_size, cfg.volume_size, cfg.block_size
+                        ),
                     });
                 }
                 id
             }
             None => {
-                let id = VolumeIdentity { uuid: uuid::Uuid::new_v4().hyphenated().to_string(), generation: 1, volume_size: cfg.volume_size, block_size: cfg.block_size };
+                let id = VolumeIdentity {
+                    uuid: uuid::Uuid::new_v4().hyphenated().to_string(),
+                    generation: 1,
+                    volume_size: cfg.volume_size,
+                    block_size: cfg.block_size,
+                };
                 write_identity(&id_path, &id)?;
                 report.created_identity = true;
                 info!(volume = %name, uuid = %id.uuid, "created volume identity");
                 id
             }
         };
-        let uuid = identity.uuid_bytes().map_err(|_| ChangeLogError::BadStateFile { path: id_path.clone(), reason: "bad uuid".into() })?;
+        let uuid = identity
+            .uuid_bytes()
+            .map_err(|_| ChangeLogError::BadStateFile {
+                path: id_path.clone(),
+                reason: "bad uuid".into(),
+            })?;
 
         let sh = if region_path.exists() {
             let sh = Shared::open(&region_path, true)?;
             let l = sh.layout();
-            if sh.hdr.uuid != uuid || l.volume_size != cfg.volume_size || l.block_size != cfg.block_size {
+            if sh.hdr.uuid != uuid
+                || l.volume_size != cfg.volume_size
+                || l.block_size != cfg.block_size
+            {
                 return Err(ChangeLogError::Mismatch {
                     path: region_path,
                     reason: format!("region is for size {} block {}, configured size {} block {} (or another volume uuid)", l.volume_size, l.block_size, cfg.volume_size, cfg.block_size),
@@ -194,24 +235,40 @@ impl ChangeLog {
         } else {
             report.created_region = true;
             let ring = cfg.ring_bytes.max(4096).div_ceil(4096) * 4096;
-            let layout = Layout::compute(cfg.volume_size, cfg.block_size, ring, cfg.extent_shift).ok_or_else(|| ChangeLogError::InvalidConfig("geometry too large".into()))?;
+            let layout =
+                Layout::compute(cfg.volume_size, cfg.block_size, ring, cfg.extent_shift)
+                    .ok_or_else(|| ChangeLogError::InvalidConfig("geometry too large".into()))?;
             // State from a previous life of this volume (host reboot or shm wiped).
             let mut initial: Option<(Vec<u64>, u64)> = None;
             if !report.created_identity {
-                initial = Some(Self::state_bits(&layout, &bitmap_path, &al_path, &identity, uuid, &mut report));
+                initial = Some(Self::state_bits(
+                    &layout,
+                    &bitmap_path,
+                    &al_path,
+                    &identity,
+                    uuid,
+                    &mut report,
+                ));
             }
-            Shared::create(&region_path, &layout, uuid, identity.generation, now_ns(), |sh| {
-                sh.field(OFF_FILTERING).store(1, SeqCst);
-                sh.field(OFF_NEXT_SEQ).store(1, SeqCst);
-                if let Some((bits, next_seq)) = &initial {
-                    sh.field(OFF_NEXT_SEQ).store(*next_seq, SeqCst);
-                    apply_bits(sh, bits);
-                    if sh.field(OFF_ACTIVE_COUNT).load(SeqCst) > 0 {
-                        sh.field(OFF_MODE).store(CaptureMode::Bitmap as u64, SeqCst);
-                        sh.field(OFF_BITMAP_SINCE_NS).store(now_ns(), SeqCst);
+            Shared::create(
+                &region_path,
+                &layout,
+                uuid,
+                identity.generation,
+                now_ns(),
+                |sh| {
+                    sh.field(OFF_FILTERING).store(1, SeqCst);
+                    sh.field(OFF_NEXT_SEQ).store(1, SeqCst);
+                    if let Some((bits, next_seq)) = &initial {
+                        sh.field(OFF_NEXT_SEQ).store(*next_seq, SeqCst);
+                        apply_bits(sh, bits);
+                        if sh.field(OFF_ACTIVE_COUNT).load(SeqCst) > 0 {
+                            sh.field(OFF_MODE).store(CaptureMode::Bitmap as u64, SeqCst);
+                            sh.field(OFF_BITMAP_SINCE_NS).store(now_ns(), SeqCst);
+                        }
                     }
-                }
-            })?
+                },
+            )?
         };
 
         // Recovery of whatever the previous producer left.
@@ -247,7 +304,8 @@ impl ChangeLog {
             head = pos;
             sh.head().store(head, SeqCst);
             report.ring_truncated_at = Some(pos);
-            let (bits, _) = Self::state_bits(&l, &bitmap_path, &al_path, &identity, uuid, &mut report);
+            let (bits, _) =
+                Self::state_bits(&l, &bitmap_path, &al_path, &identity, uuid, &mut report);
             apply_bits(&sh, &bits);
             sh.field(OFF_MODE).store(CaptureMode::Bitmap as u64, SeqCst);
         }
@@ -264,9 +322,14 @@ impl ChangeLog {
         if mode == CaptureMode::Bitmap && sh.field(OFF_BITMAP_SINCE_NS).load(SeqCst) == 0 {
             sh.field(OFF_BITMAP_SINCE_NS).store(now_ns(), SeqCst);
         }
-        sh.field(OFF_PRODUCER_PID).store(std::process::id() as u64, SeqCst);
+        sh.field(OFF_PRODUCER_PID)
+            .store(std::process::id() as u64, SeqCst);
         sh.field(OFF_PRODUCER_STATE).store(PRODUCER_RUNNING, SeqCst);
-        if report.previous_producer_crashed || report.inflight_extents_marked > 0 || report.ring_truncated_at.is_some() || report.created_region {
+        if report.previous_producer_crashed
+            || report.inflight_extents_marked > 0
+            || report.ring_truncated_at.is_some()
+            || report.created_region
+        {
             info!(volume = %name, ?report, active_blocks = a, pending_blocks = p, ?mode, "change log opened");
         }
 
@@ -282,7 +345,11 @@ impl ChangeLog {
         let cap = l.ring_capacity;
         let inner = Inner {
             max_payload: (cap / 4).min(u32::MAX as u64 / 2),
-            w: Mutex::new(WState { head, next_seq, mode }),
+            w: Mutex::new(WState {
+                head,
+                next_seq,
+                mode,
+            }),
             hot: hot_words.iter().map(|&w| AtomicU64::new(w)).collect(),
             al: Mutex::new((al, vec![0; words])),
             persist_lock: Mutex::new(()),
@@ -293,7 +360,10 @@ impl ChangeLog {
             sh,
             _lock: plock,
         };
-        let cl = ChangeLog { inner: Arc::new(inner), persister: Mutex::new(None) };
+        let cl = ChangeLog {
+            inner: Arc::new(inner),
+            persister: Mutex::new(None),
+        };
         cl.persist()?;
         Ok((cl, report))
     }
@@ -302,7 +372,14 @@ impl ChangeLog {
     /// log's hot extents; everything if either is unusable. (The hot set
     /// stored in the bitmap file is the one in force when it was written; it
     /// is informational — the activity log is authoritative and newer.)
-    fn state_bits(l: &Layout, bitmap_path: &Path, al_path: &Path, id: &VolumeIdentity, uuid: [u8; 16], report: &mut OpenReport) -> (Vec<u64>, u64) {
+    fn state_bits(
+        l: &Layout,
+        bitmap_path: &Path,
+        al_path: &Path,
+        id: &VolumeIdentity,
+        uuid: [u8; 16],
+        report: &mut OpenReport,
+    ) -> (Vec<u64>, u64) {
         let words = l.bitmap_words as usize;
         let ext_words = l.extent_count.div_ceil(64) as usize;
         let all = || {
@@ -313,7 +390,15 @@ impl ChangeLog {
             v
         };
         let bf = match BitmapFile::load(bitmap_path) {
-            Ok(Some(f)) if f.uuid == uuid && f.volume_size == l.volume_size && f.block_size == l.block_size && f.bits.len() == words && f.hot.len() == ext_words => Some(f),
+            Ok(Some(f))
+                if f.uuid == uuid
+                    && f.volume_size == l.volume_size
+                    && f.block_size == l.block_size
+                    && f.bits.len() == words
+                    && f.hot.len() == ext_words =>
+            {
+                Some(f)
+            }
             Ok(Some(_)) => {
                 error!(path = %bitmap_path.display(), "bitmap file is for another geometry or volume");
                 None
@@ -341,7 +426,11 @@ impl ChangeLog {
             if al[w] & m != 0 {
                 let start = e << l.extent_shift;
                 let end = (start + (1u64 << l.extent_shift)).min(l.volume_size);
-                for_each_word(start >> l.block_shift, (end - 1) >> l.block_shift, |w, m| bits[w as usize] |= m);
+                for_each_word(
+                    start >> l.block_shift,
+                    (end - 1) >> l.block_shift,
+                    |w, m| bits[w as usize] |= m,
+                );
             }
         }
         report.blocks_from_state = bits.iter().map(|w| w.count_ones() as u64).sum();
@@ -411,13 +500,23 @@ impl ChangeLog {
         if st.mode != CaptureMode::Data || sh.field(OFF_FILTERING).load(SeqCst) == 0 {
             return refuse("not in data mode");
         }
-        if sh.field(OFF_ACTIVE_COUNT).load(SeqCst) != 0 || sh.field(OFF_PENDING_COUNT).load(SeqCst) != 0 {
+        if sh.field(OFF_ACTIVE_COUNT).load(SeqCst) != 0
+            || sh.field(OFF_PENDING_COUNT).load(SeqCst) != 0
+        {
             return refuse("dirty bitmap blocks outstanding");
         }
         if sh.field(OFF_LAST_META_END).load(SeqCst) > sh.tail().load(Acquire) {
             return refuse("metadata records outstanding");
         }
-        match inner.append(&mut st, K_TAG, tag_type.to_u8(), 0, 0, &[&uuid, name.as_bytes()], ts) {
+        match inner.append(
+            &mut st,
+            K_TAG,
+            tag_type.to_u8(),
+            0,
+            0,
+            &[&uuid, name.as_bytes()],
+            ts,
+        ) {
             Some(seq) => {
                 drop(st);
                 sh.bump(stat::TAGS_INSERTED, 1);
@@ -450,13 +549,19 @@ impl ChangeLog {
         }
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let (inner, stop2) = (self.inner.clone(), stop.clone());
-        let interval = self.inner.cfg.persist_interval.max(Duration::from_millis(10));
+        let interval = self
+            .inner
+            .cfg
+            .persist_interval
+            .max(Duration::from_millis(10));
         let handle = std::thread::Builder::new()
             .name(format!("clog-persist-{}", self.inner.cfg.volume_name))
             .spawn(move || loop {
                 let (m, cv) = &*stop2;
                 let guard = lock(m);
-                let (guard, _) = cv.wait_timeout_while(guard, interval, |s| !*s).unwrap_or_else(|p| p.into_inner());
+                let (guard, _) = cv
+                    .wait_timeout_while(guard, interval, |s| !*s)
+                    .unwrap_or_else(|p| p.into_inner());
                 if *guard {
                     return;
                 }
@@ -497,9 +602,13 @@ impl ChangeLog {
         }
         self.stop_persister();
         let r = self.persist();
-        let inflight: u64 = (0..self.sh().layout().extent_count).map(|e| self.sh().inflight(e).load(SeqCst)).sum();
+        let inflight: u64 = (0..self.sh().layout().extent_count)
+            .map(|e| self.sh().inflight(e).load(SeqCst))
+            .sum();
         if r.is_ok() && inflight == 0 {
-            self.sh().field(OFF_PRODUCER_STATE).store(PRODUCER_CLEAN, SeqCst);
+            self.sh()
+                .field(OFF_PRODUCER_STATE)
+                .store(PRODUCER_CLEAN, SeqCst);
         }
         info!(volume = %self.inner.cfg.volume_name, clean = r.is_ok() && inflight == 0, "change log closed");
         r
@@ -564,7 +673,10 @@ impl Inner {
         let sh = &self.sh;
         match st.mode {
             CaptureMode::Bitmap => {
-                if sh.field(OFF_FILTERING).load(SeqCst) != 0 && sh.field(OFF_ACTIVE_COUNT).load(SeqCst) == 0 && sh.field(OFF_PENDING_COUNT).load(SeqCst) == 0 {
+                if sh.field(OFF_FILTERING).load(SeqCst) != 0
+                    && sh.field(OFF_ACTIVE_COUNT).load(SeqCst) == 0
+                    && sh.field(OFF_PENDING_COUNT).load(SeqCst) == 0
+                {
                     self.set_mode(st, CaptureMode::Data, stat::BITMAP_TO_DATA);
                 }
             }
@@ -581,7 +693,16 @@ impl Inner {
     /// Appends one record (payload given as parts) if the ring has room.
     /// Returns its sequence number. Called under the write mutex.
     #[allow(clippy::too_many_arguments)]
-    fn append(&self, st: &mut WState, kind: u8, tag_type: u8, offset: u64, len: u64, payload: &[&[u8]], ts: u64) -> Option<u64> {
+    fn append(
+        &self,
+        st: &mut WState,
+        kind: u8,
+        tag_type: u8,
+        offset: u64,
+        len: u64,
+        payload: &[&[u8]],
+        ts: u64,
+    ) -> Option<u64> {
         let sh = &self.sh;
         let cap = sh.layout().ring_capacity;
         let plen: u64 = payload.iter().map(|p| p.len() as u64).sum();
@@ -599,7 +720,16 @@ impl Inner {
             return None;
         }
         if skip >= RECORD_HEADER {
-            let pad = RecHeader { kind: K_PAD, tag_type: 0, payload_len: 0, seq: 0, timestamp_ns: 0, offset: 0, len: 0, total_len: skip as u32 };
+            let pad = RecHeader {
+                kind: K_PAD,
+                tag_type: 0,
+                payload_len: 0,
+                seq: 0,
+                timestamp_ns: 0,
+                offset: 0,
+                len: 0,
+                total_len: skip as u32,
+            };
             sh.ring_write(at, &pad.encode());
         }
         let rec_at = (head + skip) % cap;
@@ -609,7 +739,16 @@ impl Inner {
             p += part.len() as u64;
         }
         let seq = st.next_seq;
-        let h = RecHeader { kind, tag_type, payload_len: plen as u32, seq, timestamp_ns: ts, offset, len, total_len: need as u32 };
+        let h = RecHeader {
+            kind,
+            tag_type,
+            payload_len: plen as u32,
+            seq,
+            timestamp_ns: ts,
+            offset,
+            len,
+            total_len: need as u32,
+        };
         sh.ring_write(rec_at, &h.encode());
         st.next_seq += 1;
         st.head = head + skip + need;
@@ -636,7 +775,10 @@ impl Inner {
         }
         if kind == K_DATA && st.mode == CaptureMode::Data {
             if payload.len() as u64 <= self.max_payload {
-                if self.append(&mut st, K_DATA, 0, offset, len, &[payload], ts).is_some() {
+                if self
+                    .append(&mut st, K_DATA, 0, offset, len, &[payload], ts)
+                    .is_some()
+                {
                     drop(st);
                     sh.bump(stat::DATA_RECORDS, 1);
                     return;
@@ -652,10 +794,21 @@ impl Inner {
                 sh.field(OFF_LAST_META_END).store(st.head, SeqCst);
             }
             drop(st);
-            sh.bump(if k == K_ZERO { stat::ZERO_RECORDS } else { stat::METADATA_RECORDS }, 1);
+            sh.bump(
+                if k == K_ZERO {
+                    stat::ZERO_RECORDS
+                } else {
+                    stat::METADATA_RECORDS
+                },
+                1,
+            );
             return;
         }
-        let counter = if st.mode == CaptureMode::Data { stat::DATA_TO_BITMAP } else { stat::METADATA_TO_BITMAP };
+        let counter = if st.mode == CaptureMode::Data {
+            stat::DATA_TO_BITMAP
+        } else {
+            stat::METADATA_TO_BITMAP
+        };
         self.set_mode(&mut st, CaptureMode::Bitmap, counter);
         sh.mark_active(offset, len);
         sh.bump(stat::BITMAP_WRITES, 1);
@@ -697,10 +850,14 @@ impl Inner {
         let l = *sh.layout();
         // 1. Snapshot: active | pending (active first: the consumer moves bits
         //    pending-first), then the blocks of unconsumed ring records.
-        let mut snap: Vec<u64> = (0..l.bitmap_words).map(|w| sh.active(w).load(SeqCst) | sh.pending(w).load(SeqCst)).collect();
+        let mut snap: Vec<u64> = (0..l.bitmap_words)
+            .map(|w| sh.active(w).load(SeqCst) | sh.pending(w).load(SeqCst))
+            .collect();
         let head_snap = sh.head().load(SeqCst);
         let tail = sh.tail().load(SeqCst);
-        ring_blocks(sh, tail, head_snap, |a, b| for_each_word(a, b, |w, m| snap[w as usize] |= m));
+        ring_blocks(sh, tail, head_snap, |a, b| {
+            for_each_word(a, b, |w, m| snap[w as usize] |= m)
+        });
         let ext_words = l.extent_count.div_ceil(64) as usize;
         let hot_now: Vec<u64> = self.hot.iter().map(|h| h.load(SeqCst)).collect();
         // 2. The bitmap file (durable before the hot set may shrink).
@@ -746,11 +903,16 @@ impl Inner {
             }
         }
         let head_now = sh.head().load(SeqCst);
-        ring_blocks(sh, head_snap.max(sh.tail().load(SeqCst)), head_now, |a, b| {
-            for e in (a >> words_per_extent_shift)..=(b >> words_per_extent_shift) {
-                set(e);
-            }
-        });
+        ring_blocks(
+            sh,
+            head_snap.max(sh.tail().load(SeqCst)),
+            head_now,
+            |a, b| {
+                for e in (a >> words_per_extent_shift)..=(b >> words_per_extent_shift) {
+                    set(e);
+                }
+            },
+        );
         let (al, _) = &mut *g;
         let r = match al {
             Some(al) => al.write(&new_hot),
@@ -802,7 +964,11 @@ impl ChangeSink for ChangeLog {
             }
             n = b - a + 1;
         }
-        WriteTicket { offset, len, cookie: n }
+        WriteTicket {
+            offset,
+            len,
+            cookie: n,
+        }
     }
 
     fn complete_write(&self, ticket: WriteTicket, data: &[u8]) {
@@ -814,7 +980,12 @@ impl ChangeSink for ChangeLog {
         sh.bump(stat::WRITE_HIST + hist_bucket(len), 1);
         let vol = sh.layout().volume_size;
         if data.len() as u64 != len {
-            warn!(offset, len, data_len = data.len(), "complete_write with a payload of the wrong length; recording the range as dirty");
+            warn!(
+                offset,
+                len,
+                data_len = data.len(),
+                "complete_write with a payload of the wrong length; recording the range as dirty"
+            );
             let _g = lock(&inner.w);
             sh.mark_active(offset, len);
         } else if len > 0 && offset < vol {

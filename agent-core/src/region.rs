@@ -19,37 +19,73 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn from_file(file: &File, path: &Path, rw: bool) -> Result<Shared> {
-        let meta = file.metadata().map_err(|e| ChangeLogError::io("stat", path, e))?;
-        let bad = |reason: String| ChangeLogError::BadRegion { path: path.to_path_buf(), reason };
+        let meta = file
+            .metadata()
+            .map_err(|e| ChangeLogError::io("stat", path, e))?;
+        let bad = |reason: String| ChangeLogError::BadRegion {
+            path: path.to_path_buf(),
+            reason,
+        };
         if meta.len() < HEADER_SIZE as u64 {
             return Err(bad(format!("file is only {} bytes", meta.len())));
         }
-        let region = if rw { Region::map_rw(file) } else { Region::map_ro(file) }.map_err(|e| ChangeLogError::io("mmap", path, e))?;
+        let region = if rw {
+            Region::map_rw(file)
+        } else {
+            Region::map_ro(file)
+        }
+        .map_err(|e| ChangeLogError::io("mmap", path, e))?;
         let mut h = [0u8; STATIC_LEN + 4];
         region.read_bytes(0, &mut h);
         let hdr = decode_header(&h, region.len() as u64).map_err(bad)?;
-        Ok(Shared { region, hdr, path: path.to_path_buf() })
+        Ok(Shared {
+            region,
+            hdr,
+            path: path.to_path_buf(),
+        })
     }
 
     pub(crate) fn open(path: &Path, rw: bool) -> Result<Shared> {
-        let file = OpenOptions::new().read(true).write(rw).open(path).map_err(|e| ChangeLogError::io("open", path, e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(rw)
+            .open(path)
+            .map_err(|e| ChangeLogError::io("open", path, e))?;
         Self::from_file(&file, path, rw)
     }
 
     /// Creates a fresh, zeroed region at `path` (via a temporary file and a
     /// rename, so no other process ever sees a half-initialised header).
     /// `init` runs on the new mapping before it is published.
-    pub(crate) fn create(path: &Path, layout: &Layout, uuid: [u8; 16], generation: u64, created_ns: u64, init: impl FnOnce(&Shared)) -> Result<Shared> {
+    pub(crate) fn create(
+        path: &Path,
+        layout: &Layout,
+        uuid: [u8; 16],
+        generation: u64,
+        created_ns: u64,
+        init: impl FnOnce(&Shared),
+    ) -> Result<Shared> {
         let tmp = path.with_extension(format!("clog.tmp.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
-        let mut file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| ChangeLogError::io("create", &tmp, e))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| ChangeLogError::io("create", &tmp, e))?;
         let h = layout.encode_header(uuid, generation, created_ns);
-        file.write_all(&h).map_err(|e| ChangeLogError::io("write", &tmp, e))?;
-        file.set_len(layout.region_len).map_err(|e| ChangeLogError::io("truncate", &tmp, e))?;
+        file.write_all(&h)
+            .map_err(|e| ChangeLogError::io("write", &tmp, e))?;
+        file.set_len(layout.region_len)
+            .map_err(|e| ChangeLogError::io("truncate", &tmp, e))?;
         let shared = Self::from_file(&file, &tmp, true)?;
         init(&shared);
         std::fs::rename(&tmp, path).map_err(|e| ChangeLogError::io("rename", path, e))?;
-        Ok(Shared { path: path.to_path_buf(), ..shared })
+        Ok(Shared {
+            path: path.to_path_buf(),
+            ..shared
+        })
     }
 
     pub(crate) fn layout(&self) -> &Layout {
@@ -71,17 +107,20 @@ impl Shared {
 
     pub(crate) fn active(&self, w: u64) -> &AtomicU64 {
         assert!(w < self.hdr.layout.bitmap_words);
-        self.region.atomic_u64((self.hdr.layout.active_off + 8 * w) as usize)
+        self.region
+            .atomic_u64((self.hdr.layout.active_off + 8 * w) as usize)
     }
 
     pub(crate) fn pending(&self, w: u64) -> &AtomicU64 {
         assert!(w < self.hdr.layout.bitmap_words);
-        self.region.atomic_u64((self.hdr.layout.pending_off + 8 * w) as usize)
+        self.region
+            .atomic_u64((self.hdr.layout.pending_off + 8 * w) as usize)
     }
 
     pub(crate) fn inflight(&self, e: u64) -> &AtomicU64 {
         assert!(e < self.hdr.layout.extent_count);
-        self.region.atomic_u64((self.hdr.layout.inflight_off + 8 * e) as usize)
+        self.region
+            .atomic_u64((self.hdr.layout.inflight_off + 8 * e) as usize)
     }
 
     pub(crate) fn head(&self) -> &AtomicU64 {
@@ -150,7 +189,9 @@ impl Shared {
     /// and the counter update).
     pub(crate) fn sat_sub(&self, off: usize, v: u64) {
         if v > 0 {
-            let _ = self.field(off).fetch_update(SeqCst, SeqCst, |c| Some(c.saturating_sub(v)));
+            let _ = self
+                .field(off)
+                .fetch_update(SeqCst, SeqCst, |c| Some(c.saturating_sub(v)));
         }
     }
 
@@ -224,7 +265,11 @@ impl Shared {
                 let a = w * 64 + bit;
                 let (start, len) = self.blocks_to_bytes(a, a + run - 1);
                 push_range(&mut out, start, len);
-                v &= if bit + run >= 64 { 0 } else { !0u64 << (bit + run) };
+                v &= if bit + run >= 64 {
+                    0
+                } else {
+                    !0u64 << (bit + run)
+                };
             }
         }
         out
@@ -252,7 +297,11 @@ pub(crate) fn for_each_word(a: u64, b: u64, mut f: impl FnMut(u64, u64)) {
     for w in wa..=wb {
         let lo = if w == wa { a % 64 } else { 0 };
         let hi = if w == wb { b % 64 } else { 63 };
-        let mask = if hi - lo == 63 { !0u64 } else { ((1u64 << (hi - lo + 1)) - 1) << lo };
+        let mask = if hi - lo == 63 {
+            !0u64
+        } else {
+            ((1u64 << (hi - lo + 1)) - 1) << lo
+        };
         f(w, mask);
     }
 }

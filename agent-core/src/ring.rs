@@ -209,7 +209,10 @@ pub(crate) fn read_step(sh: &Shared, pos: u64, head: u64) -> Result<Step, String
     let h = RecHeader::decode(&b).map_err(String::from)?;
     let total = h.total_len as u64;
     if total < RECORD_HEADER || total % 8 != 0 || total > to_end || pos + total > head {
-        return Err(format!("record length {total} out of bounds (to ring end {to_end}, to head {})", head - pos));
+        return Err(format!(
+            "record length {total} out of bounds (to ring end {to_end}, to head {})",
+            head - pos
+        ));
     }
     if h.kind == K_PAD {
         if total != to_end {
@@ -222,7 +225,11 @@ pub(crate) fn read_step(sh: &Shared, pos: u64, head: u64) -> Result<Step, String
     }
     match h.kind {
         K_DATA | K_METADATA | K_ZERO => {
-            if h.offset.checked_add(h.len).map_or(true, |e| e > l.volume_size) || h.len == 0 {
+            if h.offset
+                .checked_add(h.len)
+                .map_or(true, |e| e > l.volume_size)
+                || h.len == 0
+            {
                 return Err(format!("range {}+{} outside the volume", h.offset, h.len));
             }
             if h.kind == K_DATA && h.payload_len as u64 != h.len {
@@ -233,7 +240,10 @@ pub(crate) fn read_step(sh: &Shared, pos: u64, head: u64) -> Result<Step, String
             }
         }
         K_TAG => {
-            if (h.payload_len as usize) < 16 || h.payload_len as usize > 16 + MAX_TAG_NAME || TagType::from_u8(h.tag_type).is_none() {
+            if (h.payload_len as usize) < 16
+                || h.payload_len as usize > 16 + MAX_TAG_NAME
+                || TagType::from_u8(h.tag_type).is_none()
+            {
                 return Err("malformed tag".into());
             }
         }
@@ -248,7 +258,15 @@ pub(crate) fn materialise(sh: &Shared, pos: u64, h: &RecHeader) -> Record {
     let mut payload = vec![0u8; h.payload_len as usize];
     sh.ring_read(at, &mut payload);
     let kind = RecordKind::from_u8(h.kind).unwrap_or(RecordKind::Metadata);
-    let mut rec = Record { seq: h.seq, timestamp_ns: h.timestamp_ns, kind, offset: h.offset, len: h.len, data: Vec::new(), tag: None };
+    let mut rec = Record {
+        seq: h.seq,
+        timestamp_ns: h.timestamp_ns,
+        kind,
+        offset: h.offset,
+        len: h.len,
+        data: Vec::new(),
+        tag: None,
+    };
     match kind {
         RecordKind::Data => rec.data = payload,
         RecordKind::Tag => {
@@ -278,7 +296,12 @@ pub(crate) fn info(pos: u64, h: &RecHeader) -> RecordInfo {
 
 /// Walks `[from, to)` calling `f(pos, header)` for every valid record.
 /// Returns `Ok(end)` or `Err((pos, reason))` at the first invalid record.
-pub(crate) fn walk(sh: &Shared, from: u64, to: u64, mut f: impl FnMut(u64, &RecHeader) -> bool) -> Result<u64, (u64, String)> {
+pub(crate) fn walk(
+    sh: &Shared,
+    from: u64,
+    to: u64,
+    mut f: impl FnMut(u64, &RecHeader) -> bool,
+) -> Result<u64, (u64, String)> {
     let mut pos = from;
     while pos < to {
         match read_step(sh, pos, to) {

@@ -46,8 +46,14 @@ impl Region {
         // and no code of this project truncates it while it is in use.
         let mut map = unsafe { memmap2::MmapOptions::new().map_mut(file)? };
         let len = map.len();
-        let base = NonNull::new(map.as_mut_ptr()).ok_or_else(|| std::io::Error::other("null mapping"))?;
-        Ok(Region { _backing: Backing::Rw(map), base, len, writable: true })
+        let base =
+            NonNull::new(map.as_mut_ptr()).ok_or_else(|| std::io::Error::other("null mapping"))?;
+        Ok(Region {
+            _backing: Backing::Rw(map),
+            base,
+            len,
+            writable: true,
+        })
     }
 
     /// Maps `file` read-only and shared (for observers such as `drvutil`).
@@ -56,8 +62,14 @@ impl Region {
         // process never writes through it (writes are refused by `assert_writable`).
         let map = unsafe { memmap2::MmapOptions::new().map(file)? };
         let len = map.len();
-        let base = NonNull::new(map.as_ptr() as *mut u8).ok_or_else(|| std::io::Error::other("null mapping"))?;
-        Ok(Region { _backing: Backing::Ro(map), base, len, writable: false })
+        let base = NonNull::new(map.as_ptr() as *mut u8)
+            .ok_or_else(|| std::io::Error::other("null mapping"))?;
+        Ok(Region {
+            _backing: Backing::Ro(map),
+            base,
+            len,
+            writable: false,
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -65,11 +77,18 @@ impl Region {
     }
 
     fn check(&self, off: usize, n: usize) {
-        assert!(off.checked_add(n).is_some_and(|end| end <= self.len), "shm access out of bounds: {off}+{n} > {}", self.len);
+        assert!(
+            off.checked_add(n).is_some_and(|end| end <= self.len),
+            "shm access out of bounds: {off}+{n} > {}",
+            self.len
+        );
     }
 
     fn assert_writable(&self) {
-        assert!(self.writable, "write through a read-only change-log mapping");
+        assert!(
+            self.writable,
+            "write through a read-only change-log mapping"
+        );
     }
 
     /// The 8-byte aligned `u64` at byte offset `off`, as an atomic.
@@ -95,7 +114,9 @@ impl Region {
         // distinct local buffer so the ranges cannot overlap. The bytes may be
         // written concurrently by a misbehaving peer; they are plain bytes (every
         // pattern valid) and all consumers of copied bytes validate them.
-        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        }
     }
 
     /// Copies `src` into the mapping at offset `off`.
@@ -107,6 +128,8 @@ impl Region {
         // protocol gives the producer exclusive ownership of the free ring space
         // it writes into (and header bytes are only written before the file is
         // published by rename).
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(off), src.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(off), src.len())
+        }
     }
 }

@@ -12,7 +12,10 @@ use crate::region::Shared;
 use crate::ring::{info, walk, RecordInfo, RecordKind};
 
 /// Labels of the IO-size histogram buckets (upper bounds, inclusive).
-pub const HIST_LABELS: [&str; HIST_BUCKETS] = ["512B", "1K", "2K", "4K", "8K", "16K", "32K", "64K", "128K", "256K", "512K", "1M", "2M", "4M", ">4M"];
+pub const HIST_LABELS: [&str; HIST_BUCKETS] = [
+    "512B", "1K", "2K", "4K", "8K", "16K", "32K", "64K", "128K", "256K", "512K", "1M", "2M", "4M",
+    ">4M",
+];
 
 /// Capture-mode transition counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -220,7 +223,9 @@ pub struct ChangeLogView {
 impl ChangeLogView {
     /// Maps the region at `path` read-only, validating its header.
     pub fn open(path: impl AsRef<Path>) -> Result<ChangeLogView> {
-        Ok(ChangeLogView { sh: Shared::open(path.as_ref(), false)? })
+        Ok(ChangeLogView {
+            sh: Shared::open(path.as_ref(), false)?,
+        })
     }
 
     /// Statistics and state from the header.
@@ -255,13 +260,18 @@ impl ChangeLogView {
 
     /// Byte ranges of the blocks dirty in `active | pending`, sorted and coalesced.
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
-        self.sh.ranges_of(|w| self.sh.active(w).load(SeqCst) | self.sh.pending(w).load(SeqCst))
+        self.sh
+            .ranges_of(|w| self.sh.active(w).load(SeqCst) | self.sh.pending(w).load(SeqCst))
     }
 
     /// Every byte range that is still owed to the target: dirty blocks plus
     /// the ranges of unconsumed Data/Metadata/Zero records, coalesced.
     pub fn uncommitted_ranges(&self) -> Vec<(u64, u64)> {
-        let mut v: Vec<(u64, u64)> = self.records().filter(|r| r.kind != RecordKind::Tag && r.len > 0).map(|r| (r.offset, r.len)).collect();
+        let mut v: Vec<(u64, u64)> = self
+            .records()
+            .filter(|r| r.kind != RecordKind::Tag && r.len > 0)
+            .map(|r| (r.offset, r.len))
+            .collect();
         v.extend(self.dirty_ranges());
         v.sort_unstable();
         let mut out: Vec<(u64, u64)> = Vec::new();

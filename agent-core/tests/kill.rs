@@ -37,7 +37,9 @@ fn retry<T>(mut f: impl FnMut() -> Result<T, ChangeLogError>) -> T {
     loop {
         match f() {
             Ok(v) => return v,
-            Err(ChangeLogError::Busy { .. }) if t0.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(2)),
+            Err(ChangeLogError::Busy { .. }) if t0.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             Err(e) => panic!("{e}"),
         }
     }
@@ -45,7 +47,9 @@ fn retry<T>(mut f: impl FnMut() -> Result<T, ChangeLogError>) -> T {
 
 #[test]
 fn role_child() {
-    let Ok(role) = std::env::var(ROLE_ENV) else { return };
+    let Ok(role) = std::env::var(ROLE_ENV) else {
+        return;
+    };
     let dir = PathBuf::from(std::env::var(DIR_ENV).expect("dir"));
     match role.as_str() {
         "producer" => producer(&dir),
@@ -66,10 +70,19 @@ fn role_child() {
 fn producer(dir: &Path) -> ! {
     let log = std::sync::Arc::new(retry(|| ChangeLog::open_or_create(config(dir))));
     log.start_persister();
-    let src = std::sync::Arc::new(OpenOptions::new().read(true).write(true).open(dir.join("source")).unwrap());
+    let src = std::sync::Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("source"))
+            .unwrap(),
+    );
     for k in 0..2u64 {
         let (log, src) = (log.clone(), src.clone());
-        let mut acks = OpenOptions::new().append(true).open(dir.join("acks")).unwrap();
+        let mut acks = OpenOptions::new()
+            .append(true)
+            .open(dir.join("acks"))
+            .unwrap();
         std::thread::spawn(move || {
             let mut rng = rand::rngs::StdRng::from_entropy();
             let mut buf = vec![0u8; 96 * 1024];
@@ -124,7 +137,9 @@ fn apply_to_files(b: &Batch, src: &File, rep: &File, buf: &mut Vec<u8>) {
                 match r.kind {
                     RecordKind::Data => rep.write_all_at(&r.data, r.offset).unwrap(),
                     RecordKind::Metadata => copy(r.offset, r.len),
-                    RecordKind::Zero => rep.write_all_at(&vec![0u8; r.len as usize], r.offset).unwrap(),
+                    RecordKind::Zero => rep
+                        .write_all_at(&vec![0u8; r.len as usize], r.offset)
+                        .unwrap(),
                     RecordKind::Tag => {}
                 }
             }
@@ -147,7 +162,10 @@ fn consumer(dir: &Path) -> ! {
     }
     let mut c = retry(|| Consumer::attach(&path));
     let src = File::open(dir.join("source")).unwrap();
-    let rep = OpenOptions::new().write(true).open(dir.join("replica")).unwrap();
+    let rep = OpenOptions::new()
+        .write(true)
+        .open(dir.join("replica"))
+        .unwrap();
     let mut rng = rand::rngs::StdRng::from_entropy();
     let mut buf = Vec::new();
     loop {
@@ -174,7 +192,13 @@ fn consumer(dir: &Path) -> ! {
 fn spawn(role: &str, dir: &Path, n: usize) -> Child {
     let err = File::create(dir.join(format!("{role}-{n}.stderr"))).unwrap();
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "role_child", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "role_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env(ROLE_ENV, role)
         .env(DIR_ENV, dir)
         .env("RUST_BACKTRACE", "1")
@@ -191,11 +215,11 @@ fn kill9(c: &mut Child) {
 
 fn check_alive(c: &mut Child, role: &str, dir: &Path, n: usize) {
     if let Ok(Some(st)) = c.try_wait() {
-        let err = std::fs::read_to_string(dir.join(format!("{role}-{n}.stderr"))).unwrap_or_default();
+        let err =
+            std::fs::read_to_string(dir.join(format!("{role}-{n}.stderr"))).unwrap_or_default();
         panic!("{role} exited by itself ({st}):\n{err}");
     }
 }
-
 
 /// With both processes dead and recovery done: every byte where the replica
 /// differs from the source must be owed by the change log (ring records or
@@ -210,9 +234,15 @@ fn check_nothing_lost(dir: &Path, cfg: &ChangeLogConfig) -> (usize, usize) {
     for &(s, n) in &owed {
         owed_byte[s as usize..(s + n) as usize].fill(true);
     }
-    let differing: Vec<usize> = (0..source.len()).filter(|&i| source[i] != replica[i]).collect();
+    let differing: Vec<usize> = (0..source.len())
+        .filter(|&i| source[i] != replica[i])
+        .collect();
     for &i in &differing {
-        assert!(owed_byte[i], "byte {i} differs but is owed by nobody (lost change); {} owed ranges", owed.len());
+        assert!(
+            owed_byte[i],
+            "byte {i} differs but is owed by nobody (lost change); {} owed ranges",
+            owed.len()
+        );
     }
     // Every acknowledged write is, byte by byte, already equal at the replica
     // or owed by the change log (prefix sums of "lost" bytes: O(1) per write).
@@ -225,7 +255,11 @@ fn check_nothing_lost(dir: &Path, cfg: &ChangeLogConfig) -> (usize, usize) {
     for rec in acks.chunks_exact(16) {
         let off = u64::from_le_bytes(rec[..8].try_into().unwrap()) as usize;
         let len = u64::from_le_bytes(rec[8..].try_into().unwrap()) as usize;
-        assert_eq!(lost_prefix[off + len], lost_prefix[off], "acknowledged write {off}+{len} lost");
+        assert_eq!(
+            lost_prefix[off + len],
+            lost_prefix[off],
+            "acknowledged write {off}+{len} lost"
+        );
         nacks += 1;
     }
     (differing.len(), nacks)
@@ -233,14 +267,31 @@ fn check_nothing_lost(dir: &Path, cfg: &ChangeLogConfig) -> (usize, usize) {
 
 #[test]
 fn kill_producer_and_consumer_at_random_moments() {
-    let iterations: usize = std::env::var("REWIND_KILL_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
-    let base = if Path::new("/dev/shm").is_dir() { tempfile::tempdir_in("/dev/shm") } else { tempfile::tempdir() }.unwrap();
+    let iterations: usize = std::env::var("REWIND_KILL_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let base = if Path::new("/dev/shm").is_dir() {
+        tempfile::tempdir_in("/dev/shm")
+    } else {
+        tempfile::tempdir()
+    }
+    .unwrap();
     let dir = base.path();
     for f in ["source", "replica", "acks"] {
-        File::create(dir.join(f)).unwrap().set_len(if f == "acks" { 0 } else { VOL }).unwrap();
+        File::create(dir.join(f))
+            .unwrap()
+            .set_len(if f == "acks" { 0 } else { VOL })
+            .unwrap();
     }
-    let seed: u64 = std::env::var("REWIND_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("kill test: {iterations} iterations, seed {seed}, dir {}", dir.display());
+    let seed: u64 = std::env::var("REWIND_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!(
+        "kill test: {iterations} iterations, seed {seed}, dir {}",
+        dir.display()
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t0 = Instant::now();
     let (mut np, mut nc) = (0usize, 0usize);
@@ -266,7 +317,13 @@ fn kill_producer_and_consumer_at_random_moments() {
             // Quiescent point: a child process recovers the change log, then
             // nothing may be lost.
             let st = Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "role_child", "--nocapture", "--test-threads", "1"])
+                .args([
+                    "--exact",
+                    "role_child",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
                 .env(ROLE_ENV, "recover")
                 .env(DIR_ENV, dir)
                 .stdout(Stdio::null())
@@ -302,7 +359,10 @@ fn kill_producer_and_consumer_at_random_moments() {
     // Final drain with a fresh consumer.
     let mut c = Consumer::attach(cfg.region_path()).unwrap();
     let src = File::open(dir.join("source")).unwrap();
-    let rep = OpenOptions::new().write(true).open(dir.join("replica")).unwrap();
+    let rep = OpenOptions::new()
+        .write(true)
+        .open(dir.join("replica"))
+        .unwrap();
     let mut buf = Vec::new();
     while let Some(b) = c.get(1 << 20).unwrap() {
         apply_to_files(&b, &src, &rep, &mut buf);
@@ -324,7 +384,13 @@ fn kill_producer_and_consumer_at_random_moments() {
         st.tags_inserted,
         st.tags_refused
     );
-    assert!(first.is_none(), "replica differs from source at byte {first:?}");
-    assert!(nacks > 1000, "the producer hardly wrote ({nacks} acknowledged writes)");
+    assert!(
+        first.is_none(),
+        "replica differs from source at byte {first:?}"
+    );
+    assert!(
+        nacks > 1000,
+        "the producer hardly wrote ({nacks} acknowledged writes)"
+    );
     assert!(kp + kc >= iterations);
 }

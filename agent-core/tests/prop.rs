@@ -63,7 +63,15 @@ impl World {
         cfg.extent_shift = 20;
         let log = ChangeLog::open_or_create(cfg.clone()).unwrap();
         let cons = Consumer::attach(log.path()).unwrap();
-        World { dir, cfg, log: Some(log), cons: Some(cons), outstanding: VecDeque::new(), src: vec![0; VOL as usize], rep: vec![0; VOL as usize] }
+        World {
+            dir,
+            cfg,
+            log: Some(log),
+            cons: Some(cons),
+            outstanding: VecDeque::new(),
+            src: vec![0; VOL as usize],
+            rep: vec![0; VOL as usize],
+        }
     }
     fn log(&self) -> &ChangeLog {
         self.log.as_ref().unwrap()
@@ -116,7 +124,7 @@ impl World {
             Op::ProducerCrashMidWrite { off, len, seed } => {
                 let t = self.log().begin(off, len);
                 fill(&mut self.src[off as usize..(off + len) as usize], seed);
-                std::mem::forget(t);
+                let _ = t; // never completed: the "process" dies with the write in flight
                 self.log.take().unwrap().simulate_crash();
                 self.log = Some(ChangeLog::open_or_create(self.cfg.clone()).unwrap());
             }
@@ -193,9 +201,15 @@ fn modes_all_occur_and_converge() {
     let mut w = World::new(8192);
     let mut seed = 1u64;
     for i in 0..2000u64 {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let off = (seed >> 20) % (VOL - 3000);
-        w.run(&Op::Write { off, len: 1 + (seed >> 50) % 3000, seed });
+        w.run(&Op::Write {
+            off,
+            len: 1 + (seed >> 50) % 3000,
+            seed,
+        });
         if i % 7 == 0 {
             w.run(&Op::Get { max: 4096 });
             w.run(&Op::Commit);
@@ -204,8 +218,18 @@ fn modes_all_occur_and_converge() {
     w.finish();
     assert!(first_diff(&w.src, &w.rep).is_none());
     assert_eq!(w.log().mode(), CaptureMode::Bitmap);
-    w.run(&Op::Write { off: 0, len: 10, seed: 5 });
+    w.run(&Op::Write {
+        off: 0,
+        len: 10,
+        seed: 5,
+    });
     assert_eq!(w.log().mode(), CaptureMode::Data);
     let t = w.log().stats().transitions;
-    assert!(t.data_to_metadata > 0 && t.metadata_to_data > 0 && t.metadata_to_bitmap + t.data_to_bitmap > 0 && t.bitmap_to_data == 1, "{t:?}");
+    assert!(
+        t.data_to_metadata > 0
+            && t.metadata_to_data > 0
+            && t.metadata_to_bitmap + t.data_to_bitmap > 0
+            && t.bitmap_to_data == 1,
+        "{t:?}"
+    );
 }

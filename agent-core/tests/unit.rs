@@ -29,7 +29,10 @@ impl Vol {
 
 fn vol(dir: &std::path::Path, size: u64, block: u32, ring: u64) -> Vol {
     let log = ChangeLog::open_or_create(cfg(dir, "v", size, block, ring)).unwrap();
-    Vol { log, src: vec![0; size as usize] }
+    Vol {
+        log,
+        src: vec![0; size as usize],
+    }
 }
 
 #[test]
@@ -63,7 +66,10 @@ fn bitmap_set_clear_coalesce_at_several_block_sizes() {
         }
         assert_eq!(view.dirty_ranges(), merged, "block size {block}");
         let st = view.stats();
-        let nblocks: u64 = merged.iter().map(|(s, l)| (s + l).div_ceil(b) - s / b).sum();
+        let nblocks: u64 = merged
+            .iter()
+            .map(|(s, l)| (s + l).div_ceil(b) - s / b)
+            .sum();
         assert_eq!(st.dirty_blocks_active, nblocks);
         assert_eq!(st.mode, CaptureMode::Bitmap);
         assert_eq!(st.transitions.filtering_stops, 1);
@@ -73,8 +79,15 @@ fn bitmap_set_clear_coalesce_at_several_block_sizes() {
         assert_eq!(batch.kind(), BatchKind::Bitmap);
         assert_eq!(batch.ranges(), &merged[..]);
         let st = view.stats();
-        assert_eq!((st.dirty_blocks_active, st.dirty_blocks_pending), (0, nblocks));
-        assert_eq!(view.dirty_ranges(), merged, "pending bits still count as dirty");
+        assert_eq!(
+            (st.dirty_blocks_active, st.dirty_blocks_pending),
+            (0, nblocks)
+        );
+        assert_eq!(
+            view.dirty_ranges(),
+            merged,
+            "pending bits still count as dirty"
+        );
         let mut rep = vec![0u8; size as usize];
         apply(&batch, &v.src, &mut rep);
         c.commit(batch).unwrap();
@@ -168,14 +181,27 @@ fn every_mode_transition_with_counters() {
     }
     let st = view.stats();
     assert_eq!(st.transitions.metadata_to_bitmap, 1);
-    assert!(st.bitmap_mode_since_ns.is_some(), "bitmap-mode alert timestamp");
+    assert!(
+        st.bitmap_mode_since_ns.is_some(),
+        "bitmap-mode alert timestamp"
+    );
     assert_eq!(st.dirty_blocks_active, 1);
     v.write(900 * 1024, 4096, 99); // another bitmap write
     assert_eq!(view.stats().bitmap_writes, 2);
     // every written range is in the ring or in the bitmap
     let covered = view.uncommitted_ranges();
-    for (o, l) in [(0u64, 2048u64), (4096, 2048), (8192, 2048), (12288, 2048), (16384, 8192), (900 * 1024, 4096)] {
-        assert!(covered.iter().any(|&(s, n)| s <= o && o + l <= s + n), "{o}+{l} not covered by {covered:?}");
+    for (o, l) in [
+        (0u64, 2048u64),
+        (4096, 2048),
+        (8192, 2048),
+        (12288, 2048),
+        (16384, 8192),
+        (900 * 1024, 4096),
+    ] {
+        assert!(
+            covered.iter().any(|&(s, n)| s <= o && o + l <= s + n),
+            "{o}+{l} not covered by {covered:?}"
+        );
     }
     // drain: ring first, then bitmap
     let mut c = Consumer::attach(v.log.path()).unwrap();
@@ -187,7 +213,9 @@ fn every_mode_transition_with_counters() {
         c.commit(b).unwrap();
     }
     assert_eq!(kinds.last(), Some(&BatchKind::Bitmap));
-    assert!(kinds[..kinds.len() - 1].iter().all(|k| *k == BatchKind::Ring));
+    assert!(kinds[..kinds.len() - 1]
+        .iter()
+        .all(|k| *k == BatchKind::Ring));
     assert!(rep == v.src, "replica differs");
     // still bitmap until the next write sees active == pending == 0
     assert_eq!(v.log.mode(), CaptureMode::Bitmap);
@@ -214,7 +242,10 @@ fn every_mode_transition_with_counters() {
     assert_eq!(view.stats().oversize_metadata_records, 1);
     drain(&mut c, &v.src, &mut rep, u64::MAX);
     assert!(rep == v.src, "replica differs");
-    assert_eq!(view.stats().write_size_histogram[HIST_LABELS.iter().position(|l| *l == "4K").unwrap()], 2);
+    assert_eq!(
+        view.stats().write_size_histogram[HIST_LABELS.iter().position(|l| *l == "4K").unwrap()],
+        2
+    );
 }
 
 #[test]
@@ -236,11 +267,17 @@ fn zero_records_and_statistics() {
     drain(&mut c, &v.src, &mut rep, u64::MAX);
     assert!(rep == v.src, "replica differs");
     let st = view.stats();
-    assert_eq!((st.zero_ops, st.zero_records, st.zero_bytes), (1, 1, 192 * 1024));
+    assert_eq!(
+        (st.zero_ops, st.zero_records, st.zero_bytes),
+        (1, 1, 192 * 1024)
+    );
     assert_eq!((st.reads, st.read_bytes), (2, 512 + (5 << 20)));
     assert_eq!(st.read_size_histogram[0], 1);
     assert_eq!(st.read_size_histogram[14], 1);
-    assert_eq!(st.write_size_histogram[HIST_LABELS.iter().position(|l| *l == "64K").unwrap()], 1);
+    assert_eq!(
+        st.write_size_histogram[HIST_LABELS.iter().position(|l| *l == "64K").unwrap()],
+        1
+    );
     let json = serde_json::to_string(&st).unwrap();
     assert!(json.contains("\"mode\":\"Data\"") && json.contains("write_size_histogram"));
 }
@@ -250,14 +287,23 @@ fn tags_in_stream_order_and_refusals() {
     let d = tempfile::tempdir().unwrap();
     let mut v = vol(d.path(), MIB, 4096, 8192);
     v.write(0, 1000, 1);
-    let seq = v.log.insert_tag("before-upgrade", TagType::App, [9; 16]).unwrap();
+    let seq = v
+        .log
+        .insert_tag("before-upgrade", TagType::App, [9; 16])
+        .unwrap();
     v.write(4096, 1000, 2);
     let mut c = Consumer::attach(v.log.path()).unwrap();
     let b = c.get(u64::MAX).unwrap().unwrap();
     let kinds: Vec<_> = b.records().iter().map(|r| r.kind).collect();
-    assert_eq!(kinds, vec![RecordKind::Data, RecordKind::Tag, RecordKind::Data]);
+    assert_eq!(
+        kinds,
+        vec![RecordKind::Data, RecordKind::Tag, RecordKind::Data]
+    );
     let t = b.records()[1].tag.clone().unwrap();
-    assert_eq!((t.name.as_str(), t.tag_type, t.uuid), ("before-upgrade", TagType::App, [9; 16]));
+    assert_eq!(
+        (t.name.as_str(), t.tag_type, t.uuid),
+        ("before-upgrade", TagType::App, [9; 16])
+    );
     assert_eq!(b.records()[1].seq, seq);
     c.commit(b).unwrap();
     // ring full -> tag refused
@@ -265,14 +311,24 @@ fn tags_in_stream_order_and_refusals() {
     v.write(0, 2000, 4);
     v.write(0, 2000, 5);
     assert_eq!(v.log.mode(), CaptureMode::Data);
-    assert!(matches!(v.log.insert_tag("x".repeat(2100).as_str(), TagType::User, [0; 16]), Err(ChangeLogError::TagRefused(_))));
+    assert!(matches!(
+        v.log
+            .insert_tag("x".repeat(2100).as_str(), TagType::User, [0; 16]),
+        Err(ChangeLogError::TagRefused(_))
+    ));
     // metadata mode -> refused
     v.write(0, 2000, 6);
     assert_eq!(v.log.mode(), CaptureMode::Metadata);
-    assert!(matches!(v.log.insert_tag("m", TagType::Fs, [0; 16]), Err(ChangeLogError::TagRefused(_))));
+    assert!(matches!(
+        v.log.insert_tag("m", TagType::Fs, [0; 16]),
+        Err(ChangeLogError::TagRefused(_))
+    ));
     // bitmap mode -> refused
     v.log.set_filtering(false);
-    assert!(matches!(v.log.insert_tag("b", TagType::User, [0; 16]), Err(ChangeLogError::TagRefused(_))));
+    assert!(matches!(
+        v.log.insert_tag("b", TagType::User, [0; 16]),
+        Err(ChangeLogError::TagRefused(_))
+    ));
     let st = v.log.stats();
     assert_eq!((st.tags_inserted, st.tags_refused), (1, 3));
 }
@@ -300,26 +356,41 @@ fn persistence_round_trip_and_reboot() {
     let region = c0.region_path();
     std::fs::remove_file(&region).unwrap(); // host reboot: /dev/shm is gone
     let (log, rep) = ChangeLog::open_with_report(c0.clone()).unwrap();
-    assert!(rep.created_region && !rep.full_resync && !rep.created_identity, "{rep:?}");
+    assert!(
+        rep.created_region && !rep.full_resync && !rep.created_identity,
+        "{rep:?}"
+    );
     assert_eq!(log.identity(), &id, "identity reused");
     assert_eq!(log.mode(), CaptureMode::Bitmap);
     let view = ChangeLogView::open(&region).unwrap();
-    assert_eq!(view.dirty_ranges(), vec![(10 * MIB, 4096), (100 * MIB, 4096)], "clean shutdown: exact blocks, no hot extents");
+    assert_eq!(
+        view.dirty_ranges(),
+        vec![(10 * MIB, 4096), (100 * MIB, 4096)],
+        "clean shutdown: exact blocks, no hot extents"
+    );
     assert!(view.stats().next_seq > 1 << 32);
 
     // Unclean: writes after the last persist are covered by hot extents.
     let t = log.begin(200 * MIB + 5, 100);
     log.complete_write(t, &data[..100]);
     let t = log.begin(50 * MIB, 100); // in flight at the crash
-    std::mem::forget(t);
+    let _ = t; // never completed: the "process" dies with the write in flight
     log.simulate_crash();
     std::fs::remove_file(&region).unwrap();
     let (log, rep) = ChangeLog::open_with_report(c0.clone()).unwrap();
     assert!(!rep.full_resync);
     let view = ChangeLogView::open(&region).unwrap();
     let ranges = view.dirty_ranges();
-    for (o, l) in [(10 * MIB, 4096), (100 * MIB, 4096), (200 * MIB + 5, 100), (50 * MIB, 100)] {
-        assert!(ranges.iter().any(|&(s, n)| s <= o && o + l <= s + n), "{o} not in {ranges:?}");
+    for (o, l) in [
+        (10 * MIB, 4096),
+        (100 * MIB, 4096),
+        (200 * MIB + 5, 100),
+        (50 * MIB, 100),
+    ] {
+        assert!(
+            ranges.iter().any(|&(s, n)| s <= o && o + l <= s + n),
+            "{o} not in {ranges:?}"
+        );
     }
     // hot extents are whole 16 MiB extents, not the whole volume
     let total: u64 = ranges.iter().map(|r| r.1).sum();
@@ -345,20 +416,30 @@ fn producer_crash_recovery_marks_inflight_extents() {
     let t2 = log.begin(5 * MIB - 1, 2); // spans extents 4 and 5
     let done = log.begin(7 * MIB, 4096);
     log.complete_write(done, &[1u8; 4096]);
-    std::mem::forget((t1, t2));
+    let _ = (t1, t2); // never completed: the "process" dies with the write in flight
     log.simulate_crash();
     let (log, rep) = ChangeLog::open_with_report(c0.clone()).unwrap();
     assert!(rep.previous_producer_crashed);
     assert_eq!(rep.inflight_extents_marked, 3);
     let view = ChangeLogView::open(log.path()).unwrap();
-    assert_eq!(view.dirty_ranges(), vec![(3 * MIB, MIB), (4 * MIB, 2 * MIB)].into_iter().fold(Vec::new(), |mut v: Vec<(u64, u64)>, r| {
-        match v.last_mut() {
-            Some(l) if l.0 + l.1 == r.0 => l.1 += r.1,
-            _ => v.push(r),
-        }
-        v
-    }));
-    assert_eq!(view.records().count(), 1, "the completed write survives in the ring");
+    assert_eq!(
+        view.dirty_ranges(),
+        vec![(3 * MIB, MIB), (4 * MIB, 2 * MIB)].into_iter().fold(
+            Vec::new(),
+            |mut v: Vec<(u64, u64)>, r| {
+                match v.last_mut() {
+                    Some(l) if l.0 + l.1 == r.0 => l.1 += r.1,
+                    _ => v.push(r),
+                }
+                v
+            }
+        )
+    );
+    assert_eq!(
+        view.records().count(),
+        1,
+        "the completed write survives in the ring"
+    );
     assert_eq!(view.stats().recoveries, 1);
     log.close().unwrap();
     let (_log, rep) = ChangeLog::open_with_report(c0).unwrap();
@@ -375,7 +456,10 @@ fn consumer_crash_redelivers() {
     let b1 = c.get(1).unwrap().unwrap();
     let b2 = c.get(1).unwrap().unwrap();
     assert_eq!(b1.records().len() + b2.records().len(), 2);
-    assert!(matches!(c.commit(b2), Err(ChangeLogError::CommitOrder { .. })));
+    assert!(matches!(
+        c.commit(b2),
+        Err(ChangeLogError::CommitOrder { .. })
+    ));
     c.commit(b1).unwrap();
     drop(c); // crash with b2 outstanding
     v.log.set_filtering(false);
@@ -383,7 +467,11 @@ fn consumer_crash_redelivers() {
     let mut c = Consumer::attach(v.log.path()).unwrap();
     let b = c.get(u64::MAX).unwrap().unwrap();
     assert_eq!(b.records().len(), 1);
-    assert_eq!(b.records()[0].offset, 8192, "uncommitted record re-delivered");
+    assert_eq!(
+        b.records()[0].offset,
+        8192,
+        "uncommitted record re-delivered"
+    );
     c.commit(b).unwrap();
     let bb = c.get(u64::MAX).unwrap().unwrap();
     assert_eq!(bb.ranges(), &[(65536, 4096)]);
@@ -405,9 +493,21 @@ fn exclusive_roles() {
     let d = tempfile::tempdir().unwrap();
     let c0 = cfg(d.path(), "v", MIB, 4096, 8192);
     let log = ChangeLog::open_or_create(c0.clone()).unwrap();
-    assert!(matches!(ChangeLog::open_or_create(c0.clone()), Err(ChangeLogError::Busy { role: "producer", .. })));
+    assert!(matches!(
+        ChangeLog::open_or_create(c0.clone()),
+        Err(ChangeLogError::Busy {
+            role: "producer",
+            ..
+        })
+    ));
     let c = Consumer::attach(log.path()).unwrap();
-    assert!(matches!(Consumer::attach(log.path()), Err(ChangeLogError::Busy { role: "consumer", .. })));
+    assert!(matches!(
+        Consumer::attach(log.path()),
+        Err(ChangeLogError::Busy {
+            role: "consumer",
+            ..
+        })
+    ));
     drop(c);
     Consumer::attach(log.path()).unwrap();
 }
@@ -422,27 +522,44 @@ fn corrupt_or_mismatched_regions_are_errors() {
     // mismatched configuration
     let mut other = c0.clone();
     other.volume_size = 2 * MIB;
-    assert!(matches!(ChangeLog::open_or_create(other), Err(ChangeLogError::Mismatch { .. })));
+    assert!(matches!(
+        ChangeLog::open_or_create(other),
+        Err(ChangeLogError::Mismatch { .. })
+    ));
     let mut other = c0.clone();
     other.block_size = 8192;
-    assert!(matches!(ChangeLog::open_or_create(other), Err(ChangeLogError::Mismatch { .. })));
+    assert!(matches!(
+        ChangeLog::open_or_create(other),
+        Err(ChangeLogError::Mismatch { .. })
+    ));
     let mut other = c0.clone();
     other.block_size = 3000;
-    assert!(matches!(ChangeLog::open_or_create(other), Err(ChangeLogError::InvalidConfig(_))));
+    assert!(matches!(
+        ChangeLog::open_or_create(other),
+        Err(ChangeLogError::InvalidConfig(_))
+    ));
     // bad magic, version, checksum, truncated file
     for (off, what) in [(0usize, "magic"), (8, "version"), (33, "checksum")] {
         let mut b = good.clone();
         b[off] ^= 0x55;
         std::fs::write(&path, &b).unwrap();
-        let e = ChangeLogView::open(&path).err().unwrap_or_else(|| panic!("{what} accepted"));
+        let e = ChangeLogView::open(&path)
+            .err()
+            .unwrap_or_else(|| panic!("{what} accepted"));
         assert!(matches!(e, ChangeLogError::BadRegion { .. }), "{e}");
         assert!(Consumer::attach(&path).is_err());
         assert!(ChangeLog::open_or_create(c0.clone()).is_err());
     }
     std::fs::write(&path, &good[..good.len() - 4096]).unwrap();
-    assert!(matches!(ChangeLogView::open(&path), Err(ChangeLogError::BadRegion { .. })));
+    assert!(matches!(
+        ChangeLogView::open(&path),
+        Err(ChangeLogError::BadRegion { .. })
+    ));
     std::fs::write(&path, &good[..100]).unwrap();
-    assert!(matches!(ChangeLogView::open(&path), Err(ChangeLogError::BadRegion { .. })));
+    assert!(matches!(
+        ChangeLogView::open(&path),
+        Err(ChangeLogError::BadRegion { .. })
+    ));
     std::fs::write(&path, b"").unwrap();
     assert!(ChangeLogView::open(&path).is_err());
 }
@@ -468,7 +585,10 @@ fn corrupt_ring_record_is_detected_and_recovered() {
     let mut c = Consumer::attach(&path).unwrap();
     let first = c.get(1).unwrap().unwrap();
     assert_eq!(first.records().len(), 1);
-    assert!(matches!(c.get(u64::MAX), Err(ChangeLogError::CorruptRecord { .. })));
+    assert!(matches!(
+        c.get(u64::MAX),
+        Err(ChangeLogError::CorruptRecord { .. })
+    ));
     drop(c);
     let (log, rep) = ChangeLog::open_with_report(c0).unwrap();
     assert_eq!(rep.ring_truncated_at, Some(48 + 512));

@@ -6,7 +6,13 @@ use std::time::Duration;
 
 use agent_core::{Batch, BatchKind, ChangeLogConfig, Consumer, RecordKind};
 
-pub fn cfg(dir: &Path, name: &str, volume_size: u64, block_size: u32, ring_bytes: u64) -> ChangeLogConfig {
+pub fn cfg(
+    dir: &Path,
+    name: &str,
+    volume_size: u64,
+    block_size: u32,
+    ring_bytes: u64,
+) -> ChangeLogConfig {
     let mut c = ChangeLogConfig::new(name, volume_size);
     c.shm_dir = dir.join("shm");
     c.state_dir = dir.join("state");
