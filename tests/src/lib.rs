@@ -559,6 +559,8 @@ pub struct ExportOpts {
     pub no_tracking: bool,
     pub block_size: Option<u64>,
     pub ring_size: Option<u64>,
+    /// Listen on 127.0.0.1:PORT instead of a unix socket.
+    pub tcp_port: Option<u16>,
     /// Reuse a change-log directory (restart tests); default: a fresh one.
     pub shm_dir: Option<PathBuf>,
     /// Reuse a state directory (restart tests); default: a fresh one.
@@ -616,7 +618,10 @@ impl Export {
                     .arg("--backing")
                     .arg(backing)
                     .arg("--listen")
-                    .arg(format!("unix:{}", socket.display()))
+                    .arg(match opts.tcp_port {
+                        Some(p) => format!("tcp:127.0.0.1:{p}"),
+                        None => format!("unix:{}", socket.display()),
+                    })
                     .arg("--shm-dir")
                     .arg(&shm_dir)
                     .arg("--state-dir")
@@ -640,8 +645,11 @@ impl Export {
             }
             ServerKind::QemuNbd => {
                 let mut c = tool("qemu-nbd");
-                c.args(["-f", "raw", "-t", "-e", "8", "-x", &name, "-k"])
-                    .arg(&socket);
+                c.args(["-f", "raw", "-t", "-e", "8", "-x", &name]);
+                match opts.tcp_port {
+                    Some(p) => c.args(["-b", "127.0.0.1", "-p", &p.to_string()]),
+                    None => c.arg("-k").arg(&socket),
+                };
                 if opts.read_only {
                     c.arg("--read-only");
                 }
@@ -683,7 +691,11 @@ impl Export {
                     ex.log_text()
                 );
             }
-            if UnixStream::connect(&ex.socket).is_ok() {
+            let up = match ex.opts.tcp_port {
+                Some(p) => std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
+                None => UnixStream::connect(&ex.socket).is_ok(),
+            };
+            if up {
                 break;
             }
             if Instant::now() > deadline {
@@ -696,6 +708,9 @@ impl Export {
 
     /// The NBD URI of this export.
     pub fn uri(&self) -> String {
+        if let Some(p) = self.opts.tcp_port {
+            return format!("nbd://127.0.0.1:{p}/{}", self.name);
+        }
         format!("nbd+unix:///{}?socket={}", self.name, self.socket.display())
     }
 
@@ -753,13 +768,13 @@ impl Export {
         Some(ChangeLog::parse(v, self.opts.block_size.unwrap_or(BLOCK)))
     }
 
-    fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+    fn terminate(&mut self, sig: &str, grace: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         if let Ok(Some(st)) = child.try_wait() {
             return Some(st);
         }
         let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([&format!("-{sig}"), &child.id().to_string()])
             .stderr(Stdio::null())
             .status();
         let deadline = Instant::now() + grace;
@@ -785,13 +800,21 @@ impl Export {
     }
 
     /// Clean shutdown: SIGTERM, and the server must exit 0 within 15 s.
-    pub fn stop(mut self) {
-        let st = self.terminate(Duration::from_secs(15));
+    pub fn stop(self) {
+        self.stop_with("TERM")
+    }
+
+    /// Clean shutdown on signal `sig` ("TERM" or "INT"): exit 0 within 15 s.
+    pub fn stop_with(mut self, sig: &str) {
+        let st = self.terminate(sig, Duration::from_secs(15));
         match st {
             Some(st) if st.success() => {}
-            Some(st) => panic!("export exited with {st} after SIGTERM\n{}", self.log_text()),
+            Some(st) => panic!(
+                "export exited with {st} after SIG{sig}\n{}",
+                self.log_text()
+            ),
             None => panic!(
-                "export did not exit within 15 s of SIGTERM (killed)\n{}",
+                "export did not exit within 15 s of SIG{sig} (killed)\n{}",
                 self.log_text()
             ),
         }
@@ -800,7 +823,7 @@ impl Export {
 
 impl Drop for Export {
     fn drop(&mut self) {
-        let _ = self.terminate(Duration::from_secs(5));
+        let _ = self.terminate("TERM", Duration::from_secs(5));
     }
 }
 
