@@ -44,6 +44,8 @@
 //!   lock) and recycles buffers. If io_uring cannot be set up (or the source
 //!   has no file descriptor) requests run synchronously in the reader.
 
+#![warn(missing_docs)]
+
 pub mod proto;
 mod range;
 mod server;
