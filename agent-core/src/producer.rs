@@ -590,8 +590,13 @@ impl ChangeLog {
     }
 
     /// Clean shutdown: stops the persister, persists, and marks the region
-    /// cleanly shut down (the next open does no crash recovery). Also done by
-    /// `Drop`. Writes racing with `close` are still recorded.
+    /// cleanly shut down. Idempotent; also done by `Drop`. Takes `&self` so a
+    /// shared (`Arc`) log can be closed once its users stopped; the producer
+    /// role (flock) and the mapping are released only when the handle is
+    /// dropped. Writes after `close` are still recorded and still protected:
+    /// recovery marks in-flight extents whatever the recorded shutdown state,
+    /// and the activity log keeps being updated (only the periodic persist has
+    /// stopped).
     pub fn close(&self) -> Result<()> {
         self.close_inner()
     }

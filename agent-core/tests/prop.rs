@@ -132,6 +132,7 @@ impl World {
                 let log = self.log.take().unwrap();
                 if clean {
                     log.close().unwrap();
+                    drop(log);
                 } else {
                     log.simulate_crash();
                 }

@@ -353,6 +353,7 @@ fn persistence_round_trip_and_reboot() {
     log.complete_write(t, &data);
     log.set_filtering(true);
     log.close().unwrap();
+    drop(log);
     let region = c0.region_path();
     std::fs::remove_file(&region).unwrap(); // host reboot: /dev/shm is gone
     let (log, rep) = ChangeLog::open_with_report(c0.clone()).unwrap();
@@ -442,6 +443,7 @@ fn producer_crash_recovery_marks_inflight_extents() {
     );
     assert_eq!(view.stats().recoveries, 1);
     log.close().unwrap();
+    drop(log);
     let (_log, rep) = ChangeLog::open_with_report(c0).unwrap();
     assert!(!rep.previous_producer_crashed && rep.inflight_extents_marked == 0);
 }
@@ -597,4 +599,22 @@ fn corrupt_ring_record_is_detected_and_recovered() {
     // records 2 and 3 fall in extent 0 (hot): the whole extent is dirty
     assert_eq!(view.dirty_ranges(), vec![(0, MIB)]);
     assert_eq!(log.mode(), CaptureMode::Bitmap);
+}
+
+#[test]
+fn close_then_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let c0 = cfg(d.path(), "v", MIB, 4096, 8192);
+    let log = ChangeLog::open_or_create(c0.clone()).unwrap();
+    log.close().unwrap();
+    drop(log); // close() keeps the role until the handle is dropped
+    let log = ChangeLog::open_or_create(c0.clone()).unwrap();
+    drop(log);
+    std::fs::remove_file(c0.region_path()).unwrap();
+    let log = ChangeLog::open_or_create(c0.clone()).unwrap();
+    log.close().unwrap();
+    log.close().unwrap(); // idempotent
+    drop(log);
+    std::fs::remove_file(c0.region_path()).unwrap();
+    ChangeLog::open_or_create(c0).unwrap();
 }
