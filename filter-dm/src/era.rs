@@ -41,7 +41,7 @@ pub enum EraError {
         bytes: u64,
         nr_blocks: u64,
         needed: u64,
-        source: DmError,
+        source: Box<DmError>,
     },
 
     #[error("{device:?}: a metadata snapshot is already held (at metadata block {root}); drop it first (nothing was changed)")]
@@ -159,7 +159,7 @@ impl<'a> Era<'a> {
         origin_dev: DevNum,
         block_size_sectors: u32,
     ) -> Result<Era<'a>, EraError> {
-        if block_size_sectors == 0 || block_size_sectors % 8 != 0 {
+        if block_size_sectors == 0 || block_size_sectors & 7 != 0 {
             return Err(EraError::BadBlockSize {
                 sectors: block_size_sectors,
             });
@@ -203,7 +203,7 @@ impl<'a> Era<'a> {
                     bytes: meta_bytes,
                     nr_blocks,
                     needed: metadata_bytes_needed(nr_blocks),
-                    source: e,
+                    source: Box::new(e),
                 })
             }
             Err(e) => Err(e.into()),
@@ -385,5 +385,50 @@ impl<'a> Era<'a> {
     pub fn remove(self) -> Result<(), EraError> {
         self.dm.remove(&self.name)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_parse() {
+        assert_eq!(
+            EraStatus::parse("8 25/1024 3 -"),
+            Some(EraStatus {
+                metadata_block_sectors: 8,
+                used_metadata_blocks: 25,
+                total_metadata_blocks: 1024,
+                current_era: 3,
+                held_metadata_root: None,
+            })
+        );
+        assert_eq!(
+            EraStatus::parse("8 34/1024 3 63")
+                .unwrap()
+                .held_metadata_root,
+            Some(63)
+        );
+        for bad in [
+            "",
+            "Error",
+            "8 25 3 -",
+            "8 25/x 3 -",
+            "8 1/2 3",
+            "8 1/2 3 - x",
+            "8 1/2 -1 -",
+        ] {
+            assert_eq!(EraStatus::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn metadata_estimate_matches_what_the_kernel_took() {
+        // Linux 6.1, 2048 blocks: 12 metadata blocks refused, 16 accepted (kernel_era.rs)
+        assert_eq!(metadata_bytes_needed(2048), 16 * 4096);
+        assert!(metadata_bytes_needed(16384) > metadata_bytes_needed(2048));
+        // at least the era array: 4 bytes a block
+        assert!(metadata_bytes_needed(1 << 31) > (1 << 31) * 4);
     }
 }

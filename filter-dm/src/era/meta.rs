@@ -57,6 +57,9 @@ pub enum MetaError {
     NoSnapshot,
 }
 
+/// A callback over `(key or first index, values)`.
+type Visit<'a, T> = dyn FnMut(u64, &[T]) -> Result<(), MetaError> + 'a;
+
 fn corrupt(what: &'static str, block: u64, reason: impl Into<String>) -> MetaError {
     MetaError::Corrupt {
         what,
@@ -405,7 +408,7 @@ impl<S: MetadataSource + ?Sized> EraMetadata<S> {
                 ),
             ));
         }
-        if sb.data_block_size == 0 || sb.data_block_size % 8 != 0 {
+        if sb.data_block_size == 0 || sb.data_block_size & 7 != 0 {
             return Err(corrupt(
                 what,
                 block,
@@ -431,7 +434,7 @@ impl<S: MetadataSource + ?Sized> EraMetadata<S> {
         what: &'static str,
         root: u64,
         value_size: usize,
-        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), MetaError>,
+        f: &mut Visit<'_, u8>,
     ) -> Result<(), MetaError> {
         let mut seen = HashSet::new();
         let mut last_key = None;
@@ -447,7 +450,7 @@ impl<S: MetadataSource + ?Sized> EraMetadata<S> {
         depth: usize,
         seen: &mut HashSet<u64>,
         last_key: &mut Option<u64>,
-        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), MetaError>,
+        f: &mut Visit<'_, u8>,
     ) -> Result<(), MetaError> {
         if depth > MAX_DEPTH {
             return Err(corrupt(what, block, "btree deeper than possible"));
@@ -531,7 +534,7 @@ impl<S: MetadataSource + ?Sized> EraMetadata<S> {
         root: u64,
         value_size: usize,
         expected: u64,
-        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), MetaError>,
+        f: &mut Visit<'_, u8>,
     ) -> Result<(), MetaError> {
         let per_block = ((META_BLOCK_SIZE - ARRAY_HEADER_SIZE) / value_size) as u64;
         let mut count: u64 = 0;
@@ -682,10 +685,7 @@ impl<S: MetadataSource + ?Sized> EraView<'_, S> {
     /// Calls `f(first_block, eras)` for each era-array block: `eras[i]` is the era in which
     /// block `first_block + i` was last written, as digested so far (0 = not written since
     /// the metadata was formatted, or not yet digested: see [`writesets`](Self::writesets)).
-    pub fn for_each_era(
-        &self,
-        f: &mut dyn FnMut(u64, &[u32]) -> Result<(), MetaError>,
-    ) -> Result<(), MetaError> {
+    pub fn for_each_era(&self, f: &mut Visit<'_, u32>) -> Result<(), MetaError> {
         let mut eras = Vec::with_capacity((META_BLOCK_SIZE - ARRAY_HEADER_SIZE) / 4);
         self.md.walk_array(
             "era array",

@@ -4,6 +4,7 @@
 
 use super::*;
 
+#[derive(Debug, Clone)]
 pub(crate) struct ImageSpec {
     pub data_block_size: u32,
     pub nr_blocks: u32,
