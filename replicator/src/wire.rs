@@ -1044,7 +1044,9 @@ pub fn decompress(payload: &[u8], c: Compression, expected: u64, bound: u64) -> 
             // expected <= bound <= usize range in practice; reading one byte
             // past `expected` detects over-long streams.
             let cap = usize::try_from(expected).map_err(|_| WireError::DecompressedTooLarge(bound))?;
-            let mut out = Vec::with_capacity(cap.min(64 << 20));
+            // Grow with the output actually produced rather than trusting
+            // the declared size for the allocation.
+            let mut out = Vec::with_capacity(cap.min(256 << 10));
             (&mut d)
                 .take(expected + 1)
                 .read_to_end(&mut out)
