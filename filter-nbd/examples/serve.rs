@@ -2,7 +2,7 @@
 //! benchmark runs:
 //!
 //! ```text
-//! cargo run -p filter-nbd --release --example serve -- SOCKET_OR_HOST:PORT FILE [--ro] [--no-uring] [--name NAME]
+//! cargo run -p filter-nbd --release --example serve -- SOCKET_OR_HOST:PORT FILE [--ro] [--no-uring] [--io-workers N] [--name NAME]
 //! ```
 //! A first argument containing '/' is a unix socket path; anything else is a
 //! TCP address. Stop it with Ctrl-C. `RUST_LOG=debug` shows the negotiated mode per connection.
@@ -20,13 +20,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
-        eprintln!("usage: serve SOCKET|HOST:PORT FILE [--ro] [--no-uring] [--name NAME]");
+        eprintln!(
+            "usage: serve SOCKET|HOST:PORT FILE [--ro] [--no-uring] [--io-workers N] [--name NAME]"
+        );
         std::process::exit(2);
     }
     let ro = args.iter().any(|a| a == "--ro");
     let mut opts = ServerOptions::default();
     if args.iter().any(|a| a == "--no-uring") {
         opts.io_uring = false;
+    }
+    if let Some(w) = args
+        .iter()
+        .position(|a| a == "--io-workers")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.io_workers = w.parse()?;
     }
     let name = args
         .iter()

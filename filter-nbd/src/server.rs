@@ -108,6 +108,10 @@ pub struct ServerOptions {
     /// request fails with EINVAL); larger ones close the connection.
     /// Default 4 GiB.
     pub max_discard: u64,
+    /// Cap on the kernel io-wq worker threads per connection ring (0 = kernel
+    /// default). Filesystems without non-blocking buffered writes (ext4)
+    /// run every write on such a worker. Default 0.
+    pub io_workers: u32,
 }
 
 impl Default for ServerOptions {
@@ -118,6 +122,7 @@ impl Default for ServerOptions {
             max_inflight: 64,
             max_inflight_bytes: 128 << 20,
             max_discard: 1 << 32,
+            io_workers: 0,
         }
     }
 }
@@ -823,7 +828,7 @@ fn transmission(
 ) -> Result<(), ServerError> {
     let fd = exp.export.source.raw_fd();
     let ring = if inner.opts.io_uring && fd.is_some() {
-        match Ring::new(inner.opts.max_inflight) {
+        match Ring::new(inner.opts.max_inflight, inner.opts.io_workers) {
             Ok(r) => Some(r),
             Err(e) => {
                 warn!(error = %e, "io_uring setup failed; using synchronous pread/pwrite");

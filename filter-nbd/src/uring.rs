@@ -67,9 +67,18 @@ pub(crate) const TAG_NO_BUF: u64 = u64::MAX / 2;
 
 impl Ring {
     /// Creates a ring for up to `slots` concurrent tagged operations.
-    pub(crate) fn new(slots: u32) -> io::Result<Self> {
+    /// `io_workers` (if non-zero) caps the kernel's bounded io-wq workers of
+    /// this ring (used when the filesystem cannot do non-blocking buffered
+    /// writes and punts them to worker threads).
+    pub(crate) fn new(slots: u32, io_workers: u32) -> io::Result<Self> {
         let entries = (slots * 2).next_power_of_two().max(8);
         let ring = IoUring::builder().build(entries)?;
+        if io_workers > 0 {
+            let mut max = [io_workers, 0];
+            if let Err(e) = ring.submitter().register_iowq_max_workers(&mut max) {
+                tracing::debug!(error = %e, "cannot cap io-wq workers");
+            }
+        }
         let bufs = (0..slots).map(|_| None).collect();
         Ok(Self {
             ring,
@@ -261,7 +270,7 @@ mod tests {
 
     #[test]
     fn write_read_fsync() {
-        let Ok(ring) = Ring::new(4) else {
+        let Ok(ring) = Ring::new(4, 0) else {
             eprintln!("io_uring unavailable; skipping ring unit test");
             return;
         };
