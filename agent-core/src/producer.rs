@@ -508,6 +508,11 @@ impl ChangeLog {
         if sh.field(OFF_LAST_META_END).load(SeqCst) > sh.tail().load(Acquire) {
             return refuse("metadata records outstanding");
         }
+        // The counters are hints; confirm with an exact scan (only this mutex
+        // adds bits, so the scan cannot miss a concurrent producer update).
+        if sh.count_bits() != (0, 0) {
+            return refuse("dirty bitmap blocks outstanding");
+        }
         match inner.append(
             &mut st,
             K_TAG,
@@ -863,6 +868,16 @@ impl Inner {
         ring_blocks(sh, tail, head_snap, |a, b| {
             for_each_word(a, b, |w, m| snap[w as usize] |= m)
         });
+        // Repair drifted counters (a process killed between a bitmap update
+        // and the counter update): only ever lowered to an exact zero, under
+        // the write mutex so no producer update races.
+        if snap.iter().all(|&w| w == 0) {
+            let _w = lock(&self.w);
+            if sh.count_bits() == (0, 0) {
+                sh.field(OFF_ACTIVE_COUNT).store(0, SeqCst);
+                sh.field(OFF_PENDING_COUNT).store(0, SeqCst);
+            }
+        }
         let ext_words = l.extent_count.div_ceil(64) as usize;
         let hot_now: Vec<u64> = self.hot.iter().map(|h| h.load(SeqCst)).collect();
         // 2. The bitmap file (durable before the hot set may shrink).
