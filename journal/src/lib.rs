@@ -129,6 +129,9 @@ pub enum JournalError {
     /// A bad argument.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// Another process (or handle) has the target directory open.
+    #[error("{0} is locked by another target process")]
+    Locked(PathBuf),
 }
 
 /// Result alias.
@@ -458,6 +461,7 @@ struct UndoRec {
 /// Not `Sync`-shared: the owner serialises spool, apply and reads (the network
 /// adapter holds it behind a mutex or in a single task).
 pub struct TargetVolume {
+    _lock: File,
     dir: PathBuf,
     ident: VolumeIdentity,
     replica_path: PathBuf,
@@ -519,11 +523,39 @@ fn list_indexed(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
     Ok(v)
 }
 
+/// Take an exclusive `flock` on `<dir>/lock` (released by the kernel when the process dies).
+fn lock_dir(dir: &Path) -> Result<File> {
+    let p = dir.join("lock");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(ioe(|| format!("open {}", p.display())))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid, open file descriptor owned by `f`; no memory is passed.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(JournalError::Locked(dir.to_path_buf()));
+        }
+        return Err(JournalError::Io {
+            context: format!("flock {}", p.display()),
+            source: e,
+        });
+    }
+    Ok(f)
+}
+
 fn encode_identity(id: &VolumeIdentity, replica: &Path) -> Result<Vec<u8>> {
     let name = id.name.as_bytes();
     let path = replica.as_os_str().as_bytes();
     if name.len() > 4096 || path.len() > 4096 {
-        return Err(JournalError::Invalid("name or replica path too long".into()));
+        return Err(JournalError::Invalid(
+            "name or replica path too long".into(),
+        ));
     }
     let mut b = Vec::with_capacity(64 + name.len() + path.len() + 32);
     b.extend_from_slice(&IDENTITY_MAGIC);
@@ -628,7 +660,9 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Parse one spool record at the start of `b`; returns header, extents and record length.
-fn parse_spool_record(b: &[u8]) -> std::result::Result<(RecHeader, Vec<ChunkExtent>, usize), String> {
+fn parse_spool_record(
+    b: &[u8],
+) -> std::result::Result<(RecHeader, Vec<ChunkExtent>, usize), String> {
     if b.len() < REC_HDR {
         return Err("truncated record header".into());
     }
@@ -812,12 +846,18 @@ impl TargetVolume {
         opts: TargetOptions,
     ) -> Result<Self> {
         if ident.block_size == 0 || ident.size == 0 {
-            return Err(JournalError::Invalid("size and block_size must be > 0".into()));
+            return Err(JournalError::Invalid(
+                "size and block_size must be > 0".into(),
+            ));
         }
         if dir.join(IDENTITY_FILE).exists() {
             return Err(JournalError::AlreadyExists(dir.to_path_buf()));
         }
-        for d in [dir.to_path_buf(), dir.join(SPOOL_DIR), dir.join(JOURNAL_DIR)] {
+        for d in [
+            dir.to_path_buf(),
+            dir.join(SPOOL_DIR),
+            dir.join(JOURNAL_DIR),
+        ] {
             fs::create_dir_all(&d).map_err(ioe(|| format!("create {}", d.display())))?;
         }
         Self::prepare_replica(replica_path, ident.size)?;
@@ -839,7 +879,9 @@ impl TargetVolume {
             .truncate(false)
             .open(p)
             .map_err(ioe(|| format!("open replica {}", p.display())))?;
-        let md = f.metadata().map_err(ioe(|| format!("stat {}", p.display())))?;
+        let md = f
+            .metadata()
+            .map_err(ioe(|| format!("stat {}", p.display())))?;
         if md.file_type().is_block_device() {
             let mut f = f;
             let dev = f
@@ -868,7 +910,11 @@ impl TargetVolume {
         Ok(())
     }
 
-    fn write_segment_header(jd: &Path, index: u64, ident: &VolumeIdentity) -> Result<(File, PathBuf)> {
+    fn write_segment_header(
+        jd: &Path,
+        index: u64,
+        ident: &VolumeIdentity,
+    ) -> Result<(File, PathBuf)> {
         let path = jd.join(format!("{index:016x}.seg"));
         let hdr = encode_file_header(
             &SEGMENT_MAGIC,
@@ -900,7 +946,11 @@ impl TargetVolume {
 
     /// Open and check that the directory holds `expected.uuid` / `expected.generation`
     /// (the replication handshake's split-brain guard). Size may differ (see [`TargetVolume::resize`]).
-    pub fn open_checked(dir: &Path, expected: &VolumeIdentity, opts: TargetOptions) -> Result<Self> {
+    pub fn open_checked(
+        dir: &Path,
+        expected: &VolumeIdentity,
+        opts: TargetOptions,
+    ) -> Result<Self> {
         let (found, _) = read_identity(dir)?;
         if found.uuid != expected.uuid || found.generation != expected.generation {
             return Err(JournalError::IdentityMismatch {
@@ -914,6 +964,7 @@ impl TargetVolume {
     /// Explicit re-seed: keep the replica, discard spool and journal (they belong to
     /// the old generation), and record the new identity. Points before the re-seed are lost.
     pub fn reseed(dir: &Path, ident: VolumeIdentity, opts: TargetOptions) -> Result<Self> {
+        let lock = lock_dir(dir)?;
         let (_, replica) = read_identity(dir)?;
         Self::prepare_replica(&replica, ident.size)?;
         for (sub, ext) in [(SPOOL_DIR, "spl"), (JOURNAL_DIR, "seg")] {
@@ -926,11 +977,13 @@ impl TargetVolume {
         Self::init_journal(dir, &ident)?;
         write_identity(dir, &ident, &replica)?;
         warn!(dir = %dir.display(), identity = %ident.describe(), "target volume re-seeded: spool and journal discarded");
+        drop(lock);
         Self::open_with(dir, opts)
     }
 
     /// [`TargetVolume::open`] with options.
     pub fn open_with(dir: &Path, opts: TargetOptions) -> Result<Self> {
+        let lock = lock_dir(dir)?;
         let (ident, replica_path) = read_identity(dir)?;
         let replica = OpenOptions::new()
             .read(true)
@@ -943,6 +996,7 @@ impl TargetVolume {
             .file_type()
             .is_file();
         let mut v = TargetVolume {
+            _lock: lock,
             dir: dir.to_path_buf(),
             ident,
             replica_path,
@@ -991,7 +1045,8 @@ impl TargetVolume {
                 .map_err(ioe(|| format!("stat {}", path.display())))?
                 .len();
             let mut hb = [0u8; FILE_HDR];
-            let n = read_fill(&file, &mut hb, 0).map_err(ioe(|| format!("read {}", path.display())))?;
+            let n =
+                read_fill(&file, &mut hb, 0).map_err(ioe(|| format!("read {}", path.display())))?;
             let hdr = match decode_file_header(&hb[..n], &SEGMENT_MAGIC) {
                 Ok(h) => h,
                 Err(reason) if last && flen <= FILE_HDR as u64 && i > 0 => {
@@ -1002,8 +1057,15 @@ impl TargetVolume {
                 }
                 Err(reason) => return Err(corrupt(&path, 0, reason)),
             };
-            if hdr.uuid != self.ident.uuid || hdr.generation != self.ident.generation || hdr.index != index {
-                return Err(corrupt(&path, 0, "segment belongs to another volume/generation/index"));
+            if hdr.uuid != self.ident.uuid
+                || hdr.generation != self.ident.generation
+                || hdr.index != index
+            {
+                return Err(corrupt(
+                    &path,
+                    0,
+                    "segment belongs to another volume/generation/index",
+                ));
             }
             let seg_no = self.segments.len();
             let mut pos = FILE_HDR as u64;
@@ -1041,7 +1103,8 @@ impl TargetVolume {
                     return Err(corrupt(&path, bpos, reason));
                 }
                 let mut rest = vec![0u8; (flen - bpos) as usize];
-                let n = read_fill(&file, &mut rest, bpos).map_err(ioe(|| format!("read {}", path.display())))?;
+                let n = read_fill(&file, &mut rest, bpos)
+                    .map_err(ioe(|| format!("read {}", path.display())))?;
                 rest.truncate(n);
                 if later_valid(&rest, REC_COMMIT, valid_commit) {
                     return Err(corrupt(
@@ -1153,7 +1216,8 @@ impl TargetVolume {
                 if hash32(&buf) != t {
                     return Err(corrupt(p, pos, "undo record checksum mismatch"));
                 }
-                let ex = parse_undo_table(&h, &buf[REC_HDR..], pos).map_err(|r| corrupt(p, pos, r))?;
+                let ex =
+                    parse_undo_table(&h, &buf[REC_HDR..], pos).map_err(|r| corrupt(p, pos, r))?;
                 Ok((h, Some(ex), total))
             }
             _ => Err(corrupt(p, pos, "bad record magic")),
@@ -1185,8 +1249,15 @@ impl TargetVolume {
                 }
                 Err(reason) => return Err(corrupt(&path, 0, reason)),
             };
-            if hdr.uuid != self.ident.uuid || hdr.generation != self.ident.generation || hdr.index != id {
-                return Err(corrupt(&path, 0, "spool file belongs to another volume/generation"));
+            if hdr.uuid != self.ident.uuid
+                || hdr.generation != self.ident.generation
+                || hdr.index != id
+            {
+                return Err(corrupt(
+                    &path,
+                    0,
+                    "spool file belongs to another volume/generation",
+                ));
             }
             let mut pos = FILE_HDR;
             let mut prev: Option<RecHeader> = None;
@@ -1301,13 +1372,20 @@ impl TargetVolume {
         let mut batch = Vec::new();
         for id in &tail {
             let Some(p) = self.pending.front() else {
-                return Err(corrupt(&self.dir, 0, format!("journaled chunk {id} missing from spool")));
+                return Err(corrupt(
+                    &self.dir,
+                    0,
+                    format!("journaled chunk {id} missing from spool"),
+                ));
             };
             if p.chunk_id != *id {
                 return Err(corrupt(
                     &self.dir,
                     0,
-                    format!("journaled chunk {id} is not the next spooled chunk ({})", p.chunk_id),
+                    format!(
+                        "journaled chunk {id} is not the next spooled chunk ({})",
+                        p.chunk_id
+                    ),
                 ));
             }
             let mut p = self.pending.pop_front().ok_or(JournalError::Poisoned)?;
@@ -1321,7 +1399,10 @@ impl TargetVolume {
             self.pending_bytes -= p.payload;
             batch.push((p, data));
         }
-        warn!(chunks = batch.len(), "re-applying journaled but uncommitted chunks");
+        warn!(
+            chunks = batch.len(),
+            "re-applying journaled but uncommitted chunks"
+        );
         self.write_replica_batch(&batch)?;
         self.counters.recovered_chunks += batch.len() as u64;
         self.finish_batch(&batch)?;
@@ -1334,7 +1415,13 @@ impl TargetVolume {
             .spool_files
             .iter()
             .find(|f| f.id == p.file_id)
-            .ok_or_else(|| corrupt(&self.dir, 0, format!("spool file for chunk {} missing", p.chunk_id)))?;
+            .ok_or_else(|| {
+                corrupt(
+                    &self.dir,
+                    0,
+                    format!("spool file for chunk {} missing", p.chunk_id),
+                )
+            })?;
         let mut buf = vec![0u8; p.rec_len as usize];
         f.file
             .read_exact_at(&mut buf, p.rec_off)
@@ -1372,7 +1459,10 @@ impl TargetVolume {
             return Err(JournalError::InvalidChunk("too many extents".into()));
         }
         for e in &c.extents {
-            if e.offset.checked_add(e.data.len()).is_none_or(|end| end > self.ident.size) {
+            if e.offset
+                .checked_add(e.data.len())
+                .is_none_or(|end| end > self.ident.size)
+            {
                 return Err(JournalError::InvalidChunk(format!(
                     "extent {}+{} outside volume of {} bytes",
                     e.offset,
@@ -1445,7 +1535,11 @@ impl TargetVolume {
                 continue;
             }
             let off = buf.len();
-            let flags = if Some(i) == last_stored { FLAG_GROUP_END } else { 0 };
+            let flags = if Some(i) == last_stored {
+                FLAG_GROUP_END
+            } else {
+                0
+            };
             encode_spool_record(&mut buf, id, group, flags, c);
             metas.push((i, id, off as u64, (buf.len() - off) as u64));
             id += 1;
@@ -1509,7 +1603,11 @@ impl TargetVolume {
                 if c.is_ordered() {
                     if c.first_seq > self.durable_seq + 1 {
                         self.counters.seq_gaps += 1;
-                        debug!(first_seq = c.first_seq, durable_seq = self.durable_seq, "sequence gap accepted");
+                        debug!(
+                            first_seq = c.first_seq,
+                            durable_seq = self.durable_seq,
+                            "sequence gap accepted"
+                        );
                     }
                     self.durable_seq = c.last_seq;
                 }
@@ -1666,9 +1764,9 @@ impl TargetVolume {
                 while o < end {
                     let pl = (end - o).min(UNDO_PIECE);
                     let mut old = vec![0u8; pl as usize];
-                    self.replica
-                        .read_exact_at(&mut old, o)
-                        .map_err(ioe(|| format!("read replica {}", self.replica_path.display())))?;
+                    self.replica.read_exact_at(&mut old, o).map_err(ioe(|| {
+                        format!("read replica {}", self.replica_path.display())
+                    }))?;
                     self.counters.replica_reads += 1;
                     self.counters.replica_read_bytes += pl;
                     if self_overlap {
@@ -1809,9 +1907,9 @@ impl TargetVolume {
             for e in exts {
                 match &e.data {
                     ExtentData::Data(d) => {
-                        self.replica
-                            .write_all_at(d, e.offset)
-                            .map_err(ioe(|| format!("write replica {}", self.replica_path.display())))?;
+                        self.replica.write_all_at(d, e.offset).map_err(ioe(|| {
+                            format!("write replica {}", self.replica_path.display())
+                        }))?;
                         self.counters.replica_writes += 1;
                         self.counters.replica_write_bytes += d.len() as u64;
                     }
@@ -1822,7 +1920,9 @@ impl TargetVolume {
                             let k = (end - o).min(ZEROES.len() as u64);
                             self.replica
                                 .write_all_at(&ZEROES[..k as usize], o)
-                                .map_err(ioe(|| format!("write replica {}", self.replica_path.display())))?;
+                                .map_err(ioe(|| {
+                                    format!("write replica {}", self.replica_path.display())
+                                }))?;
                             self.counters.replica_writes += 1;
                             self.counters.replica_write_bytes += k;
                             o += k;
@@ -1836,9 +1936,9 @@ impl TargetVolume {
             }
         }
         self.faults.hit(FaultPoint::ReplicaAfterWrite)?;
-        self.replica
-            .sync_data()
-            .map_err(ioe(|| format!("fdatasync replica {}", self.replica_path.display())))?;
+        self.replica.sync_data().map_err(ioe(|| {
+            format!("fdatasync replica {}", self.replica_path.display())
+        }))?;
         self.counters.fsyncs += 1;
         self.faults.hit(FaultPoint::ReplicaAfterSync)?;
         Ok(())
@@ -1937,7 +2037,11 @@ impl TargetVolume {
                 }
             })?;
         if hash32(&stored) != x.hash {
-            return Err(corrupt(&seg.path, x.file_off, "undo payload checksum mismatch"));
+            return Err(corrupt(
+                &seg.path,
+                x.file_off,
+                "undo payload checksum mismatch",
+            ));
         }
         match x.enc {
             ENC_RAW => Ok(stored),
@@ -2007,10 +2111,14 @@ impl TargetVolume {
         let mut buf = vec![0u8; len as usize];
         self.replica
             .read_exact_at(&mut buf, offset)
-            .map_err(ioe(|| format!("read replica {}", self.replica_path.display())))?;
+            .map_err(ioe(|| {
+                format!("read replica {}", self.replica_path.display())
+            }))?;
         let end = offset + len;
         for r in self.records[cut..].iter().rev() {
-            for x in &r.extents {
+            // Reverse within the record too: extents of one chunk may overlap, and the
+            // first one touching a byte holds the byte as it was before the chunk.
+            for x in r.extents.iter().rev() {
                 let (xs, xe) = (x.offset, x.offset + x.len);
                 let (s, e) = (xs.max(offset), xe.min(end));
                 if s >= e {
@@ -2038,7 +2146,12 @@ impl TargetVolume {
 
     /// blake3 of each `hash_block`-sized block of the replica in `offset..offset+len`
     /// (the last block may be short), after applying everything spooled (resync step 1).
-    pub fn block_hashes(&mut self, offset: u64, len: u64, hash_block: u64) -> Result<Vec<[u8; 32]>> {
+    pub fn block_hashes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        hash_block: u64,
+    ) -> Result<Vec<[u8; 32]>> {
         if hash_block == 0 {
             return Err(JournalError::Invalid("hash_block must be > 0".into()));
         }
@@ -2053,7 +2166,9 @@ impl TargetVolume {
             let k = (end - o).min(per) as usize;
             self.replica
                 .read_exact_at(&mut buf[..k], o)
-                .map_err(ioe(|| format!("read replica {}", self.replica_path.display())))?;
+                .map_err(ioe(|| {
+                    format!("read replica {}", self.replica_path.display())
+                }))?;
             for b in buf[..k].chunks(hash_block as usize) {
                 out.push(hash32(b));
             }
