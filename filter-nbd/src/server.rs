@@ -70,6 +70,16 @@ impl Export {
             sink: None,
         }
     }
+    /// An export of the file or block device at `path` (opened read-only if
+    /// `read_only`), with tracking off.
+    pub fn open_file(
+        name: impl Into<String>,
+        path: impl AsRef<std::path::Path>,
+        read_only: bool,
+    ) -> io::Result<Self> {
+        let backing = crate::source::Backing::open(path, read_only)?;
+        Ok(Self::new(name, Arc::new(backing)).with_read_only(read_only))
+    }
     /// Sets the description.
     pub fn with_description(mut self, d: impl Into<String>) -> Self {
         self.description = d.into();
