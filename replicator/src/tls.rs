@@ -276,11 +276,18 @@ fn matching_name(allowed: &[String], der: &CertificateDer<'_>) -> Option<String>
 }
 
 #[derive(Debug)]
-struct NotAllowed(String);
+struct NotAllowed {
+    presented: String,
+    allowed: String,
+}
 
 impl fmt::Display for NotAllowed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "client certificate identity is not in the allowed list ({})", self.0)
+        write!(
+            f,
+            "client certificate identity [{}] is not in the allowed list [{}]",
+            self.presented, self.allowed
+        )
     }
 }
 
@@ -306,8 +313,11 @@ impl ClientCertVerifier for AllowList {
         if self.allowed.is_empty() || matching_name(&self.allowed, end_entity).is_some() {
             return Ok(ok);
         }
+        let presented = webpki::EndEntityCert::try_from(end_entity)
+            .map(|ee| ee.valid_dns_names().collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
         Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
-            NotAllowed(self.allowed.join(", ")),
+            NotAllowed { presented, allowed: self.allowed.join(", ") },
         )))))
     }
     fn verify_tls12_signature(
@@ -519,7 +529,12 @@ where
         if let Err(e) = conn.complete_io(sock) {
             // Make sure a pending alert reaches the peer.
             let _ = conn.complete_io(sock);
-            return Err(TlsError::Handshake { peer: peer.to_string(), reason: e.to_string() });
+            let reason = match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out waiting for the peer".to_owned(),
+                io::ErrorKind::UnexpectedEof => "connection closed by the peer during the handshake".to_owned(),
+                _ => describe(&e),
+            };
+            return Err(TlsError::Handshake { peer: peer.to_string(), reason });
         }
     }
     // Push out anything the handshake left queued (e.g. the client's
@@ -528,6 +543,17 @@ where
         conn.write_tls(sock).map_err(|e| TlsError::Handshake { peer: peer.to_string(), reason: e.to_string() })?;
     }
     Ok(())
+}
+
+/// Readable text for a handshake error (unwraps rustls' custom
+/// certificate errors, whose `Display` is a `Debug` dump).
+fn describe(e: &io::Error) -> String {
+    if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) =
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+    {
+        return format!("invalid peer certificate: {}", o.0);
+    }
+    e.to_string()
 }
 
 /// Accepts one connection on `listener` and authenticates it (see
