@@ -1321,7 +1321,8 @@ impl TargetVolume {
                 let torn_group = match prev {
                     Some(p) if p.flags & FLAG_GROUP_END == 0 => p.aux,
                     Some(p) => p.id + 1,
-                    None => 0,
+                    // A file is created for (and named after) the group written first into it.
+                    None => hdr.index,
                 };
                 if later_valid(&buf[bpos..], REC_SPOOL, |b| {
                     parse_spool_record(b).is_ok_and(|(h, _, _)| h.aux > torn_group)
