@@ -206,6 +206,29 @@ impl ChangeLog {
                     volume_size: cfg.volume_size,
                     block_size: cfg.block_size,
                 };
+                // Empty persisted state first, so that a crash before the first
+                // persist is not mistaken for lost state (full resync) later.
+                let ring = cfg.ring_bytes.max(4096).div_ceil(4096) * 4096;
+                let layout =
+                    Layout::compute(cfg.volume_size, cfg.block_size, ring, cfg.extent_shift)
+                        .ok_or_else(|| {
+                            ChangeLogError::InvalidConfig("geometry too large".into())
+                        })?;
+                let uuid = *uuid::Uuid::parse_str(&id.uuid)
+                    .map_err(|e| ChangeLogError::InvalidConfig(e.to_string()))?
+                    .as_bytes();
+                let empty = BitmapFile {
+                    block_size: cfg.block_size,
+                    volume_size: cfg.volume_size,
+                    uuid,
+                    generation: id.generation,
+                    next_seq: 1,
+                    bits: vec![0; layout.bitmap_words as usize],
+                    hot: vec![0; layout.extent_count.div_ceil(64) as usize],
+                };
+                write_atomic(&bitmap_path, &empty.encode())?;
+                let _ = std::fs::remove_file(&al_path);
+                AlFile::open(&al_path, layout.extent_count.div_ceil(64) as usize)?;
                 write_identity(&id_path, &id)?;
                 report.created_identity = true;
                 info!(volume = %name, uuid = %id.uuid, "created volume identity");
@@ -412,7 +435,12 @@ impl ChangeLog {
                 None
             }
         };
-        let al = AlFile::open(al_path, ext_words).ok().and_then(|(_, h)| h);
+        // A missing AL is lost state too (opening would create an empty one).
+        let al = if al_path.exists() {
+            AlFile::open(al_path, ext_words).ok().and_then(|(_, h)| h)
+        } else {
+            None
+        };
         let (Some(bf), Some(al)) = (bf, al) else {
             warn!(volume_uuid = %id.uuid, "persisted change state lost: every block is marked dirty (full resync)");
             report.full_resync = true;

@@ -618,3 +618,20 @@ fn close_then_reopen() {
     std::fs::remove_file(c0.region_path()).unwrap();
     ChangeLog::open_or_create(c0).unwrap();
 }
+
+#[test]
+fn crash_before_first_persist_is_not_lost_state_but_missing_al_is() {
+    let d = tempfile::tempdir().unwrap();
+    let c0 = cfg(d.path(), "v", MIB, 4096, 8192);
+    drop(ChangeLog::open_or_create(c0.clone()).unwrap());
+    // region lost right after creation: state files exist, nothing dirty
+    std::fs::remove_file(c0.region_path()).unwrap();
+    let (log, rep) = ChangeLog::open_with_report(c0.clone()).unwrap();
+    assert!(!rep.full_resync && rep.blocks_from_state == 0, "{rep:?}");
+    drop(log);
+    // activity log deleted: the hot set is unknown -> everything dirty
+    std::fs::remove_file(c0.region_path()).unwrap();
+    std::fs::remove_file(c0.state_dir.join("v.al")).unwrap();
+    let (_log, rep) = ChangeLog::open_with_report(c0.clone()).unwrap();
+    assert!(rep.full_resync, "{rep:?}");
+}
