@@ -606,13 +606,16 @@ impl<S: MetadataSource + ?Sized> EraMetadata<S> {
     /// Reads a writeset's bitset (`nr_bits` bits in 64-bit words).
     fn read_bitset(&self, era: u32, ws: WritesetRoot) -> Result<Writeset, MetaError> {
         let words = u64::from(ws.nr_bits).div_ceil(64);
-        let mut bits = Vec::with_capacity(words as usize);
+        // no allocation sized by an untrusted count: grow with what the blocks hold
+        let mut bits = Vec::new();
         if ws.root == 0 {
-            return Err(corrupt(
-                "writeset",
-                0,
-                format!("era {era}'s writeset has no bitset"),
-            ));
+            // The kernel's "no writeset" root (block 0 is the superblock, never a bitset):
+            // an era whose writeset was never set up recorded no writes.
+            return Ok(Writeset {
+                era,
+                nr_bits: ws.nr_bits,
+                bits: Vec::new(),
+            });
         }
         self.walk_array("writeset bitset", ws.root, 8, words, &mut |_, v| {
             bits.extend(v.chunks_exact(8).map(|c| le64(c, 0)));
@@ -702,7 +705,7 @@ impl<S: MetadataSource + ?Sized> EraView<'_, S> {
 
     /// The whole era array (4 bytes per origin block).
     pub fn era_array(&self) -> Result<Vec<u32>, MetaError> {
-        let mut all = Vec::with_capacity(self.sb.nr_blocks as usize);
+        let mut all = Vec::new();
         self.for_each_era(&mut |_, e| {
             all.extend_from_slice(e);
             Ok(())
@@ -716,9 +719,15 @@ impl<S: MetadataSource + ?Sized> EraView<'_, S> {
     /// before the first I/O), so blocks with era 0 in the era array are never reported.
     pub fn changed_bitmap(&self, era: u32) -> Result<Vec<u64>, MetaError> {
         let nr = self.sb.nr_blocks;
-        let mut map = vec![0u64; (nr as usize).div_ceil(64)];
+        // Grown as the era array is read (not sized from the superblock's count up front,
+        // which a forged superblock could make huge); the walk checks it holds `nr` entries.
+        let mut map: Vec<u64> = Vec::new();
         let floor = era.max(1);
         self.for_each_era(&mut |first, eras| {
+            let end = (first as usize + eras.len()).div_ceil(64);
+            if map.len() < end {
+                map.resize(end, 0);
+            }
             for (i, &e) in eras.iter().enumerate() {
                 if e >= floor {
                     let b = first as usize + i;
@@ -727,6 +736,7 @@ impl<S: MetadataSource + ?Sized> EraView<'_, S> {
             }
             Ok(())
         })?;
+        map.resize((nr as usize).div_ceil(64), 0);
         for ws in self.writesets()? {
             if ws.era < era {
                 continue;
@@ -738,7 +748,9 @@ impl<S: MetadataSource + ?Sized> EraView<'_, S> {
                 if (w + 1) * 64 > n {
                     word &= (1u64 << (n % 64)) - 1;
                 }
-                map[w] |= word;
+                if let Some(m) = map.get_mut(w) {
+                    *m |= word;
+                }
             }
         }
         Ok(map)

@@ -505,3 +505,59 @@ fn runs_and_clamping() {
         vec![(0, 4096), (8192, 1808)]
     );
 }
+
+#[test]
+fn a_forged_huge_block_count_is_an_error_not_an_allocation() {
+    let spec = ImageSpec {
+        nr_blocks: 100,
+        eras: vec![1; 100],
+        ..ImageSpec::default()
+    };
+    let mut img = build(&spec);
+    let snap = EraMetadata::from_bytes(&img)
+        .unwrap()
+        .superblock()
+        .metadata_snap as usize;
+    patch(
+        &mut img,
+        snap,
+        180,
+        &MAX_NR_BLOCKS.to_le_bytes(),
+        SUPERBLOCK_CSUM_XOR,
+    );
+    let md = EraMetadata::from_bytes(&img).unwrap();
+    let v = md.snapshot().unwrap();
+    let e = v.changed_since(1).unwrap_err();
+    assert!(e.to_string().contains("want 2147483647"), "{e}");
+    assert!(v.era_array().is_err());
+}
+
+#[test]
+fn a_writeset_without_a_bitset_recorded_nothing() {
+    let spec = ImageSpec {
+        nr_blocks: 100,
+        eras: vec![0; 100],
+        writesets: vec![(3, vec![7])],
+        ..ImageSpec::default()
+    };
+    let mut img = build(&spec);
+    let md = EraMetadata::from_bytes(&img).unwrap();
+    let wt = md.snapshot().unwrap().superblock().writeset_tree_root as usize;
+    assert_eq!(
+        md.snapshot().unwrap().changed_since(3).unwrap(),
+        vec![(7 * 4096, 4096)]
+    );
+    // the leaf's first value: nr_bits u32, then the root u64
+    let max = le32(&img[wt * 4096..], 20) as usize;
+    patch(
+        &mut img,
+        wt,
+        32 + max * 8 + 4,
+        &0u64.to_le_bytes(),
+        BTREE_CSUM_XOR,
+    );
+    let md = EraMetadata::from_bytes(&img).unwrap();
+    let v = md.snapshot().unwrap();
+    assert_eq!(v.writesets().unwrap()[0].blocks(), Vec::<u32>::new());
+    assert_eq!(v.changed_since(0).unwrap(), vec![]);
+}
