@@ -57,7 +57,9 @@ pub struct SystemClock {
 
 impl Default for SystemClock {
     fn default() -> Self {
-        SystemClock { origin: Instant::now() }
+        SystemClock {
+            origin: Instant::now(),
+        }
     }
 }
 
@@ -66,7 +68,9 @@ impl Clock for SystemClock {
         self.origin.elapsed()
     }
     fn seconds_of_day(&self) -> u32 {
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let t = secs as libc::time_t;
         // SAFETY: libc::tm is a plain C struct of integers and one pointer,
         // for which all-zero bytes are a valid value.
@@ -96,7 +100,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock at monotonic time 0 and `seconds_of_day` local time.
     pub fn new(seconds_of_day: u32) -> Self {
-        ManualClock { state: Mutex::new((Duration::ZERO, seconds_of_day % DAY)) }
+        ManualClock {
+            state: Mutex::new((Duration::ZERO, seconds_of_day % DAY)),
+        }
     }
     /// Advances time by `d`.
     pub fn advance(&self, d: Duration) {
@@ -136,10 +142,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn parse_rate(s: &str) -> Result<Option<u64>, BandwidthError> {
     let err = || BandwidthError::Rate(s.to_owned());
     let t = s.trim();
-    if t.is_empty() || ["unlimited", "none", "off"].iter().any(|w| t.eq_ignore_ascii_case(w)) {
+    if t.is_empty()
+        || ["unlimited", "none", "off"]
+            .iter()
+            .any(|w| t.eq_ignore_ascii_case(w))
+    {
         return Ok(None);
     }
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let v: f64 = num.parse().map_err(|_| err())?;
     let mut u = unit.trim();
@@ -168,7 +180,7 @@ pub fn parse_rate(s: &str) -> Result<Option<u64>, BandwidthError> {
         _ => return Err(err()),
     };
     let bytes = v * mult / if bits { 8.0 } else { 1.0 };
-    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e15 {
+    if !bytes.is_finite() || !(1.0..=1e15).contains(&bytes) {
         return Err(err());
     }
     Ok(Some(bytes.round() as u64))
@@ -244,7 +256,10 @@ impl Schedule {
 
     /// The same rate all day.
     pub fn fixed(rate: u64) -> Self {
-        Schedule { windows: Vec::new(), default: Some(rate) }
+        Schedule {
+            windows: Vec::new(),
+            default: Some(rate),
+        }
     }
 
     /// From configuration windows and a default rate string.
@@ -259,7 +274,10 @@ impl Schedule {
                 })
             })
             .collect::<Result<_, BandwidthError>>()?;
-        Ok(Schedule { windows, default: parse_rate(default)? })
+        Ok(Schedule {
+            windows,
+            default: parse_rate(default)?,
+        })
     }
 
     /// Parses `"08:00-18:00=10M, 18:00-08:00=100M"`; an entry without a
@@ -270,8 +288,9 @@ impl Schedule {
             match entry.split_once('=') {
                 None => sched.default = parse_rate(entry)?,
                 Some((range, rate)) => {
-                    let (from, to) =
-                        range.split_once('-').ok_or_else(|| BandwidthError::Schedule(entry.to_owned()))?;
+                    let (from, to) = range
+                        .split_once('-')
+                        .ok_or_else(|| BandwidthError::Schedule(entry.to_owned()))?;
                     sched.windows.push(Window {
                         from: parse_time_of_day(from)?,
                         to: parse_time_of_day(to)? % DAY,
@@ -285,7 +304,10 @@ impl Schedule {
 
     /// The rate at `sod` seconds since local midnight.
     pub fn rate_at(&self, sod: u32) -> Option<u64> {
-        self.windows.iter().find(|w| w.contains(sod)).map_or(self.default, |w| w.rate)
+        self.windows
+            .iter()
+            .find(|w| w.contains(sod))
+            .map_or(self.default, |w| w.rate)
     }
 }
 
@@ -326,7 +348,12 @@ impl TokenBucket {
     /// An empty bucket (no initial credit) at time `now`.
     pub fn new(rate: Option<u64>, burst: Burst, now: Duration) -> Self {
         let burst = rate.map_or(0.0, |r| burst.bytes(r));
-        TokenBucket { rate, burst, tokens: 0.0, last: now }
+        TokenBucket {
+            rate,
+            burst,
+            tokens: 0.0,
+            last: now,
+        }
     }
 
     /// Current rate (`None`: unlimited).
@@ -358,7 +385,9 @@ impl TokenBucket {
     /// before sending them (zero if the credit covered them).
     pub fn reserve(&mut self, n: u64, now: Duration) -> Duration {
         self.refill(now);
-        let Some(r) = self.rate else { return Duration::ZERO };
+        let Some(r) = self.rate else {
+            return Duration::ZERO;
+        };
         self.tokens -= n as f64;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -384,7 +413,10 @@ pub struct Limiter {
 impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = lock(&self.state);
-        f.debug_struct("Limiter").field("schedule", &s.schedule).field("rate", &s.bucket.rate).finish()
+        f.debug_struct("Limiter")
+            .field("schedule", &s.schedule)
+            .field("rate", &s.bucket.rate)
+            .finish()
     }
 }
 
@@ -398,7 +430,14 @@ impl Limiter {
     pub fn with_clock(schedule: Schedule, burst: Burst, clock: Arc<dyn Clock>) -> Self {
         let rate = schedule.rate_at(clock.seconds_of_day());
         let bucket = TokenBucket::new(rate, burst, clock.now());
-        Limiter { state: Arc::new(Mutex::new(LimiterState { schedule, burst, bucket })), clock }
+        Limiter {
+            state: Arc::new(Mutex::new(LimiterState {
+                schedule,
+                burst,
+                bucket,
+            })),
+            clock,
+        }
     }
 
     /// No limit.
@@ -457,7 +496,10 @@ pub struct PairLimiter {
 impl PairLimiter {
     /// No limit at all.
     pub fn unlimited() -> Self {
-        PairLimiter { pair: Limiter::unlimited(), target: None }
+        PairLimiter {
+            pair: Limiter::unlimited(),
+            target: None,
+        }
     }
 
     /// Blocks until `n` bytes may be sent under both limits. The waits
@@ -484,7 +526,11 @@ pub struct LimitedWriter<W> {
 impl<W> LimitedWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W, limiter: PairLimiter) -> Self {
-        LimitedWriter { inner, limiter, max_step: 64 << 10 }
+        LimitedWriter {
+            inner,
+            limiter,
+            max_step: 64 << 10,
+        }
     }
     /// The wrapped writer.
     pub fn get_mut(&mut self) -> &mut W {
@@ -544,7 +590,11 @@ mod tests {
         assert_eq!(s.rate_at(18 * 3600), Some(50_000_000));
         assert_eq!(s.rate_at(23 * 3600), None);
         assert_eq!(s.rate_at(3 * 3600), None);
-        let spec = [WindowSpec { from: "08:00".into(), to: "18:00".into(), rate: "10M".into() }];
+        let spec = [WindowSpec {
+            from: "08:00".into(),
+            to: "18:00".into(),
+            rate: "10M".into(),
+        }];
         let s2 = Schedule::from_specs(&spec, "unlimited").expect("specs");
         assert_eq!(s2.rate_at(12 * 3600), Some(10_000_000));
         assert_eq!(s2.rate_at(20 * 3600), None);

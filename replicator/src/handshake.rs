@@ -6,7 +6,8 @@ use std::io::{Read, Write};
 use thiserror::Error;
 
 use crate::wire::{
-    self, ErrorCode, ErrorFrame, Frame, Hello, Welcome, WireError, DEFAULT_MAX_FRAME, MIN_MAX_FRAME, PROTOCOL_VERSION,
+    self, ErrorCode, ErrorFrame, Frame, Hello, Welcome, WireError, DEFAULT_MAX_FRAME,
+    MIN_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Maximum payload of a handshake frame (they are small; a peer announcing
@@ -29,7 +30,10 @@ pub struct Refusal {
 impl Refusal {
     /// A refusal with a code and a message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Refusal { code, message: message.into() }
+        Refusal {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -97,8 +101,13 @@ pub fn client_hello<T: Read + Write>(t: &mut T, hello: &Hello) -> Result<Welcome
             code: ErrorCode::Other(0),
             message: "target answered accepted=false without a reason".into(),
         }),
-        Frame::Error(ErrorFrame { code, message }) => Err(HandshakeError::Refused { code, message }),
-        other => Err(HandshakeError::Unexpected { expected: "Welcome or Error", got: format!("{:?}", other.frame_type()) }),
+        Frame::Error(ErrorFrame { code, message }) => {
+            Err(HandshakeError::Refused { code, message })
+        }
+        other => Err(HandshakeError::Unexpected {
+            expected: "Welcome or Error",
+            got: format!("{:?}", other.frame_type()),
+        }),
     }
 }
 
@@ -118,13 +127,19 @@ pub fn check_hello(h: &Hello) -> Result<(), Refusal> {
     if !h.block_size.is_power_of_two() || h.block_size < lo || h.block_size > hi {
         return Err(Refusal::new(
             ErrorCode::BlockSizeMismatch,
-            format!("tracking block size {} is not a power of two in {lo}..={hi}", h.block_size),
+            format!(
+                "tracking block size {} is not a power of two in {lo}..={hi}",
+                h.block_size
+            ),
         ));
     }
     if h.max_frame < MIN_MAX_FRAME {
         return Err(Refusal::new(
             ErrorCode::ProtocolViolation,
-            format!("max frame {} below the minimum {MIN_MAX_FRAME}", h.max_frame),
+            format!(
+                "max frame {} below the minimum {MIN_MAX_FRAME}",
+                h.max_frame
+            ),
         ));
     }
     Ok(())
@@ -195,13 +210,20 @@ where
 }
 
 /// [`server_accept`] announcing `max_frame` as the target's maximum frame.
-pub fn server_accept_with_max<T, F>(t: &mut T, max_frame: u32, check: F) -> Result<(Hello, Welcome), HandshakeError>
+pub fn server_accept_with_max<T, F>(
+    t: &mut T,
+    max_frame: u32,
+    check: F,
+) -> Result<(Hello, Welcome), HandshakeError>
 where
     T: Read + Write,
     F: FnOnce(&Hello) -> Result<Welcome, Refusal>,
 {
     let refuse = |t: &mut T, r: Refusal| -> HandshakeError {
-        let f = Frame::Error(ErrorFrame { code: r.code, message: r.message.clone() });
+        let f = Frame::Error(ErrorFrame {
+            code: r.code,
+            message: r.message.clone(),
+        });
         // Best effort: the peer may already be gone.
         let _ = wire::write_frame(t, &f, HANDSHAKE_MAX_FRAME);
         HandshakeError::RefusedPeer(r)

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use thiserror::Error;
 
@@ -86,7 +86,10 @@ pub struct Issued {
 }
 
 fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io { path: path.to_owned(), source };
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut opts = OpenOptions::new();
     opts.write(true).mode(mode);
     if force {
@@ -103,7 +106,8 @@ fn write_file(path: &Path, data: &str, mode: u32, force: bool) -> Result<(), Pki
     })?;
     // The mode of an existing file is not changed by open(): enforce it.
     use std::os::unix::fs::PermissionsExt;
-    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io)?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io)?;
     f.write_all(data.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)?;
     Ok(())
@@ -119,7 +123,9 @@ fn check_absent(paths: &[&Path], force: bool) -> Result<(), PkiError> {
 }
 
 fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Civil date (year, month, day) of a day count since 1970-01-01.
@@ -161,20 +167,30 @@ fn serial(seed: &[u8]) -> SerialNumber {
 fn ca_params(key: &KeyPair) -> CertificateParams {
     let mut p = CertificateParams::default();
     let id = blake3::hash(&key.public_key_der());
-    let hex: String = id.as_bytes()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = id.as_bytes()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "rewind");
     dn.push(DnType::CommonName, format!("rewind CA {hex}"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p
 }
 
 /// Creates a CA in `dir` (created if needed): `ca.pem` and `ca.key` (0600).
 /// Refuses to overwrite an existing CA unless `force`.
 pub fn init_ca(dir: &Path, force: bool) -> Result<Issued, PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
     check_absent(&[&cert_path, &key_path], force)?;
@@ -187,7 +203,10 @@ pub fn init_ca(dir: &Path, force: bool) -> Result<Issued, PkiError> {
     // recoverable with force.
     write_file(&key_path, &key.serialize_pem(), 0o600, force)?;
     write_file(&cert_path, &cert.pem(), 0o644, force)?;
-    Ok(Issued { cert: cert_path, key: key_path })
+    Ok(Issued {
+        cert: cert_path,
+        key: key_path,
+    })
 }
 
 fn check_host(host: &str) -> Result<(), PkiError> {
@@ -195,8 +214,13 @@ fn check_host(host: &str) -> Result<(), PkiError> {
         && host.len() <= 253
         && !host.starts_with('.')
         && !host.starts_with('-')
-        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
-    if ok && (host.parse::<std::net::IpAddr>().is_ok() || rustls::pki_types::ServerName::try_from(host).is_ok()) {
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    if ok
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || rustls::pki_types::ServerName::try_from(host).is_ok())
+    {
         Ok(())
     } else {
         Err(PkiError::HostName(host.to_owned()))
@@ -223,8 +247,12 @@ pub fn issue_with_names(
     for n in extra {
         check_host(n)?;
     }
-    let no_ca = |reason: String| PkiError::NoCa { dir: dir.to_owned(), reason };
-    let ca_key_pem = fs::read_to_string(dir.join(CA_KEY)).map_err(|e| no_ca(format!("{CA_KEY}: {e}")))?;
+    let no_ca = |reason: String| PkiError::NoCa {
+        dir: dir.to_owned(),
+        reason,
+    };
+    let ca_key_pem =
+        fs::read_to_string(dir.join(CA_KEY)).map_err(|e| no_ca(format!("{CA_KEY}: {e}")))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| no_ca(format!("{CA_KEY}: {e}")))?;
     if !dir.join(CA_CERT).exists() {
         return Err(no_ca(format!("{CA_CERT} missing")));
@@ -250,7 +278,10 @@ pub fn issue_with_names(
     p.extended_key_usages = match kind {
         CertKind::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
         CertKind::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        CertKind::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        CertKind::Both => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
     };
     p.use_authority_key_identifier_extension = true;
     set_validity(&mut p, HOST_DAYS);
@@ -259,7 +290,10 @@ pub fn issue_with_names(
     let cert = p.signed_by(&key, &issuer, &ca_key)?;
     write_file(&key_path, &key.serialize_pem(), 0o600, force)?;
     write_file(&cert_path, &cert.pem(), 0o644, force)?;
-    Ok(Issued { cert: cert_path, key: key_path })
+    Ok(Issued {
+        cert: cert_path,
+        key: key_path,
+    })
 }
 
 #[cfg(test)]

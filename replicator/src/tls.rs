@@ -27,8 +27,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
-    ServerConnection, SignatureScheme, StreamOwned};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, ServerConnection, SignatureScheme, StreamOwned,
+};
 use thiserror::Error;
 
 /// Default TCP connect timeout.
@@ -94,7 +96,10 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { connect: DEFAULT_CONNECT_TIMEOUT, io: DEFAULT_IO_TIMEOUT }
+        Timeouts {
+            connect: DEFAULT_CONNECT_TIMEOUT,
+            io: DEFAULT_IO_TIMEOUT,
+        }
     }
 }
 
@@ -118,7 +123,10 @@ impl fmt::Debug for ClientTls {
             ClientMode::Tls(_) => "tls",
             ClientMode::Insecure => "insecure",
         };
-        f.debug_struct("ClientTls").field("mode", &mode).field("timeouts", &self.timeouts).finish()
+        f.debug_struct("ClientTls")
+            .field("mode", &mode)
+            .field("timeouts", &self.timeouts)
+            .finish()
     }
 }
 
@@ -157,7 +165,10 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Loads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_err = |reason: String| TlsError::Pem { path: path.to_owned(), reason };
+    let pem_err = |reason: String| TlsError::Pem {
+        path: path.to_owned(),
+        reason,
+    };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem_err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -170,15 +181,19 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Loads the private key of a PEM file (PKCS#8, SEC1 or PKCS#1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem { path: path.to_owned(), reason: e.to_string() })
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 fn load_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in load_certs(ca)? {
-        roots
-            .add(c)
-            .map_err(|e| TlsError::Pem { path: ca.to_owned(), reason: format!("not a usable CA certificate: {e}") })?;
+        roots.add(c).map_err(|e| TlsError::Pem {
+            path: ca.to_owned(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
     }
     Ok(Arc::new(roots))
 }
@@ -195,7 +210,10 @@ impl ClientTls {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(ClientTls { mode: ClientMode::Tls(Arc::new(cfg)), timeouts: Timeouts::default() })
+        Ok(ClientTls {
+            mode: ClientMode::Tls(Arc::new(cfg)),
+            timeouts: Timeouts::default(),
+        })
     }
 
     /// Server-authenticated TLS without a client certificate (a target with
@@ -208,12 +226,18 @@ impl ClientTls {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(ClientTls { mode: ClientMode::Tls(Arc::new(cfg)), timeouts: Timeouts::default() })
+        Ok(ClientTls {
+            mode: ClientMode::Tls(Arc::new(cfg)),
+            timeouts: Timeouts::default(),
+        })
     }
 
     /// Plaintext; [`connect`] refuses it unless the address is loopback.
     pub fn insecure() -> Self {
-        ClientTls { mode: ClientMode::Insecure, timeouts: Timeouts::default() }
+        ClientTls {
+            mode: ClientMode::Insecure,
+            timeouts: Timeouts::default(),
+        }
     }
 
     /// Whether this is the plaintext mode.
@@ -226,7 +250,12 @@ impl ServerTls {
     /// Mutual TLS: present `cert`/`key`, require a client certificate issued
     /// by `ca` whose subject alternative names include one of `allowed`
     /// (any certificate of the CA if `allowed` is empty).
-    pub fn from_pem(ca: &Path, cert: &Path, key: &Path, allowed: Vec<String>) -> Result<Self, TlsError> {
+    pub fn from_pem(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        allowed: Vec<String>,
+    ) -> Result<Self, TlsError> {
         let roots = load_roots(ca)?;
         let chain = load_certs(cert)?;
         let key = load_key(key)?;
@@ -237,20 +266,31 @@ impl ServerTls {
             ServerName::try_from(name.as_str()).map_err(|_| TlsError::ServerName(name.clone()))?;
         }
         let allowed = Arc::new(allowed);
-        let verifier = Arc::new(AllowList { inner: webpki, allowed: allowed.clone() });
+        let verifier = Arc::new(AllowList {
+            inner: webpki,
+            allowed: allowed.clone(),
+        });
         let cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(ServerTls { mode: ServerMode::Tls(Arc::new(cfg)), allowed, timeouts: Timeouts::default() })
+        Ok(ServerTls {
+            mode: ServerMode::Tls(Arc::new(cfg)),
+            allowed,
+            timeouts: Timeouts::default(),
+        })
     }
 
     /// Plaintext; [`accept`] refuses it unless the listener and the peer are
     /// loopback.
     pub fn insecure() -> Self {
-        ServerTls { mode: ServerMode::Insecure, allowed: Arc::new(Vec::new()), timeouts: Timeouts::default() }
+        ServerTls {
+            mode: ServerMode::Insecure,
+            allowed: Arc::new(Vec::new()),
+            timeouts: Timeouts::default(),
+        }
     }
 
     /// The client identities allowed (empty: any certificate of the CA).
@@ -271,7 +311,9 @@ fn matching_name(allowed: &[String], der: &CertificateDer<'_>) -> Option<String>
     let ee = webpki::EndEntityCert::try_from(der).ok()?;
     allowed.iter().find_map(|name| {
         let sn = ServerName::try_from(name.as_str()).ok()?;
-        ee.verify_is_valid_for_subject_name(&sn).ok().map(|()| name.clone())
+        ee.verify_is_valid_for_subject_name(&sn)
+            .ok()
+            .map(|()| name.clone())
     })
 }
 
@@ -309,16 +351,21 @@ impl ClientCertVerifier for AllowList {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         if self.allowed.is_empty() || matching_name(&self.allowed, end_entity).is_some() {
             return Ok(ok);
         }
         let presented = webpki::EndEntityCert::try_from(end_entity)
             .map(|ee| ee.valid_dns_names().collect::<Vec<_>>().join(", "))
             .unwrap_or_default();
-        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
-            NotAllowed { presented, allowed: self.allowed.join(", ") },
-        )))))
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Other(rustls::OtherError(Arc::new(NotAllowed {
+                presented,
+                allowed: self.allowed.join(", "),
+            }))),
+        ))
     }
     fn verify_tls12_signature(
         &self,
@@ -453,15 +500,19 @@ impl Write for Transport {
 pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
 /// Resolves `addr` ("host:port"); in insecure mode every resolved address
 /// must be loopback. Nothing is connected here.
 pub fn resolve(addr: &str, insecure: bool) -> Result<Vec<SocketAddr>, TlsError> {
-    let addrs: Vec<SocketAddr> =
-        addr.to_socket_addrs().map_err(|_| TlsError::Resolve(addr.to_owned()))?.collect();
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|_| TlsError::Resolve(addr.to_owned()))?
+        .collect();
     if addrs.is_empty() {
         return Err(TlsError::Resolve(addr.to_owned()));
     }
@@ -472,8 +523,10 @@ pub fn resolve(addr: &str, insecure: bool) -> Result<Vec<SocketAddr>, TlsError> 
 }
 
 fn set_timeouts(s: &TcpStream, t: &Timeouts) -> Result<(), TlsError> {
-    s.set_read_timeout(Some(t.io)).map_err(io_err("set read timeout"))?;
-    s.set_write_timeout(Some(t.io)).map_err(io_err("set write timeout"))?;
+    s.set_read_timeout(Some(t.io))
+        .map_err(io_err("set read timeout"))?;
+    s.set_write_timeout(Some(t.io))
+        .map_err(io_err("set write timeout"))?;
     s.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
     Ok(())
 }
@@ -484,7 +537,8 @@ fn set_timeouts(s: &TcpStream, t: &Timeouts) -> Result<(), TlsError> {
 /// `addr` resolves only to loopback addresses.
 pub fn connect(addr: &str, server_name: &str, cfg: &ClientTls) -> Result<Transport, TlsError> {
     let addrs = resolve(addr, cfg.is_insecure())?;
-    let name = ServerName::try_from(server_name.to_owned()).map_err(|_| TlsError::ServerName(server_name.into()))?;
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| TlsError::ServerName(server_name.into()))?;
     let mut last = None;
     let mut sock = None;
     for a in &addrs {
@@ -500,7 +554,10 @@ pub fn connect(addr: &str, server_name: &str, cfg: &ClientTls) -> Result<Transpo
         Some(s) => s,
         None => {
             let e = last.unwrap_or_else(|| io::Error::other("no address"));
-            return Err(TlsError::Io { context: format!("connect to {addr}"), source: e });
+            return Err(TlsError::Io {
+                context: format!("connect to {addr}"),
+                source: e,
+            });
         }
     };
     set_timeouts(&sock, &cfg.timeouts)?;
@@ -510,18 +567,31 @@ pub fn connect(addr: &str, server_name: &str, cfg: &ClientTls) -> Result<Transpo
             if !is_loopback(peer.ip()) {
                 return Err(TlsError::InsecureNotLoopback(peer.to_string()));
             }
-            Ok(Transport { inner: Inner::Plain(sock), peer, identity: None })
+            Ok(Transport {
+                inner: Inner::Plain(sock),
+                peer,
+                identity: None,
+            })
         }
         ClientMode::Tls(c) => {
-            let conn = ClientConnection::new(c.clone(), name).map_err(|e| TlsError::Config(e.to_string()))?;
+            let conn = ClientConnection::new(c.clone(), name)
+                .map_err(|e| TlsError::Config(e.to_string()))?;
             let mut s = StreamOwned::new(conn, sock);
             complete_handshake(&mut s.conn, &mut s.sock, peer)?;
-            Ok(Transport { inner: Inner::Client(Box::new(s)), peer, identity: Some(server_name.to_owned()) })
+            Ok(Transport {
+                inner: Inner::Client(Box::new(s)),
+                peer,
+                identity: Some(server_name.to_owned()),
+            })
         }
     }
 }
 
-fn complete_handshake<C, D>(conn: &mut C, sock: &mut TcpStream, peer: SocketAddr) -> Result<(), TlsError>
+fn complete_handshake<C, D>(
+    conn: &mut C,
+    sock: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<(), TlsError>
 where
     C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
 {
@@ -530,17 +600,27 @@ where
             // Make sure a pending alert reaches the peer.
             let _ = conn.complete_io(sock);
             let reason = match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out waiting for the peer".to_owned(),
-                io::ErrorKind::UnexpectedEof => "connection closed by the peer during the handshake".to_owned(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    "timed out waiting for the peer".to_owned()
+                }
+                io::ErrorKind::UnexpectedEof => {
+                    "connection closed by the peer during the handshake".to_owned()
+                }
                 _ => describe(&e),
             };
-            return Err(TlsError::Handshake { peer: peer.to_string(), reason });
+            return Err(TlsError::Handshake {
+                peer: peer.to_string(),
+                reason,
+            });
         }
     }
     // Push out anything the handshake left queued (e.g. the client's
     // Finished), so the peer's own handshake completes.
     while conn.wants_write() {
-        conn.write_tls(sock).map_err(|e| TlsError::Handshake { peer: peer.to_string(), reason: e.to_string() })?;
+        conn.write_tls(sock).map_err(|e| TlsError::Handshake {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(())
 }
@@ -578,10 +658,15 @@ pub fn accept_stream(sock: TcpStream, cfg: &ServerTls) -> Result<Transport, TlsE
                 let _ = sock.shutdown(Shutdown::Both);
                 return Err(TlsError::InsecureNotLoopback(format!("{local} <- {peer}")));
             }
-            Ok(Transport { inner: Inner::Plain(sock), peer, identity: None })
+            Ok(Transport {
+                inner: Inner::Plain(sock),
+                peer,
+                identity: None,
+            })
         }
         ServerMode::Tls(c) => {
-            let conn = ServerConnection::new(c.clone()).map_err(|e| TlsError::Config(e.to_string()))?;
+            let conn =
+                ServerConnection::new(c.clone()).map_err(|e| TlsError::Config(e.to_string()))?;
             let mut s = StreamOwned::new(conn, sock);
             if let Err(e) = complete_handshake(&mut s.conn, &mut s.sock, peer) {
                 let _ = s.sock.shutdown(Shutdown::Both);
@@ -592,7 +677,11 @@ pub fn accept_stream(sock: TcpStream, cfg: &ServerTls) -> Result<Transport, TlsE
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|leaf| matching_name(&cfg.allowed, leaf));
-            Ok(Transport { inner: Inner::Server(Box::new(s)), peer, identity })
+            Ok(Transport {
+                inner: Inner::Server(Box::new(s)),
+                peer,
+                identity,
+            })
         }
     }
 }

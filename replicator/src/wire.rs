@@ -99,7 +99,10 @@ pub enum WireError {
 
 impl WireError {
     fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        WireError::Invalid { field, reason: reason.into() }
+        WireError::Invalid {
+            field,
+            reason: reason.into(),
+        }
     }
 
     /// True if the error is a transport error rather than a malformed frame.
@@ -180,10 +183,19 @@ impl Compression {
         let level = r.u8("compression level")? as i8;
         match kind {
             0 if level == 0 => Ok(Compression::None),
-            0 => Err(WireError::invalid("compression level", "must be 0 without compression")),
+            0 => Err(WireError::invalid(
+                "compression level",
+                "must be 0 without compression",
+            )),
             1 if i32::from(level) <= MAX_ZSTD_LEVEL => Ok(Compression::Zstd(level.into())),
-            1 => Err(WireError::invalid("compression level", format!("zstd level {level} > {MAX_ZSTD_LEVEL}"))),
-            k => Err(WireError::invalid("compression", format!("unknown kind {k}"))),
+            1 => Err(WireError::invalid(
+                "compression level",
+                format!("zstd level {level} > {MAX_ZSTD_LEVEL}"),
+            )),
+            k => Err(WireError::invalid(
+                "compression",
+                format!("unknown kind {k}"),
+            )),
         }
     }
 }
@@ -508,7 +520,10 @@ impl Frame {
         self.encode_payload(&mut out)?;
         let plen = out.len() - HEADER_LEN;
         if plen as u64 > u64::from(max) {
-            return Err(WireError::TooLong { len: plen as u64, max: max.into() });
+            return Err(WireError::TooLong {
+                len: plen as u64,
+                max: max.into(),
+            });
         }
         let hash = blake3::hash(&out[HEADER_LEN..]);
         out[0..4].copy_from_slice(&MAGIC);
@@ -554,7 +569,8 @@ impl Frame {
                 put_u64(out, c.last_seq);
                 put_u64(out, c.source_time_ns);
                 c.compression.encode(out);
-                let n = u32::try_from(c.extents.len()).map_err(|_| WireError::Extents("too many extents".into()))?;
+                let n = u32::try_from(c.extents.len())
+                    .map_err(|_| WireError::Extents("too many extents".into()))?;
                 put_u32(out, n);
                 for e in &c.extents {
                     put_u64(out, e.offset);
@@ -584,7 +600,8 @@ impl Frame {
                 }
                 put_u64(out, h.offset);
                 put_u32(out, h.hash_block);
-                let n = u32::try_from(h.hashes.len()).map_err(|_| WireError::invalid("hashes", "too many"))?;
+                let n = u32::try_from(h.hashes.len())
+                    .map_err(|_| WireError::invalid("hashes", "too many"))?;
                 put_u32(out, n);
                 for x in &h.hashes {
                     out.extend_from_slice(x);
@@ -592,7 +609,10 @@ impl Frame {
             }
             Frame::ResyncData(d) => {
                 if d.compression == Compression::None && d.len != d.payload.len() as u64 {
-                    return Err(WireError::invalid("len", "differs from the uncompressed payload length"));
+                    return Err(WireError::invalid(
+                        "len",
+                        "differs from the uncompressed payload length",
+                    ));
                 }
                 put_u64(out, d.offset);
                 put_u64(out, d.len);
@@ -634,9 +654,18 @@ fn put_u32(out: &mut Vec<u8>, v: u32) {
 fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
-fn put_str(out: &mut Vec<u8>, field: &'static str, s: &str, min: usize, max: usize) -> Result<(), WireError> {
+fn put_str(
+    out: &mut Vec<u8>,
+    field: &'static str,
+    s: &str,
+    min: usize,
+    max: usize,
+) -> Result<(), WireError> {
     if s.len() < min || s.len() > max {
-        return Err(WireError::invalid(field, format!("length {} not in {min}..={max}", s.len())));
+        return Err(WireError::invalid(
+            field,
+            format!("length {} not in {min}..={max}", s.len()),
+        ));
     }
     put_u16(out, s.len() as u16);
     out.extend_from_slice(s.as_bytes());
@@ -713,7 +742,10 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &'static str, min: usize, max: usize) -> Result<String, WireError> {
         let n = usize::from(self.u16(what)?);
         if n < min || n > max {
-            return Err(WireError::invalid(what, format!("length {n} not in {min}..={max}")));
+            return Err(WireError::invalid(
+                what,
+                format!("length {n} not in {min}..={max}"),
+            ));
         }
         let bytes = self.take(n, what)?;
         std::str::from_utf8(bytes)
@@ -762,10 +794,17 @@ pub fn decode_header(h: &[u8; HEADER_LEN], max: u32) -> Result<Header, WireError
     }
     let len = r.u32("length")?;
     if len > max {
-        return Err(WireError::TooLong { len: len.into(), max: max.into() });
+        return Err(WireError::TooLong {
+            len: len.into(),
+            max: max.into(),
+        });
     }
     let hash = r.arr("checksum")?;
-    Ok(Header { frame_type, len, hash })
+    Ok(Header {
+        frame_type,
+        len,
+        hash,
+    })
 }
 
 /// Decodes one complete frame from `buf` (which must hold exactly one frame).
@@ -781,7 +820,9 @@ pub fn decode(buf: &[u8], max: u32) -> Result<Frame, WireError> {
         return Err(WireError::Truncated("payload"));
     }
     if payload.len() > header.len as usize {
-        return Err(WireError::TrailingBytes(payload.len() - header.len as usize));
+        return Err(WireError::TrailingBytes(
+            payload.len() - header.len as usize,
+        ));
     }
     decode_payload(&header, payload, max)
 }
@@ -811,7 +852,12 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
             let accepted = match r.u8("accepted")? {
                 0 => false,
                 1 => true,
-                v => return Err(WireError::invalid("accepted", format!("{v} is not a boolean"))),
+                v => {
+                    return Err(WireError::invalid(
+                        "accepted",
+                        format!("{v} is not a boolean"),
+                    ))
+                }
             };
             let protocol_version = r.u16("protocol_version")?;
             let max_frame = r.u32("max_frame")?;
@@ -839,7 +885,9 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
             let compression = Compression::decode(&mut r)?;
             let n = r.u32("extent count")? as usize;
             // Bound the allocation by the bytes actually present.
-            let need = n.checked_mul(EXTENT_LEN).ok_or(WireError::Truncated("extents"))?;
+            let need = n
+                .checked_mul(EXTENT_LEN)
+                .ok_or(WireError::Truncated("extents"))?;
             let ext_bytes = r.take(need, "extents")?;
             let mut extents = Vec::with_capacity(n);
             for e in ext_bytes.chunks_exact(EXTENT_LEN) {
@@ -888,7 +936,13 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
             let uuid = r.arr("tag uuid")?;
             let source_time_ns = r.u64("source_time_ns")?;
             let name = r.string("tag name", 0, MAX_TAG_NAME)?;
-            Frame::Tag(Tag { seq, name, kind, uuid, source_time_ns })
+            Frame::Tag(Tag {
+                seq,
+                name,
+                kind,
+                uuid,
+                source_time_ns,
+            })
         }
         FrameType::ResyncRequest => {
             let offset = r.u64("offset")?;
@@ -897,8 +951,14 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
             if hash_block == 0 {
                 return Err(WireError::invalid("hash_block", "must be > 0"));
             }
-            offset.checked_add(len).ok_or_else(|| WireError::invalid("len", "offset + len wraps"))?;
-            Frame::ResyncRequest(ResyncRequest { offset, len, hash_block })
+            offset
+                .checked_add(len)
+                .ok_or_else(|| WireError::invalid("len", "offset + len wraps"))?;
+            Frame::ResyncRequest(ResyncRequest {
+                offset,
+                len,
+                hash_block,
+            })
         }
         FrameType::ResyncHashes => {
             let offset = r.u64("offset")?;
@@ -917,25 +977,39 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
                     a
                 })
                 .collect();
-            Frame::ResyncHashes(ResyncHashes { offset, hash_block, hashes })
+            Frame::ResyncHashes(ResyncHashes {
+                offset,
+                hash_block,
+                hashes,
+            })
         }
         FrameType::ResyncData => {
             let offset = r.u64("offset")?;
             let len = r.u64("len")?;
             let compression = Compression::decode(&mut r)?;
-            offset.checked_add(len).ok_or_else(|| WireError::invalid("len", "offset + len wraps"))?;
+            offset
+                .checked_add(len)
+                .ok_or_else(|| WireError::invalid("len", "offset + len wraps"))?;
             if len > u64::from(max) {
                 return Err(WireError::DecompressedTooLarge(max.into()));
             }
             let payload = r.rest();
             match compression {
                 Compression::None if payload.len() as u64 != len => {
-                    return Err(WireError::invalid("len", "differs from the uncompressed payload length"))
+                    return Err(WireError::invalid(
+                        "len",
+                        "differs from the uncompressed payload length",
+                    ))
                 }
                 Compression::Zstd(_) => check_zstd_header(payload, len)?,
                 Compression::None => {}
             }
-            Frame::ResyncData(ResyncData { offset, len, compression, payload: payload.to_vec() })
+            Frame::ResyncData(ResyncData {
+                offset,
+                len,
+                compression,
+                payload: payload.to_vec(),
+            })
         }
         FrameType::Ack => Frame::Ack(Ack {
             durable_seq: r.u64("durable_seq")?,
@@ -943,7 +1017,9 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
             spool_bytes: r.u64("spool_bytes")?,
             spool_budget: r.u64("spool_budget")?,
         }),
-        FrameType::Heartbeat => Frame::Heartbeat(Heartbeat { time_ns: r.u64("time_ns")? }),
+        FrameType::Heartbeat => Frame::Heartbeat(Heartbeat {
+            time_ns: r.u64("time_ns")?,
+        }),
         FrameType::Error => {
             let code = ErrorCode::from_u16(r.u16("error code")?);
             let message = r.string("message", 0, MAX_MESSAGE)?;
@@ -987,7 +1063,10 @@ fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Resul
     while off < buf.len() {
         match r.read(&mut buf[off..]) {
             Ok(0) if off == 0 && what == "header" => {
-                return Err(WireError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")))
+                return Err(WireError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                )))
             }
             Ok(0) => return Err(WireError::Truncated(what)),
             Ok(n) => off += n,
@@ -1011,17 +1090,25 @@ pub fn compress(data: &[u8], c: Compression) -> Result<Vec<u8>, WireError> {
     match c {
         Compression::None => Ok(data.to_vec()),
         Compression::Zstd(level) => {
-            let mut cx = zstd::bulk::Compressor::new(level).map_err(|e| WireError::Decompress(e.to_string()))?;
+            let mut cx = zstd::bulk::Compressor::new(level)
+                .map_err(|e| WireError::Decompress(e.to_string()))?;
             // Declare the content size so the receiver can check it early.
-            cx.include_contentsize(true).map_err(|e| WireError::Decompress(e.to_string()))?;
-            cx.compress(data).map_err(|e| WireError::Decompress(e.to_string()))
+            cx.include_contentsize(true)
+                .map_err(|e| WireError::Decompress(e.to_string()))?;
+            cx.compress(data)
+                .map_err(|e| WireError::Decompress(e.to_string()))
         }
     }
 }
 
 /// Decompresses a payload that must yield exactly `expected` bytes, never
 /// producing (or allocating) more than `bound` bytes.
-pub fn decompress(payload: &[u8], c: Compression, expected: u64, bound: u64) -> Result<Cow<'_, [u8]>, WireError> {
+pub fn decompress(
+    payload: &[u8],
+    c: Compression,
+    expected: u64,
+    bound: u64,
+) -> Result<Cow<'_, [u8]>, WireError> {
     if expected > bound {
         return Err(WireError::DecompressedTooLarge(bound));
     }
@@ -1036,14 +1123,17 @@ pub fn decompress(payload: &[u8], c: Compression, expected: u64, bound: u64) -> 
             Ok(Cow::Borrowed(payload))
         }
         Compression::Zstd(_) => {
-            let mut d = zstd::stream::read::Decoder::new(payload).map_err(|e| WireError::Decompress(e.to_string()))?;
+            let mut d = zstd::stream::read::Decoder::new(payload)
+                .map_err(|e| WireError::Decompress(e.to_string()))?;
             // Refuse frames whose window (the decoder's allocation) is larger
             // than the data they may produce.
             let log = (64 - expected.max(1024).saturating_sub(1).leading_zeros()).clamp(10, 31);
-            d.window_log_max(log).map_err(|e| WireError::Decompress(e.to_string()))?;
+            d.window_log_max(log)
+                .map_err(|e| WireError::Decompress(e.to_string()))?;
             // expected <= bound <= usize range in practice; reading one byte
             // past `expected` detects over-long streams.
-            let cap = usize::try_from(expected).map_err(|_| WireError::DecompressedTooLarge(bound))?;
+            let cap =
+                usize::try_from(expected).map_err(|_| WireError::DecompressedTooLarge(bound))?;
             // Grow with the output actually produced rather than trusting
             // the declared size for the allocation.
             let mut out = Vec::with_capacity(cap.min(256 << 10));
@@ -1055,7 +1145,10 @@ pub fn decompress(payload: &[u8], c: Compression, expected: u64, bound: u64) -> 
                 if out.len() as u64 > expected {
                     return Err(WireError::DecompressedTooLarge(expected));
                 }
-                return Err(WireError::Decompress(format!("{} bytes, expected {expected}", out.len())));
+                return Err(WireError::Decompress(format!(
+                    "{} bytes, expected {expected}",
+                    out.len()
+                )));
             }
             Ok(Cow::Owned(out))
         }
@@ -1076,15 +1169,29 @@ impl Chunk {
         check_seqs(first_seq, last_seq)?;
         let sum = check_extents(&extents)?;
         if sum != data.len() as u64 {
-            return Err(WireError::Extents(format!("{} data bytes, data extents sum to {sum}", data.len())));
+            return Err(WireError::Extents(format!(
+                "{} data bytes, data extents sum to {sum}",
+                data.len()
+            )));
         }
         let payload = compress(data, compression)?;
-        Ok(Chunk { first_seq, last_seq, source_time_ns, compression, extents, payload })
+        Ok(Chunk {
+            first_seq,
+            last_seq,
+            source_time_ns,
+            compression,
+            extents,
+            payload,
+        })
     }
 
     /// Total length of the data extents (the decompressed payload length).
     pub fn data_len(&self) -> u64 {
-        self.extents.iter().filter(|e| e.kind == ExtentKind::Data).map(|e| u64::from(e.len)).sum()
+        self.extents
+            .iter()
+            .filter(|e| e.kind == ExtentKind::Data)
+            .map(|e| u64::from(e.len))
+            .sum()
     }
 
     /// The decompressed data of the data extents, bounded by `bound` bytes.
@@ -1094,7 +1201,10 @@ impl Chunk {
 
     /// Iterates over `(extent, data)` pairs: `data` is the extent's slice of
     /// `decompressed` for data extents, `None` for zero extents.
-    pub fn split<'a>(&'a self, decompressed: &'a [u8]) -> impl Iterator<Item = (Extent, Option<&'a [u8]>)> + 'a {
+    pub fn split<'a>(
+        &'a self,
+        decompressed: &'a [u8],
+    ) -> impl Iterator<Item = (Extent, Option<&'a [u8]>)> + 'a {
         let mut pos = 0usize;
         self.extents.iter().map(move |e| match e.kind {
             ExtentKind::Zero => (*e, None),
@@ -1111,7 +1221,12 @@ impl Chunk {
 impl ResyncData {
     /// Builds a resync block from raw data.
     pub fn build(offset: u64, data: &[u8], compression: Compression) -> Result<Self, WireError> {
-        Ok(ResyncData { offset, len: data.len() as u64, compression, payload: compress(data, compression)? })
+        Ok(ResyncData {
+            offset,
+            len: data.len() as u64,
+            compression,
+            payload: compress(data, compression)?,
+        })
     }
 
     /// The decompressed data, bounded by `bound` bytes.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use replicator::bandwidth::{Burst, Clock, LimitedWriter, Limiter, ManualClock, PairLimiter, Schedule};
+use replicator::bandwidth::{
+    Burst, Clock, LimitedWriter, Limiter, ManualClock, PairLimiter, Schedule,
+};
 use replicator::tls::{self, ClientTls, ServerTls};
 
 /// Deterministic pseudo-random request sizes (1 B .. 256 KiB).
@@ -39,7 +41,10 @@ fn accuracy_over_simulated_ten_seconds() {
         }
         let secs = clock.elapsed().as_secs_f64();
         let got = bytes as f64 / secs;
-        assert!(within(got, rate as f64, 0.01), "rate {rate}: got {got:.0} B/s over {secs:.3} s");
+        assert!(
+            within(got, rate as f64, 0.01),
+            "rate {rate}: got {got:.0} B/s over {secs:.3} s"
+        );
     }
 }
 
@@ -82,13 +87,25 @@ fn schedule_switches_rate_at_window_edges() {
 fn pair_and_target_limits_both_apply() {
     let clock = Arc::new(ManualClock::new(0));
     let c: Arc<dyn Clock> = clock.clone();
-    let target = Limiter::with_clock(Schedule::fixed(10_000_000), Burst::Bytes(64 << 10), c.clone());
+    let target = Limiter::with_clock(
+        Schedule::fixed(10_000_000),
+        Burst::Bytes(64 << 10),
+        c.clone(),
+    );
     let a = PairLimiter {
-        pair: Limiter::with_clock(Schedule::fixed(8_000_000), Burst::Bytes(64 << 10), c.clone()),
+        pair: Limiter::with_clock(
+            Schedule::fixed(8_000_000),
+            Burst::Bytes(64 << 10),
+            c.clone(),
+        ),
         target: Some(target.clone()),
     };
     let b = PairLimiter {
-        pair: Limiter::with_clock(Schedule::fixed(8_000_000), Burst::Bytes(64 << 10), c.clone()),
+        pair: Limiter::with_clock(
+            Schedule::fixed(8_000_000),
+            Burst::Bytes(64 << 10),
+            c.clone(),
+        ),
         target: Some(target.clone()),
     };
     // One pair alone: its own 8 MB/s binds.
@@ -110,14 +127,24 @@ fn pair_and_target_limits_both_apply() {
     }
     let secs = (clock.elapsed() - t0).as_secs_f64();
     let total = (ba + bb) as f64 / secs;
-    assert!(within(total, 10e6, 0.01), "two pairs through the target limit: {total:.0}");
-    assert!(within(ba as f64, bb as f64, 0.01), "fair share: {ba} vs {bb}");
+    assert!(
+        within(total, 10e6, 0.01),
+        "two pairs through the target limit: {total:.0}"
+    );
+    assert!(
+        within(ba as f64, bb as f64, 0.01),
+        "fair share: {ba} vs {bb}"
+    );
 }
 
 #[test]
 fn large_requests_are_paid_as_debt() {
     let clock = Arc::new(ManualClock::new(0));
-    let lim = Limiter::with_clock(Schedule::fixed(1_000_000), Burst::Bytes(1000), clock.clone());
+    let lim = Limiter::with_clock(
+        Schedule::fixed(1_000_000),
+        Burst::Bytes(1000),
+        clock.clone(),
+    );
     // 5 MB at once with a 1 KB burst: waits 5 s.
     let w = lim.reserve(5_000_000);
     assert!(within(w.as_secs_f64(), 5.0, 0.001), "{w:?}");
@@ -152,7 +179,10 @@ fn real_time_transfer_over_loopback() {
         (total, t0.map_or(Duration::ZERO, |t| t.elapsed()))
     });
     let t = tls::connect(&addr, "localhost", &ClientTls::insecure()).unwrap();
-    let lim = PairLimiter { pair: Limiter::new(Schedule::fixed(RATE)), target: None };
+    let lim = PairLimiter {
+        pair: Limiter::new(Schedule::fixed(RATE)),
+        target: None,
+    };
     let mut w = LimitedWriter::new(t, lim);
     let block = vec![0x5au8; 1 << 20];
     let start = Instant::now();
@@ -169,6 +199,12 @@ fn real_time_transfer_over_loopback() {
     let send_rate = sent as f64 / send_secs;
     let recv_rate = got as f64 / recv_time.as_secs_f64();
     eprintln!("configured {RATE} B/s: sent {sent} B in {send_secs:.3} s = {send_rate:.0} B/s; received at {recv_rate:.0} B/s");
-    assert!(within(send_rate, RATE as f64, 0.10), "sender rate {send_rate:.0}");
-    assert!(within(recv_rate, RATE as f64, 0.10), "receiver rate {recv_rate:.0}");
+    assert!(
+        within(send_rate, RATE as f64, 0.10),
+        "sender rate {send_rate:.0}"
+    );
+    assert!(
+        within(recv_rate, RATE as f64, 0.10),
+        "receiver rate {recv_rate:.0}"
+    );
 }

@@ -10,7 +10,8 @@ use replicator::handshake::{self, HandshakeError, KnownVolume, Negotiated, Refus
 use replicator::pki::{self, CertKind};
 use replicator::tls::{self, ClientTls, ServerTls};
 use replicator::wire::{
-    self, ErrorCode, Frame, Hello, Welcome, WireError, DEFAULT_MAX_FRAME, HEADER_LEN, PROTOCOL_VERSION,
+    self, ErrorCode, Frame, Hello, Welcome, WireError, DEFAULT_MAX_FRAME, HEADER_LEN,
+    PROTOCOL_VERSION,
 };
 
 fn hello() -> Hello {
@@ -27,7 +28,11 @@ fn hello() -> Hello {
 }
 
 fn known() -> KnownVolume {
-    KnownVolume { uuid: [0xab; 16], generation: 5, block_size: 4096 }
+    KnownVolume {
+        uuid: [0xab; 16],
+        generation: 5,
+        block_size: 4096,
+    }
 }
 
 fn welcome() -> Welcome {
@@ -57,13 +62,28 @@ fn certs() -> Certs {
 }
 
 /// Runs a target that knows `known` and a source sending `h`, over TLS.
-fn run(c: &Certs, h: Hello, known: KnownVolume) -> (Result<Welcome, HandshakeError>, Result<(Hello, Welcome), HandshakeError>) {
+fn run(
+    c: &Certs,
+    h: Hello,
+    known: KnownVolume,
+) -> (
+    Result<Welcome, HandshakeError>,
+    Result<(Hello, Welcome), HandshakeError>,
+) {
     let d = &c.dir;
-    let scfg = ServerTls::from_pem(&d.join("ca.pem"), &d.join("localhost.pem"), &d.join("localhost.key"), vec![
-        "src-01".into(),
-    ])
+    let scfg = ServerTls::from_pem(
+        &d.join("ca.pem"),
+        &d.join("localhost.pem"),
+        &d.join("localhost.key"),
+        vec!["src-01".into()],
+    )
     .unwrap();
-    let ccfg = ClientTls::from_pem(&d.join("ca.pem"), &d.join("src-01.pem"), &d.join("src-01.key")).unwrap();
+    let ccfg = ClientTls::from_pem(
+        &d.join("ca.pem"),
+        &d.join("src-01.pem"),
+        &d.join("src-01.key"),
+    )
+    .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let srv = thread::spawn(move || {
@@ -112,7 +132,13 @@ fn wrong_generation_is_refused() {
     h.generation = 6;
     let (cres, sres) = run(&c, h, known());
     expect_refused(cres, ErrorCode::GenerationMismatch, "split brain");
-    assert!(matches!(sres, Err(HandshakeError::RefusedPeer(Refusal { code: ErrorCode::GenerationMismatch, .. }))));
+    assert!(matches!(
+        sres,
+        Err(HandshakeError::RefusedPeer(Refusal {
+            code: ErrorCode::GenerationMismatch,
+            ..
+        }))
+    ));
 }
 
 #[test]
@@ -168,7 +194,10 @@ fn future_frame_version_gets_a_readable_refusal() {
         }
         f => panic!("{f:?}"),
     }
-    assert!(matches!(srv.join().unwrap(), Err(HandshakeError::RefusedPeer(_))));
+    assert!(matches!(
+        srv.join().unwrap(),
+        Err(HandshakeError::RefusedPeer(_))
+    ));
     assert!(b.len() > HEADER_LEN);
 }
 
@@ -187,7 +216,10 @@ fn first_frame_must_be_hello() {
         Frame::Error(e) => assert_eq!(e.code, ErrorCode::ProtocolViolation),
         f => panic!("{f:?}"),
     }
-    assert!(matches!(srv.join().unwrap(), Err(HandshakeError::Unexpected { .. })));
+    assert!(matches!(
+        srv.join().unwrap(),
+        Err(HandshakeError::Unexpected { .. })
+    ));
     // And garbage gets a BadFrame error.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -201,7 +233,10 @@ fn first_frame_must_be_hello() {
         Frame::Error(e) => assert_eq!(e.code, ErrorCode::BadFrame),
         f => panic!("{f:?}"),
     }
-    assert!(matches!(srv.join().unwrap(), Err(HandshakeError::Wire(WireError::BadMagic(_)))));
+    assert!(matches!(
+        srv.join().unwrap(),
+        Err(HandshakeError::Wire(WireError::BadMagic(_)))
+    ));
 }
 
 #[test]
@@ -210,5 +245,8 @@ fn check_known_is_pure() {
     assert!(handshake::check_hello(&hello()).is_ok());
     let mut h = hello();
     h.max_frame = 1000;
-    assert_eq!(handshake::check_hello(&h).unwrap_err().code, ErrorCode::ProtocolViolation);
+    assert_eq!(
+        handshake::check_hello(&h).unwrap_err().code,
+        ErrorCode::ProtocolViolation
+    );
 }

@@ -10,7 +10,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use replicator::pki::{self, CertKind};
-use replicator::tls::{self, ClientTls, ServerTls, TlsError, Timeouts};
+use replicator::tls::{self, ClientTls, ServerTls, Timeouts, TlsError};
 use replicator::wire::{self, Frame, Heartbeat, DEFAULT_MAX_FRAME as MAX};
 
 struct Pki {
@@ -26,12 +26,23 @@ fn pki() -> Pki {
     let dir = tmp.path().join("pki");
     let other = tmp.path().join("other");
     pki::init_ca(&dir, false).unwrap();
-    pki::issue_with_names(&dir, "localhost", &["127.0.0.1".into()], CertKind::Server, false).unwrap();
+    pki::issue_with_names(
+        &dir,
+        "localhost",
+        &["127.0.0.1".into()],
+        CertKind::Server,
+        false,
+    )
+    .unwrap();
     pki::issue(&dir, "src-01", CertKind::Client, false).unwrap();
     pki::issue(&dir, "src-02", CertKind::Both, false).unwrap();
     pki::init_ca(&other, false).unwrap();
     pki::issue(&other, "src-01", CertKind::Client, false).unwrap();
-    Pki { _tmp: tmp, dir, other }
+    Pki {
+        _tmp: tmp,
+        dir,
+        other,
+    }
 }
 
 fn p(dir: &Path, f: &str) -> PathBuf {
@@ -46,7 +57,10 @@ fn server_cfg(k: &Pki, allowed: &[&str]) -> ServerTls {
         allowed.iter().map(|s| s.to_string()).collect(),
     )
     .unwrap();
-    s.timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(5) };
+    s.timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        io: Duration::from_secs(5),
+    };
     s
 }
 
@@ -57,7 +71,10 @@ fn client_cfg(ca_dir: &Path, cert_dir: &Path, host: &str) -> ClientTls {
         &p(cert_dir, &format!("{host}.key")),
     )
     .unwrap();
-    c.timeouts = Timeouts { connect: Duration::from_secs(5), io: Duration::from_secs(5) };
+    c.timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        io: Duration::from_secs(5),
+    };
     c
 }
 
@@ -85,7 +102,11 @@ fn serve_once(cfg: ServerTls) -> Server {
         }
         Ok(id)
     });
-    Server { addr, frames, handle }
+    Server {
+        addr,
+        frames,
+        handle,
+    }
 }
 
 /// Connects and exchanges one heartbeat; returns the first error as text.
@@ -116,12 +137,25 @@ fn mutual_auth_works_and_identity_is_reported() {
 
 /// Runs a refused case: the server's accept must fail with an error
 /// containing `server_says`, the client must fail, and no frame was read.
-fn refused(srv: Server, client: impl FnOnce(SocketAddr) -> Result<(), String>, server_says: &str) -> String {
+fn refused(
+    srv: Server,
+    client: impl FnOnce(SocketAddr) -> Result<(), String>,
+    server_says: &str,
+) -> String {
     let cres = client(srv.addr);
     let sres = srv.handle.join().unwrap();
-    let serr = sres.expect_err("server accepted a peer it must refuse").to_string();
-    assert!(serr.contains(server_says), "server error {serr:?} lacks {server_says:?}");
-    assert_eq!(srv.frames.load(Ordering::SeqCst), 0, "a frame was read from a refused peer");
+    let serr = sres
+        .expect_err("server accepted a peer it must refuse")
+        .to_string();
+    assert!(
+        serr.contains(server_says),
+        "server error {serr:?} lacks {server_says:?}"
+    );
+    assert_eq!(
+        srv.frames.load(Ordering::SeqCst),
+        0,
+        "a frame was read from a refused peer"
+    );
     let cerr = cres.expect_err("client succeeded against a refusing server");
     eprintln!("server: {serr}\nclient: {cerr}");
     cerr
@@ -132,8 +166,15 @@ fn client_without_certificate_is_refused() {
     let k = pki();
     let srv = serve_once(server_cfg(&k, &[]));
     let cfg = ClientTls::without_client_cert(&p(&k.dir, "ca.pem")).unwrap();
-    let cerr = refused(srv, |a| exchange(a, "localhost", &cfg), "peer sent no certificates");
-    assert!(cerr.contains("CertificateRequired") || cerr.contains("alert"), "{cerr}");
+    let cerr = refused(
+        srv,
+        |a| exchange(a, "localhost", &cfg),
+        "peer sent no certificates",
+    );
+    assert!(
+        cerr.contains("CertificateRequired") || cerr.contains("alert"),
+        "{cerr}"
+    );
 }
 
 #[test]
@@ -153,7 +194,10 @@ fn server_certificate_for_wrong_host_is_refused() {
     let cfg = client_cfg(&k.dir, &k.dir, "src-01");
     let cerr = refused(srv, |a| exchange(a, "target.example", &cfg), "alert");
     assert!(cerr.contains("not valid for name"), "{cerr}");
-    assert!(cerr.starts_with("TLS handshake"), "client must fail in connect: {cerr}");
+    assert!(
+        cerr.starts_with("TLS handshake"),
+        "client must fail in connect: {cerr}"
+    );
 }
 
 #[test]
@@ -171,14 +215,22 @@ fn client_identity_not_allowed_is_refused() {
     let k = pki();
     let srv = serve_once(server_cfg(&k, &["src-02", "10.0.0.9"]));
     let cfg = client_cfg(&k.dir, &k.dir, "src-01");
-    refused(srv, |a| exchange(a, "localhost", &cfg), "not in the allowed list");
+    refused(
+        srv,
+        |a| exchange(a, "localhost", &cfg),
+        "not in the allowed list",
+    );
 }
 
 #[test]
 fn plaintext_client_against_tls_server_is_refused() {
     let k = pki();
     let srv = serve_once(server_cfg(&k, &[]));
-    refused(srv, |a| exchange(a, "localhost", &ClientTls::insecure()), "TLS handshake");
+    refused(
+        srv,
+        |a| exchange(a, "localhost", &ClientTls::insecure()),
+        "TLS handshake",
+    );
 }
 
 #[test]
@@ -191,7 +243,10 @@ fn silent_client_times_out() {
     let _s = TcpStream::connect(srv.addr).unwrap();
     let e = srv.handle.join().unwrap().unwrap_err();
     assert!(e.to_string().contains("timed out"), "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(3), "handshake not bounded by the timeout");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "handshake not bounded by the timeout"
+    );
     assert_eq!(srv.frames.load(Ordering::SeqCst), 0);
     eprintln!("{e}");
 }
@@ -230,17 +285,41 @@ fn pki_refuses_overwrite_and_protects_keys() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let ca = pki::init_ca(d, false).unwrap();
-    assert_eq!(std::fs::metadata(&ca.key).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(matches!(pki::init_ca(d, false), Err(pki::PkiError::Exists(_))));
+    assert_eq!(
+        std::fs::metadata(&ca.key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(matches!(
+        pki::init_ca(d, false),
+        Err(pki::PkiError::Exists(_))
+    ));
     let h = pki::issue(d, "tgt.example", CertKind::Server, false).unwrap();
-    assert_eq!(std::fs::metadata(&h.key).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(matches!(pki::issue(d, "tgt.example", CertKind::Server, false), Err(pki::PkiError::Exists(_))));
+    assert_eq!(
+        std::fs::metadata(&h.key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(matches!(
+        pki::issue(d, "tgt.example", CertKind::Server, false),
+        Err(pki::PkiError::Exists(_))
+    ));
     pki::issue(d, "tgt.example", CertKind::Server, true).unwrap();
-    assert!(matches!(pki::issue(d, "../evil", CertKind::Server, false), Err(pki::PkiError::HostName(_))));
-    assert!(matches!(pki::issue(d, "", CertKind::Server, false), Err(pki::PkiError::HostName(_))));
+    assert!(matches!(
+        pki::issue(d, "../evil", CertKind::Server, false),
+        Err(pki::PkiError::HostName(_))
+    ));
+    assert!(matches!(
+        pki::issue(d, "", CertKind::Server, false),
+        Err(pki::PkiError::HostName(_))
+    ));
     let empty = tempfile::tempdir().unwrap();
-    assert!(matches!(pki::issue(empty.path(), "h", CertKind::Client, false), Err(pki::PkiError::NoCa { .. })));
+    assert!(matches!(
+        pki::issue(empty.path(), "h", CertKind::Client, false),
+        Err(pki::PkiError::NoCa { .. })
+    ));
     // Loading garbage PEM is a clear error.
     std::fs::write(d.join("bad.pem"), "not a pem").unwrap();
-    assert!(matches!(tls::load_certs(&d.join("bad.pem")), Err(TlsError::Pem { .. })));
+    assert!(matches!(
+        tls::load_certs(&d.join("bad.pem")),
+        Err(TlsError::Pem { .. })
+    ));
 }

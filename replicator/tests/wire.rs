@@ -57,9 +57,21 @@ const ALLOC_CAP: usize = 300 << 10;
 
 fn data_extents() -> Vec<Extent> {
     vec![
-        Extent { offset: 0, len: 4096, kind: ExtentKind::Data },
-        Extent { offset: 8192, len: 4096, kind: ExtentKind::Zero },
-        Extent { offset: 1 << 30, len: 512, kind: ExtentKind::Data },
+        Extent {
+            offset: 0,
+            len: 4096,
+            kind: ExtentKind::Data,
+        },
+        Extent {
+            offset: 8192,
+            len: 4096,
+            kind: ExtentKind::Zero,
+        },
+        Extent {
+            offset: 1 << 30,
+            len: 512,
+            kind: ExtentKind::Data,
+        },
     ]
 }
 
@@ -99,7 +111,17 @@ pub fn samples() -> Vec<Frame> {
             replica_size: 0,
             resync: None,
         }),
-        Frame::Chunk(Chunk::build(10, 20, 1_700_000_000_000_000_000, data_extents(), &data, Compression::None).unwrap()),
+        Frame::Chunk(
+            Chunk::build(
+                10,
+                20,
+                1_700_000_000_000_000_000,
+                data_extents(),
+                &data,
+                Compression::None,
+            )
+            .unwrap(),
+        ),
         Frame::Chunk(Chunk::build(10, 20, 5, data_extents(), &data, Compression::Zstd(1)).unwrap()),
         Frame::Chunk(Chunk::build(0, 0, 5, data_extents(), &data, Compression::Zstd(19)).unwrap()),
         Frame::Chunk(Chunk::build(0, 0, 0, vec![], &[], Compression::None).unwrap()),
@@ -110,8 +132,18 @@ pub fn samples() -> Vec<Frame> {
             uuid: [9; 16],
             source_time_ns: 42,
         }),
-        Frame::Tag(Tag { seq: 1, name: String::new(), kind: TagKind::User, uuid: [0; 16], source_time_ns: 0 }),
-        Frame::ResyncRequest(ResyncRequest { offset: 1 << 20, len: 64 << 20, hash_block: 1 << 20 }),
+        Frame::Tag(Tag {
+            seq: 1,
+            name: String::new(),
+            kind: TagKind::User,
+            uuid: [0; 16],
+            source_time_ns: 0,
+        }),
+        Frame::ResyncRequest(ResyncRequest {
+            offset: 1 << 20,
+            len: 64 << 20,
+            hash_block: 1 << 20,
+        }),
         Frame::ResyncHashes(ResyncHashes {
             offset: 0,
             hash_block: 65536,
@@ -119,10 +151,21 @@ pub fn samples() -> Vec<Frame> {
         }),
         Frame::ResyncData(ResyncData::build(4096, &data, Compression::None).unwrap()),
         Frame::ResyncData(ResyncData::build(4096, &data, Compression::Zstd(3)).unwrap()),
-        Frame::Ack(Ack { durable_seq: 20, applied_seq: 10, spool_bytes: 1 << 20, spool_budget: 512 << 20 }),
+        Frame::Ack(Ack {
+            durable_seq: 20,
+            applied_seq: 10,
+            spool_bytes: 1 << 20,
+            spool_budget: 512 << 20,
+        }),
         Frame::Heartbeat(Heartbeat { time_ns: u64::MAX }),
-        Frame::Error(ErrorFrame { code: ErrorCode::GenerationMismatch, message: "generation 3 != 4".into() }),
-        Frame::Error(ErrorFrame { code: ErrorCode::Other(999), message: String::new() }),
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::GenerationMismatch,
+            message: "generation 3 != 4".into(),
+        }),
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::Other(999),
+            message: String::new(),
+        }),
     ]
 }
 
@@ -133,7 +176,12 @@ fn every_frame_round_trips() {
         assert_eq!(&buf[..4], b"RWND");
         assert_eq!(decode(&buf, MAX).unwrap(), f, "decode {:?}", f.frame_type());
         let mut cur = Cursor::new(buf.clone());
-        assert_eq!(read_frame(&mut cur, MAX).unwrap(), f, "read_frame {:?}", f.frame_type());
+        assert_eq!(
+            read_frame(&mut cur, MAX).unwrap(),
+            f,
+            "read_frame {:?}",
+            f.frame_type()
+        );
         let mut out = Vec::new();
         write_frame(&mut out, &f, MAX).unwrap();
         assert_eq!(out, buf);
@@ -158,7 +206,11 @@ fn stream_of_frames() {
 #[test]
 fn chunk_data_and_split() {
     let data = sample_data();
-    for c in [Compression::None, Compression::Zstd(1), Compression::Zstd(-5)] {
+    for c in [
+        Compression::None,
+        Compression::Zstd(1),
+        Compression::Zstd(-5),
+    ] {
         let chunk = Chunk::build(1, 2, 3, data_extents(), &data, c).unwrap();
         let got = chunk.data(MAX.into()).unwrap();
         assert_eq!(&got[..], &data[..]);
@@ -172,7 +224,9 @@ fn chunk_data_and_split() {
 
 #[test]
 fn header_layout_is_documented_one() {
-    let f = Frame::Heartbeat(Heartbeat { time_ns: 0x0102030405060708 });
+    let f = Frame::Heartbeat(Heartbeat {
+        time_ns: 0x0102030405060708,
+    });
     let b = f.encode(MAX).unwrap();
     assert_eq!(b.len(), HEADER_LEN + 8);
     assert_eq!(&b[0..4], b"RWND");
@@ -200,7 +254,11 @@ fn flipped_bits_are_checksum_errors() {
             for bit in [0, 7] {
                 let mut b = buf.clone();
                 b[i] ^= 1 << bit;
-                assert!(matches!(decode(&b, MAX), Err(WireError::Checksum)), "{:?} byte {i}", f.frame_type());
+                assert!(
+                    matches!(decode(&b, MAX), Err(WireError::Checksum)),
+                    "{:?} byte {i}",
+                    f.frame_type()
+                );
             }
         }
         // A flipped bit in the checksum itself.
@@ -212,13 +270,18 @@ fn flipped_bits_are_checksum_errors() {
 
 #[test]
 fn header_errors() {
-    let buf = Frame::Heartbeat(Heartbeat { time_ns: 1 }).encode(MAX).unwrap();
+    let buf = Frame::Heartbeat(Heartbeat { time_ns: 1 })
+        .encode(MAX)
+        .unwrap();
     let mut b = buf.clone();
     b[0] = b'X';
     assert!(matches!(decode(&b, MAX), Err(WireError::BadMagic(_))));
     let mut b = buf.clone();
     b[4] = 2;
-    assert!(matches!(decode(&b, MAX), Err(WireError::UnsupportedVersion(2))));
+    assert!(matches!(
+        decode(&b, MAX),
+        Err(WireError::UnsupportedVersion(2))
+    ));
     let mut b = buf.clone();
     b[6] = 200;
     assert!(matches!(decode(&b, MAX), Err(WireError::UnknownType(200))));
@@ -227,7 +290,10 @@ fn header_errors() {
     assert!(matches!(decode(&b, MAX), Err(WireError::UnknownType(0))));
     let mut b = buf.clone();
     b[7] = 0x80;
-    assert!(matches!(decode(&b, MAX), Err(WireError::UnknownFlags(0x80))));
+    assert!(matches!(
+        decode(&b, MAX),
+        Err(WireError::UnknownFlags(0x80))
+    ));
 }
 
 #[test]
@@ -244,7 +310,10 @@ fn truncated_frames() {
             if cut == 0 {
                 assert!(e.is_io());
             } else {
-                assert!(matches!(e, WireError::Truncated(_)), "stream cut {cut}: {e}");
+                assert!(
+                    matches!(e, WireError::Truncated(_)),
+                    "stream cut {cut}: {e}"
+                );
             }
         }
     }
@@ -252,34 +321,58 @@ fn truncated_frames() {
 
 #[test]
 fn trailing_bytes() {
-    let mut buf = Frame::Heartbeat(Heartbeat { time_ns: 1 }).encode(MAX).unwrap();
+    let mut buf = Frame::Heartbeat(Heartbeat { time_ns: 1 })
+        .encode(MAX)
+        .unwrap();
     buf.push(0);
-    assert!(matches!(decode(&buf, MAX), Err(WireError::TrailingBytes(1))));
+    assert!(matches!(
+        decode(&buf, MAX),
+        Err(WireError::TrailingBytes(1))
+    ));
     // A payload longer than its fields (length and checksum fixed up).
     buf[8] = 9;
     reseal(&mut buf);
-    assert!(matches!(decode(&buf, MAX), Err(WireError::TrailingBytes(1))));
+    assert!(matches!(
+        decode(&buf, MAX),
+        Err(WireError::TrailingBytes(1))
+    ));
 }
 
 #[test]
 fn oversized_frames() {
     let data = vec![0u8; 2 << 20];
-    let ext = vec![Extent { offset: 0, len: data.len() as u32, kind: ExtentKind::Data }];
+    let ext = vec![Extent {
+        offset: 0,
+        len: data.len() as u32,
+        kind: ExtentKind::Data,
+    }];
     let f = Frame::Chunk(Chunk::build(1, 1, 0, ext, &data, Compression::None).unwrap());
     // Encoder refuses over the maximum.
     assert!(matches!(f.encode(1 << 20), Err(WireError::TooLong { .. })));
     let buf = f.encode(MAX).unwrap();
     // Decoder refuses over the negotiated maximum, from the header alone.
-    assert!(matches!(decode(&buf, 1 << 20), Err(WireError::TooLong { .. })));
-    assert!(matches!(read_frame(&mut Cursor::new(&buf[..HEADER_LEN]), 1 << 20), Err(WireError::TooLong { .. })));
+    assert!(matches!(
+        decode(&buf, 1 << 20),
+        Err(WireError::TooLong { .. })
+    ));
+    assert!(matches!(
+        read_frame(&mut Cursor::new(&buf[..HEADER_LEN]), 1 << 20),
+        Err(WireError::TooLong { .. })
+    ));
     // A header announcing 4 GiB with nothing behind it: TooLong, no allocation.
     let mut h = buf[..HEADER_LEN].to_vec();
     h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(read_frame(&mut Cursor::new(&h), MAX), Err(WireError::TooLong { .. })));
+    assert!(matches!(
+        read_frame(&mut Cursor::new(&h), MAX),
+        Err(WireError::TooLong { .. })
+    ));
     // Announcing the maximum but sending 10 bytes: truncated.
     h[8..12].copy_from_slice(&MAX.to_le_bytes());
     h.extend_from_slice(&[0; 10]);
-    assert!(matches!(read_frame(&mut Cursor::new(&h), MAX), Err(WireError::Truncated(_))));
+    assert!(matches!(
+        read_frame(&mut Cursor::new(&h), MAX),
+        Err(WireError::Truncated(_))
+    ));
 }
 
 fn raw_chunk(extents: &[(u64, u32, u8)], comp: [u8; 2], payload: &[u8]) -> Vec<u8> {
@@ -310,12 +403,21 @@ fn inconsistent_extents() {
     let ok = raw_chunk(&[(0, 4, 0), (4, 4, 1)], [0, 0], &[1, 2, 3, 4]);
     assert!(decode(&ok, MAX).is_ok());
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("overlap", raw_chunk(&[(0, 4, 0), (2, 4, 0)], [0, 0], &[0; 8])),
-        ("out of order", raw_chunk(&[(8, 4, 0), (0, 4, 0)], [0, 0], &[0; 8])),
+        (
+            "overlap",
+            raw_chunk(&[(0, 4, 0), (2, 4, 0)], [0, 0], &[0; 8]),
+        ),
+        (
+            "out of order",
+            raw_chunk(&[(8, 4, 0), (0, 4, 0)], [0, 0], &[0; 8]),
+        ),
         ("empty extent", raw_chunk(&[(0, 0, 0)], [0, 0], &[])),
         ("payload short", raw_chunk(&[(0, 4, 0)], [0, 0], &[0; 3])),
         ("payload long", raw_chunk(&[(0, 4, 0)], [0, 0], &[0; 5])),
-        ("zero extent has no data", raw_chunk(&[(0, 4, 1)], [0, 0], &[0; 4])),
+        (
+            "zero extent has no data",
+            raw_chunk(&[(0, 4, 1)], [0, 0], &[0; 4]),
+        ),
         ("unknown kind", raw_chunk(&[(0, 4, 7)], [0, 0], &[0; 4])),
         ("wraps", raw_chunk(&[(u64::MAX - 1, 4, 1)], [0, 0], &[])),
     ];
@@ -332,7 +434,10 @@ fn inconsistent_extents() {
     assert!(matches!(decode(&b, MAX), Err(WireError::Truncated(_))));
     // Data extents summing over the bound.
     let b = raw_chunk(&[(0, u32::MAX, 0)], [1, 1], &[]);
-    assert!(matches!(decode(&b, MAX), Err(WireError::DecompressedTooLarge(_))));
+    assert!(matches!(
+        decode(&b, MAX),
+        Err(WireError::DecompressedTooLarge(_))
+    ));
     // Bad sequence pair.
     let mut b = raw_chunk(&[], [0, 0], &[]);
     b[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&5u64.to_le_bytes());
@@ -344,7 +449,11 @@ fn inconsistent_extents() {
         last_seq: 1,
         source_time_ns: 0,
         compression: Compression::None,
-        extents: vec![Extent { offset: 0, len: 4, kind: ExtentKind::Data }],
+        extents: vec![Extent {
+            offset: 0,
+            len: 4,
+            kind: ExtentKind::Data,
+        }],
         payload: vec![0; 3],
     };
     assert!(Frame::Chunk(bad).encode(MAX).is_err());
@@ -352,7 +461,18 @@ fn inconsistent_extents() {
         1,
         1,
         0,
-        vec![Extent { offset: 4, len: 4, kind: ExtentKind::Data }, Extent { offset: 0, len: 4, kind: ExtentKind::Data }],
+        vec![
+            Extent {
+                offset: 4,
+                len: 4,
+                kind: ExtentKind::Data
+            },
+            Extent {
+                offset: 0,
+                len: 4,
+                kind: ExtentKind::Data
+            }
+        ],
         &[0; 8],
         Compression::None
     )
@@ -374,16 +494,33 @@ fn decompression_bomb_is_bounded() {
     std::io::Write::write_all(&mut enc, &big).unwrap();
     let z = enc.finish().unwrap();
     let b = raw_chunk(&[(0, 4096, 0)], [1, 1], &z);
-    let Frame::Chunk(c) = decode(&b, MAX).unwrap() else { panic!("not a chunk") };
+    let Frame::Chunk(c) = decode(&b, MAX).unwrap() else {
+        panic!("not a chunk")
+    };
     let e = c.data(MAX.into()).unwrap_err();
-    assert!(matches!(e, WireError::DecompressedTooLarge(_) | WireError::Decompress(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            WireError::DecompressedTooLarge(_) | WireError::Decompress(_)
+        ),
+        "{e}"
+    );
     // Short output is an error too.
     let z = compress(&[1, 2, 3], Compression::Zstd(1)).unwrap();
     assert!(decompress(&z, Compression::Zstd(1), 4, 100).is_err());
     assert!(decompress(&z, Compression::Zstd(1), 3, 2).is_err());
-    assert_eq!(&decompress(&z, Compression::Zstd(1), 3, 3).unwrap()[..], &[1, 2, 3]);
+    assert_eq!(
+        &decompress(&z, Compression::Zstd(1), 3, 3).unwrap()[..],
+        &[1, 2, 3]
+    );
     // Garbage is an error, not a panic.
-    assert!(decompress(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0], Compression::Zstd(1), 10, 100).is_err());
+    assert!(decompress(
+        &[0xde, 0xad, 0xbe, 0xef, 0, 0, 0],
+        Compression::Zstd(1),
+        10,
+        100
+    )
+    .is_err());
 }
 
 #[test]
@@ -397,11 +534,22 @@ fn field_domains() {
     h.volume_name = "x".repeat(MAX_NAME + 1);
     assert!(Frame::Hello(h.clone()).encode(MAX).is_err());
     // Error messages are truncated, never refused.
-    let e = Frame::Error(ErrorFrame { code: ErrorCode::Internal, message: "é".repeat(MAX_MESSAGE) });
-    let Frame::Error(got) = decode(&e.encode(MAX).unwrap(), MAX).unwrap() else { panic!() };
+    let e = Frame::Error(ErrorFrame {
+        code: ErrorCode::Internal,
+        message: "é".repeat(MAX_MESSAGE),
+    });
+    let Frame::Error(got) = decode(&e.encode(MAX).unwrap(), MAX).unwrap() else {
+        panic!()
+    };
     assert!(got.message.len() <= MAX_MESSAGE);
     // Invalid UTF-8 in a string.
-    let f = Frame::Tag(Tag { seq: 1, name: "ab".into(), kind: TagKind::Fs, uuid: [0; 16], source_time_ns: 0 });
+    let f = Frame::Tag(Tag {
+        seq: 1,
+        name: "ab".into(),
+        kind: TagKind::Fs,
+        uuid: [0; 16],
+        source_time_ns: 0,
+    });
     let mut b = f.encode(MAX).unwrap();
     let n = b.len();
     b[n - 1] = 0xff;
@@ -411,23 +559,44 @@ fn field_domains() {
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let n = samples().len();
-    (0..n, any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(
-        move |(i, a, b, bytes)| match samples().swap_remove(i) {
-            Frame::Ack(_) => Frame::Ack(Ack { durable_seq: a, applied_seq: b, spool_bytes: a ^ b, spool_budget: b }),
+    (
+        0..n,
+        any::<u64>(),
+        any::<u64>(),
+        proptest::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(move |(i, a, b, bytes)| match samples().swap_remove(i) {
+            Frame::Ack(_) => Frame::Ack(Ack {
+                durable_seq: a,
+                applied_seq: b,
+                spool_bytes: a ^ b,
+                spool_budget: b,
+            }),
             Frame::Heartbeat(_) => Frame::Heartbeat(Heartbeat { time_ns: a }),
             Frame::Error(_) => Frame::Error(ErrorFrame {
                 code: ErrorCode::from_u16(a as u16),
                 message: String::from_utf8_lossy(&bytes).into_owned(),
             }),
             Frame::Chunk(_) if !bytes.is_empty() => {
-                let ext = vec![Extent { offset: a >> 1, len: bytes.len() as u32, kind: ExtentKind::Data }];
-                let (f, l) = if a % 2 == 0 { (0, 0) } else { (1 + (b >> 2), 1 + (b >> 2) + (a >> 60)) };
-                let comp = if b % 2 == 0 { Compression::None } else { Compression::Zstd(1) };
+                let ext = vec![Extent {
+                    offset: a >> 1,
+                    len: bytes.len() as u32,
+                    kind: ExtentKind::Data,
+                }];
+                let (f, l) = if a % 2 == 0 {
+                    (0, 0)
+                } else {
+                    (1 + (b >> 2), 1 + (b >> 2) + (a >> 60))
+                };
+                let comp = if b % 2 == 0 {
+                    Compression::None
+                } else {
+                    Compression::Zstd(1)
+                };
                 Frame::Chunk(Chunk::build(f, l, a, ext, &bytes, comp).unwrap())
             }
             other => other,
-        },
-    )
+        })
 }
 
 proptest! {
@@ -512,10 +681,19 @@ impl std::io::Read for Tracking<'_> {
 #[test]
 fn read_frame_reads_exactly_one_frame() {
     let mut all = Vec::new();
-    let a = Frame::Heartbeat(Heartbeat { time_ns: 1 }).encode(MAX).unwrap();
+    let a = Frame::Heartbeat(Heartbeat { time_ns: 1 })
+        .encode(MAX)
+        .unwrap();
     all.extend_from_slice(&a);
-    all.extend_from_slice(&Frame::Heartbeat(Heartbeat { time_ns: 2 }).encode(MAX).unwrap());
-    let mut t = Tracking { data: &all, consumed: 0 };
+    all.extend_from_slice(
+        &Frame::Heartbeat(Heartbeat { time_ns: 2 })
+            .encode(MAX)
+            .unwrap(),
+    );
+    let mut t = Tracking {
+        data: &all,
+        consumed: 0,
+    };
     read_frame(&mut t, MAX).unwrap();
     assert_eq!(t.consumed, a.len());
 }
