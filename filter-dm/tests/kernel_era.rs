@@ -220,6 +220,18 @@ fn changed_since_matches_the_blocks_written() {
         live.changed_since(0).unwrap(),
         ranges(&both.union(&set(&[42, 43])).copied().collect())
     );
+    let last_era = md.superblock().current_era;
+
+    // Loaded again over the same metadata (a reboot): the history is kept, the era moves on.
+    let era = Era::create(&dm, name, meta.dev(), origin.dev(), 8).unwrap();
+    let _g = Guard { dm: &dm, name };
+    let resumed = era.status().unwrap().current_era;
+    assert!(resumed > last_era, "{resumed} > {last_era}");
+    write_blocks(&dm, name, &[7], 0x44);
+    let (r, _) = era.changed_since(second_era).unwrap();
+    assert_eq!(r, ranges(&b.union(&set(&[7, 42, 43])).copied().collect()));
+    let (r, _) = era.changed_since(resumed).unwrap();
+    assert_eq!(r, ranges(&set(&[7])));
 }
 
 #[test]
