@@ -283,3 +283,16 @@ fn shutdown_closes_connections_still_in_handshake() {
     // The connection's read side was shut down; the server closes it.
     assert_closed(&mut s);
 }
+
+#[test]
+fn client_closing_with_requests_in_flight_does_not_hurt_others() {
+    let f = fixture();
+    for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
+        let mut c = Client::go(&f.sock, "vol", mode, false);
+        for i in 0..64u64 {
+            c.send(CMD_READ, 0, (i % 16) * 65536, 65536, &[]);
+        }
+        drop(c); // close without reading any reply
+    }
+    assert_healthy(&f);
+}
