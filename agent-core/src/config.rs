@@ -42,7 +42,9 @@ pub struct ChangeLogConfig {
     /// [`crate::ChangeLog::start_persister`]. Default 10 s.
     pub persist_interval: Duration,
     /// Extent size of in-flight counters and of the activity log, as a power of
-    /// two (default 26 = 64 MiB). Only used when the region is created.
+    /// two: 12..=40 and at least the block size (default 26 = 64 MiB). Smaller
+    /// extents mean finer recovery after crashes but more activity-log
+    /// updates. Only used when the region is created.
     pub extent_shift: u32,
 }
 
@@ -91,11 +93,11 @@ impl ChangeLogConfig {
                 self.block_size
             ));
         }
-        if !(20..=40).contains(&self.extent_shift)
+        if !(12..=40).contains(&self.extent_shift)
             || (1u64 << self.extent_shift) < self.block_size as u64
         {
             return bad(format!(
-                "extent shift {} out of range 20..=40 or below the block size",
+                "extent shift {} out of range 12..=40 or below the block size",
                 self.extent_shift
             ));
         }

@@ -138,7 +138,11 @@ impl Layout {
         {
             return None;
         }
-        if !(20..=40).contains(&extent_shift) || ring_capacity == 0 || ring_capacity % PAGE != 0 {
+        if !(12..=40).contains(&extent_shift)
+            || (1u64 << extent_shift) < block_size as u64
+            || ring_capacity == 0
+            || ring_capacity % PAGE != 0
+        {
             return None;
         }
         let blocks = volume_size.div_ceil(block_size as u64);

@@ -27,7 +27,7 @@ const DIR_ENV: &str = "REWIND_KILL_DIR";
 
 fn config(dir: &Path) -> ChangeLogConfig {
     let mut c = common::cfg(dir, "kill", VOL, 4096, 64 * 1024);
-    c.extent_shift = 20; // 1 MiB extents
+    c.extent_shift = 16; // 64 KiB extents: 64 of them
     c.persist_interval = Duration::from_millis(50);
     c
 }
@@ -297,7 +297,7 @@ fn kill_producer_and_consumer_at_random_moments() {
     let (mut np, mut nc) = (0usize, 0usize);
     let mut prod = spawn("producer", dir, np);
     let mut cons = spawn("consumer", dir, nc);
-    let (mut kp, mut kc, mut checks) = (0, 0, 0);
+    let (mut kp, mut kc, mut checks, mut reboots) = (0, 0, 0, 0);
     for _ in 0..iterations {
         std::thread::sleep(Duration::from_micros(rng.gen_range(1_000..30_000)));
         check_alive(&mut prod, "producer", dir, np);
@@ -314,6 +314,12 @@ fn kill_producer_and_consumer_at_random_moments() {
             nc += 1;
         }
         if victim == 2 {
+            // Sometimes a "host reboot": /dev/shm is wiped, only the state
+            // directory (bitmap file + activity log) survives.
+            if rng.gen_bool(0.25) {
+                std::fs::remove_file(config(dir).region_path()).unwrap();
+                reboots += 1;
+            }
             // Quiescent point: a child process recovers the change log, then
             // nothing may be lost.
             let st = Command::new(std::env::current_exe().unwrap())
@@ -350,7 +356,7 @@ fn kill_producer_and_consumer_at_random_moments() {
     // from the source must be owed by the change log (ring or bitmap).
     let cfg = config(dir);
     let (log, report) = ChangeLog::open_with_report(cfg.clone()).unwrap();
-    eprintln!("final recovery: {report:?}; {checks} intermediate no-loss checks passed");
+    eprintln!("final recovery: {report:?}; {checks} intermediate no-loss checks passed ({reboots} after simulated reboots)");
     let (ndiff, nacks) = check_nothing_lost(dir, &cfg);
     let source = std::fs::read(dir.join("source")).unwrap();
     let st = log.stats();

@@ -25,6 +25,7 @@ enum Op {
     ConsumerCrash,
     ProducerCrashMidWrite { off: u64, len: u64, seed: u64 },
     Reboot { clean: bool },
+    Persist,
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -42,7 +43,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<bool>().prop_map(Op::Filtering),
         2 => Just(Op::ConsumerCrash),
         1 => (range(), any::<u64>()).prop_map(|((off, len), seed)| Op::ProducerCrashMidWrite { off, len, seed }),
-        1 => any::<bool>().prop_map(|clean| Op::Reboot { clean }),
+        2 => any::<bool>().prop_map(|clean| Op::Reboot { clean }),
+        3 => Just(Op::Persist),
     ]
 }
 
@@ -60,7 +62,7 @@ impl World {
     fn new(ring: u64) -> World {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = cfg(dir.path(), "p", VOL, 4096, ring);
-        cfg.extent_shift = 20;
+        cfg.extent_shift = 14; // 16 KiB extents: 16 of them, so the hot set matters
         let log = ChangeLog::open_or_create(cfg.clone()).unwrap();
         let cons = Consumer::attach(log.path()).unwrap();
         World {
@@ -120,6 +122,7 @@ impl World {
                 let _ = self.log().insert_tag("t", TagType::User, [1; 16]);
             }
             Op::Filtering(on) => self.log().set_filtering(on),
+            Op::Persist => self.log().persist().unwrap(),
             Op::ConsumerCrash => self.reattach(),
             Op::ProducerCrashMidWrite { off, len, seed } => {
                 let t = self.log().begin(off, len);
