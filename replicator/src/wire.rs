@@ -516,7 +516,14 @@ impl Frame {
     /// domain (e.g. a name too long, inconsistent extents) or the payload
     /// exceeds `max` bytes: what this function writes, [`decode`] accepts.
     pub fn encode(&self, max: u32) -> Result<Vec<u8>, WireError> {
-        let mut out = vec![0u8; HEADER_LEN];
+        let hint = match self {
+            Frame::Chunk(c) => c.payload.len() + c.extents.len() * EXTENT_LEN + 64,
+            Frame::ResyncData(d) => d.payload.len() + 32,
+            Frame::ResyncHashes(h) => h.hashes.len() * 32 + 32,
+            _ => 256,
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + hint);
+        out.resize(HEADER_LEN, 0);
         self.encode_payload(&mut out)?;
         let plen = out.len() - HEADER_LEN;
         if plen as u64 > u64::from(max) {
