@@ -189,6 +189,15 @@ fn consumer(dir: &Path) -> ! {
     }
 }
 
+fn add(acc: &mut Transitions, t: &Transitions) {
+    acc.data_to_metadata += t.data_to_metadata;
+    acc.metadata_to_bitmap += t.metadata_to_bitmap;
+    acc.data_to_bitmap += t.data_to_bitmap;
+    acc.bitmap_to_data += t.bitmap_to_data;
+    acc.metadata_to_data += t.metadata_to_data;
+    acc.filtering_stops += t.filtering_stops;
+}
+
 fn spawn(role: &str, dir: &Path, n: usize) -> Child {
     let err = File::create(dir.join(format!("{role}-{n}.stderr"))).unwrap();
     Command::new(std::env::current_exe().unwrap())
@@ -298,6 +307,7 @@ fn kill_producer_and_consumer_at_random_moments() {
     let mut prod = spawn("producer", dir, np);
     let mut cons = spawn("consumer", dir, nc);
     let (mut kp, mut kc, mut checks, mut reboots) = (0, 0, 0, 0);
+    let mut modes = Transitions::default();
     for _ in 0..iterations {
         std::thread::sleep(Duration::from_micros(rng.gen_range(1_000..30_000)));
         check_alive(&mut prod, "producer", dir, np);
@@ -317,6 +327,13 @@ fn kill_producer_and_consumer_at_random_moments() {
             // Sometimes a "host reboot": /dev/shm is wiped, only the state
             // directory (bitmap file + activity log) survives.
             if rng.gen_bool(0.25) {
+                add(
+                    &mut modes,
+                    &ChangeLogView::open(config(dir).region_path())
+                        .unwrap()
+                        .stats()
+                        .transitions,
+                );
                 std::fs::remove_file(config(dir).region_path()).unwrap();
                 reboots += 1;
             }
@@ -360,6 +377,7 @@ fn kill_producer_and_consumer_at_random_moments() {
     let (ndiff, nacks) = check_nothing_lost(dir, &cfg);
     let source = std::fs::read(dir.join("source")).unwrap();
     let st = log.stats();
+    add(&mut modes, &st.transitions);
     log.close().unwrap();
 
     // Final drain with a fresh consumer.
