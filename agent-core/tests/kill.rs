@@ -417,4 +417,9 @@ fn kill_producer_and_consumer_at_random_moments() {
         "the producer hardly wrote ({nacks} acknowledged writes)"
     );
     assert!(kp + kc >= iterations);
+    eprintln!("mode transitions over the whole run (all regions): {modes:?}");
+    assert!(
+        modes.data_to_metadata > 0 && modes.metadata_to_bitmap + modes.data_to_bitmap > 0,
+        "the run did not exercise all capture modes: {modes:?}"
+    );
 }
