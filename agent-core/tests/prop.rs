@@ -60,7 +60,7 @@ struct World {
 
 impl World {
     fn new(ring: u64) -> World {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tmpdir();
         let mut cfg = cfg(dir.path(), "p", VOL, 4096, ring);
         cfg.extent_shift = 14; // 16 KiB extents: 16 of them, so the hot set matters
         let log = ChangeLog::open_or_create(cfg.clone()).unwrap();
@@ -169,7 +169,7 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, max_shrink_iters: 200, ..ProptestConfig::default() })]
 
     #[test]
     fn replica_converges(ops in prop::collection::vec(op(), 1..160), ring in prop_oneof![Just(8192u64), Just(16384u64), Just(65536u64)]) {

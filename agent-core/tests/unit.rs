@@ -38,7 +38,7 @@ fn vol(dir: &std::path::Path, size: u64, block: u32, ring: u64) -> Vol {
 #[test]
 fn bitmap_set_clear_coalesce_at_several_block_sizes() {
     for block in [4096u32, 16384, 65536, 1 << 20] {
-        let d = tempfile::tempdir().unwrap();
+        let d = tmpdir();
         let size = 8 * MIB + 1000; // last block partial
         let mut v = vol(d.path(), size, block, 64 * 1024);
         v.log.set_filtering(false);
@@ -104,7 +104,7 @@ fn bitmap_set_clear_coalesce_at_several_block_sizes() {
 
 #[test]
 fn bitmap_batches_respect_max_bytes() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let mut v = vol(d.path(), 4 * MIB, 4096, 64 * 1024);
     v.log.set_filtering(false);
     v.write(0, 4 * MIB as usize, 1);
@@ -124,7 +124,7 @@ fn bitmap_batches_respect_max_bytes() {
 
 #[test]
 fn ring_wrap_around_and_record_contents() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let mut v = vol(d.path(), MIB, 4096, 16 * 1024);
     let mut c = Consumer::attach(v.log.path()).unwrap();
     let mut rep = vec![0u8; MIB as usize];
@@ -158,7 +158,7 @@ fn ring_wrap_around_and_record_contents() {
 
 #[test]
 fn every_mode_transition_with_counters() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     // 8 KiB ring: max payload 2 KiB; two 2 KiB data records fit, then metadata.
     let mut v = vol(d.path(), MIB, 4096, 8192);
     let view = ChangeLogView::open(v.log.path()).unwrap();
@@ -250,7 +250,7 @@ fn every_mode_transition_with_counters() {
 
 #[test]
 fn zero_records_and_statistics() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let mut v = vol(d.path(), 4 * MIB, 4096, 64 * 1024);
     v.write(0, 65536, 1);
     v.zero(4096, 192 * 1024); // bigger than the ring: still a zero record
@@ -284,7 +284,7 @@ fn zero_records_and_statistics() {
 
 #[test]
 fn tags_in_stream_order_and_refusals() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let mut v = vol(d.path(), MIB, 4096, 8192);
     v.write(0, 1000, 1);
     let seq = v
@@ -335,7 +335,7 @@ fn tags_in_stream_order_and_refusals() {
 
 #[test]
 fn persistence_round_trip_and_reboot() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let size = 256 * MIB;
     let c0 = {
         let mut c = cfg(d.path(), "vol1", size, 4096, 16 * 1024);
@@ -409,7 +409,7 @@ fn persistence_round_trip_and_reboot() {
 
 #[test]
 fn producer_crash_recovery_marks_inflight_extents() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let mut c0 = cfg(d.path(), "v", 64 * MIB, 4096, 64 * 1024);
     c0.extent_shift = 20; // 1 MiB extents
     let log = ChangeLog::open_or_create(c0.clone()).unwrap();
@@ -450,7 +450,7 @@ fn producer_crash_recovery_marks_inflight_extents() {
 
 #[test]
 fn consumer_crash_redelivers() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let mut v = vol(d.path(), MIB, 4096, 64 * 1024);
     v.write(0, 4096, 1);
     v.write(8192, 4096, 2);
@@ -492,7 +492,7 @@ fn consumer_crash_redelivers() {
 
 #[test]
 fn exclusive_roles() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let c0 = cfg(d.path(), "v", MIB, 4096, 8192);
     let log = ChangeLog::open_or_create(c0.clone()).unwrap();
     assert!(matches!(
@@ -516,7 +516,7 @@ fn exclusive_roles() {
 
 #[test]
 fn corrupt_or_mismatched_regions_are_errors() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let c0 = cfg(d.path(), "v", MIB, 4096, 8192);
     let path = c0.region_path();
     drop(ChangeLog::open_or_create(c0.clone()).unwrap());
@@ -568,7 +568,7 @@ fn corrupt_or_mismatched_regions_are_errors() {
 
 #[test]
 fn corrupt_ring_record_is_detected_and_recovered() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let c0 = cfg(d.path(), "v", MIB, 4096, 8192);
     let path = c0.region_path();
     let log = ChangeLog::open_or_create(c0.clone()).unwrap();
@@ -603,7 +603,7 @@ fn corrupt_ring_record_is_detected_and_recovered() {
 
 #[test]
 fn close_then_reopen() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let c0 = cfg(d.path(), "v", MIB, 4096, 8192);
     let log = ChangeLog::open_or_create(c0.clone()).unwrap();
     log.close().unwrap();
@@ -621,7 +621,7 @@ fn close_then_reopen() {
 
 #[test]
 fn crash_before_first_persist_is_not_lost_state_but_missing_al_is() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tmpdir();
     let c0 = cfg(d.path(), "v", MIB, 4096, 8192);
     drop(ChangeLog::open_or_create(c0.clone()).unwrap());
     // region lost right after creation: state files exist, nothing dirty

@@ -69,3 +69,13 @@ pub fn fill(buf: &mut [u8], mut seed: u64) {
         chunk.copy_from_slice(&b[..chunk.len()]);
     }
 }
+
+/// A temporary directory, on tmpfs when available (the tests fsync a lot).
+pub fn tmpdir() -> tempfile::TempDir {
+    if std::path::Path::new("/dev/shm").is_dir() {
+        if let Ok(d) = tempfile::tempdir_in("/dev/shm") {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
+}
