@@ -36,11 +36,11 @@ fn fs_over_nbd(tag: &str, fs: &str, size: u64) {
 }
 
 #[test]
-fn ext4_over_nbdfuse_loop() {
+fn fs_ext4_over_nbdfuse_loop() {
     fs_over_nbd("fs-ext4", "ext4", 256 * MIB);
 }
 
 #[test]
-fn xfs_over_nbdfuse_loop() {
+fn fs_xfs_over_nbdfuse_loop() {
     fs_over_nbd("fs-xfs", "xfs", 320 * MIB);
 }
