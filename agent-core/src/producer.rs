@@ -461,6 +461,10 @@ impl ChangeLog {
                 );
             }
         }
+        if l.blocks % 64 != 0 {
+            // never trust bits beyond the volume end from a file
+            bits[words - 1] &= (1u64 << (l.blocks % 64)) - 1;
+        }
         report.blocks_from_state = bits.iter().map(|w| w.count_ones() as u64).sum();
         // Records after the last persist may have used sequence numbers up to
         // ~2^32 beyond the persisted one; jump past them.
@@ -928,7 +932,11 @@ impl Inner {
             h.store(0, SeqCst);
         }
         let mut new_hot = vec![0u64; ext_words];
-        let mut set = |e: u64| new_hot[(e / 64) as usize] |= 1 << (e % 64);
+        let mut set = |e: u64| {
+            if e < l.extent_count {
+                new_hot[(e / 64) as usize] |= 1 << (e % 64)
+            }
+        };
         for e in 0..l.extent_count {
             if sh.inflight(e).load(SeqCst) != 0 {
                 set(e);

@@ -249,9 +249,11 @@ impl Shared {
     /// Byte range of blocks `a..=b`, clamped to the volume size.
     pub(crate) fn blocks_to_bytes(&self, a: u64, b: u64) -> (u64, u64) {
         let l = &self.hdr.layout;
-        let start = a << l.block_shift;
+        let start = (a << l.block_shift).min(l.volume_size);
         let end = ((b + 1) << l.block_shift).min(l.volume_size);
-        (start, end - start)
+        // Bits beyond the volume end (only possible if another process wrote
+        // them) yield an empty range rather than an underflow.
+        (start, end.saturating_sub(start))
     }
 
     /// Coalesced byte ranges of the blocks set in `word(w)` for all words.

@@ -635,3 +635,21 @@ fn crash_before_first_persist_is_not_lost_state_but_missing_al_is() {
     let (_log, rep) = ChangeLog::open_with_report(c0.clone()).unwrap();
     assert!(rep.full_resync, "{rep:?}");
 }
+
+#[test]
+fn foreign_bits_beyond_the_volume_end_are_harmless() {
+    use std::os::unix::fs::FileExt;
+    let d = tmpdir();
+    let size = MIB + 1000; // 257 blocks: word 4 has one valid bit
+    let log = ChangeLog::open_or_create(cfg(d.path(), "v", size, 4096, 8192)).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(log.path()).unwrap();
+    f.write_all_at(&u64::MAX.to_le_bytes(), 4096 + 4 * 8).unwrap(); // active word 4, all bits
+    let view = ChangeLogView::open(log.path()).unwrap();
+    assert_eq!(view.dirty_ranges(), vec![(MIB, 1000)]);
+    let mut c = Consumer::attach(log.path()).unwrap();
+    let b = c.get(u64::MAX).unwrap().unwrap();
+    assert_eq!(b.ranges(), &[(MIB, 1000)]);
+    c.commit(b).unwrap();
+    assert!(view.dirty_ranges().is_empty());
+    log.persist().unwrap();
+}
