@@ -16,7 +16,9 @@ fn collect(dir: &str, limit: usize) -> Vec<u8> {
     let mut out = Vec::new();
     let mut stack = vec![std::path::PathBuf::from(dir)];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         let mut entries: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
         entries.sort();
         for p in entries {
@@ -53,8 +55,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut samples: Vec<(String, Vec<u8>)> = Vec::new();
     if args.is_empty() {
-        samples.push(("libs (/usr/lib)".into(), collect("/usr/lib/x86_64-linux-gnu", SAMPLE)));
-        samples.push(("text (/usr/share/doc)".into(), collect("/usr/share/doc", SAMPLE)));
+        samples.push((
+            "libs (/usr/lib)".into(),
+            collect("/usr/lib/x86_64-linux-gnu", SAMPLE),
+        ));
+        samples.push((
+            "text (/usr/share/doc)".into(),
+            collect("/usr/share/doc", SAMPLE),
+        ));
         samples.push(("random".into(), random(SAMPLE)));
     } else {
         for a in args {
@@ -67,10 +75,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         println!("sample {name}: {} MiB", data.len() >> 20);
-        for comp in [Compression::None, Compression::Zstd(1), Compression::Zstd(3)] {
-            let (mut wire_bytes, mut t_build, mut t_enc, mut t_dec, mut t_data) = (0usize, 0.0, 0.0, 0.0, 0.0);
+        for comp in [
+            Compression::None,
+            Compression::Zstd(1),
+            Compression::Zstd(3),
+        ] {
+            let (mut wire_bytes, mut t_build, mut t_enc, mut t_dec, mut t_data) =
+                (0usize, 0.0, 0.0, 0.0, 0.0);
             for (i, piece) in data.chunks(CHUNK).enumerate() {
-                let ext = vec![Extent { offset: (i * CHUNK) as u64, len: piece.len() as u32, kind: ExtentKind::Data }];
+                let ext = vec![Extent {
+                    offset: (i * CHUNK) as u64,
+                    len: piece.len() as u32,
+                    kind: ExtentKind::Data,
+                }];
                 let t = Instant::now();
                 let c = Chunk::build(1 + i as u64, 1 + i as u64, 0, ext, piece, comp)?;
                 t_build += t.elapsed().as_secs_f64();

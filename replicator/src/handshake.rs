@@ -59,9 +59,29 @@ pub enum HandshakeError {
         /// Received frame type.
         got: String,
     },
+    /// The target refused the TLS session after the handshake (TLS 1.3
+    /// reports a refused client certificate only with the first read).
+    #[error(
+        "the target refused the TLS session (alert {0}): is our client certificate issued by the target's CA, \
+         and our host name in its allowed list?"
+    )]
+    TlsRefused(String),
     /// The peer's frame was malformed, or the transport failed.
     #[error(transparent)]
     Wire(#[from] WireError),
+}
+
+/// Maps a transport error carrying a received TLS alert to
+/// [`HandshakeError::TlsRefused`].
+fn classify(e: WireError) -> HandshakeError {
+    if let WireError::Io(io) = &e {
+        if let Some(rustls::Error::AlertReceived(a)) =
+            io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return HandshakeError::TlsRefused(format!("{a:?}"));
+        }
+    }
+    HandshakeError::Wire(e)
 }
 
 /// Negotiated parameters of a connection.
@@ -86,8 +106,8 @@ impl Negotiated {
 /// Source side: sends `hello`, waits for the answer. Returns the target's
 /// `Welcome`, or [`HandshakeError::Refused`] with the target's reason.
 pub fn client_hello<T: Read + Write>(t: &mut T, hello: &Hello) -> Result<Welcome, HandshakeError> {
-    wire::write_frame(t, &Frame::Hello(hello.clone()), HANDSHAKE_MAX_FRAME)?;
-    match wire::read_frame(t, HANDSHAKE_MAX_FRAME)? {
+    wire::write_frame(t, &Frame::Hello(hello.clone()), HANDSHAKE_MAX_FRAME).map_err(classify)?;
+    match wire::read_frame(t, HANDSHAKE_MAX_FRAME).map_err(classify)? {
         Frame::Welcome(w) if w.accepted => {
             if w.protocol_version != hello.protocol_version {
                 return Err(HandshakeError::Unexpected {

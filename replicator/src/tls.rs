@@ -597,8 +597,13 @@ where
 {
     while conn.is_handshaking() {
         if let Err(e) = conn.complete_io(sock) {
-            // Make sure a pending alert reaches the peer.
-            let _ = conn.complete_io(sock);
+            // Make sure a pending alert reaches the peer (write only: a
+            // read here would wait for the peer until the timeout).
+            while conn.wants_write() {
+                if conn.write_tls(sock).is_err() {
+                    break;
+                }
+            }
             let reason = match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                     "timed out waiting for the peer".to_owned()

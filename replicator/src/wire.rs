@@ -1130,6 +1130,27 @@ pub fn decompress(
             Ok(Cow::Borrowed(payload))
         }
         Compression::Zstd(_) => {
+            let cap =
+                usize::try_from(expected).map_err(|_| WireError::DecompressedTooLarge(bound))?;
+            // Fast path: the frame declares exactly the expected size, so a
+            // one-shot decompression into a buffer of that size (bounded by
+            // `bound`) cannot produce more.
+            if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(payload) {
+                if n == expected {
+                    let mut out = Vec::with_capacity(cap);
+                    let mut dx = zstd::bulk::Decompressor::new()
+                        .map_err(|e| WireError::Decompress(e.to_string()))?;
+                    let got = dx
+                        .decompress_to_buffer(payload, &mut out)
+                        .map_err(|e| WireError::Decompress(e.to_string()))?;
+                    if got != cap {
+                        return Err(WireError::Decompress(format!(
+                            "{got} bytes, expected {expected}"
+                        )));
+                    }
+                    return Ok(Cow::Owned(out));
+                }
+            }
             let mut d = zstd::stream::read::Decoder::new(payload)
                 .map_err(|e| WireError::Decompress(e.to_string()))?;
             // Refuse frames whose window (the decoder's allocation) is larger
@@ -1137,10 +1158,7 @@ pub fn decompress(
             let log = (64 - expected.max(1024).saturating_sub(1).leading_zeros()).clamp(10, 31);
             d.window_log_max(log)
                 .map_err(|e| WireError::Decompress(e.to_string()))?;
-            // expected <= bound <= usize range in practice; reading one byte
-            // past `expected` detects over-long streams.
-            let cap =
-                usize::try_from(expected).map_err(|_| WireError::DecompressedTooLarge(bound))?;
+            // Reading one byte past `expected` detects over-long streams.
             // Grow with the output actually produced rather than trusting
             // the declared size for the allocation.
             let mut out = Vec::with_capacity(cap.min(256 << 10));

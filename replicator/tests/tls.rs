@@ -323,3 +323,35 @@ fn pki_refuses_overwrite_and_protects_keys() {
         Err(TlsError::Pem { .. })
     ));
 }
+
+#[test]
+fn refused_source_gets_a_typed_handshake_error() {
+    use replicator::handshake::{self, HandshakeError};
+    let k = pki();
+    let srv = serve_once(server_cfg(&k, &["src-02"]));
+    let cfg = client_cfg(&k.dir, &k.dir, "src-01");
+    // TLS 1.3: the client's handshake completes before the server has
+    // judged its certificate; the refusal arrives as an alert on first read.
+    let mut t = tls::connect(&srv.addr.to_string(), "localhost", &cfg).unwrap();
+    let hello = replicator::wire::Hello {
+        protocol_version: 1,
+        max_frame: MAX,
+        volume_name: "v".into(),
+        volume_uuid: [1; 16],
+        generation: 1,
+        size: 1 << 20,
+        block_size: 4096,
+        source_host: "src-01".into(),
+    };
+    let e = handshake::client_hello(&mut t, &hello).unwrap_err();
+    assert!(matches!(e, HandshakeError::TlsRefused(_)), "{e}");
+    eprintln!("{e}");
+    assert!(srv.handle.join().unwrap().is_err());
+    assert_eq!(srv.frames.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn transport_is_send() {
+    fn assert_send<T: Send + std::io::Read + std::io::Write>() {}
+    assert_send::<tls::Transport>();
+}
