@@ -12,6 +12,19 @@
 //!
 //! Byte layouts and the crash-recovery argument are in `docs/journal-format.md`.
 //!
+//! # Use from the network side (adapter in `tools`)
+//!
+//! ```text
+//! handshake:  TargetVolume::open_checked(dir, &identity, opts)   // IdentityMismatch = refuse (split brain)
+//!             -> report durable_seq() as the resume point
+//! per frame:  spool_many(&[ChunkIn..])?                          // durable on return
+//!             -> Ack{ durable_seq() }
+//!             flow control: spool_bytes() vs spool_budget(); SpoolFull = apply first, retry
+//! apply task: apply_batch() in a loop (or apply_all()); counters() for status
+//! resync:     block_hashes(offset, len, block) / resize(new_size)
+//! recovery:   read_at_point(Point::Seq|Time|Latest, offset, len)
+//! ```
+//!
 //! # Guarantees
 //!
 //! * **Durable ack**: when [`TargetVolume::spool`] / [`TargetVolume::spool_many`]
@@ -37,6 +50,8 @@
 //! * Data read from disk is checksummed (blake3) and never used unverified; a
 //!   torn tail (crash mid-append) is truncated on open with a warning; any
 //!   other corruption is a [`JournalError::Corrupt`].
+
+#![deny(missing_docs)]
 
 pub mod fault;
 mod format;
@@ -470,6 +485,7 @@ pub struct TargetVolume {
     opts: TargetOptions,
     faults: fault::Faults,
     poisoned: bool,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
     // spool
     spool_files: VecDeque<SpoolFile>,
     pending: VecDeque<Pending>,
@@ -790,13 +806,23 @@ fn parse_undo_table(
     Ok(v)
 }
 
-/// Encode old bytes for the journal: zero elision, then zstd when it saves ≥ 1/8.
-fn encode_old(old: Vec<u8>, level: Option<i32>) -> (u8, Vec<u8>) {
+/// Encode old bytes for the journal: zero elision, then zstd when it saves ≥ 1/8
+/// (pieces over 8 KiB are tried only if their first 4 KiB compress).
+fn encode_old(old: Vec<u8>, z: Option<&mut zstd::bulk::Compressor<'static>>) -> (u8, Vec<u8>) {
     if is_zero(&old) {
         return (ENC_ZERO, Vec::new());
     }
-    if let Some(l) = level {
-        if let Ok(c) = zstd::bulk::compress(&old, l) {
+    if let Some(z) = z {
+        // Sample the first 4 KiB of larger pieces: incompressible data (already
+        // compressed or encrypted volumes) then costs 4 KiB of zstd, not the whole piece.
+        const SAMPLE: usize = 4096;
+        if old.len() > 2 * SAMPLE {
+            match z.compress(&old[..SAMPLE]) {
+                Ok(c) if c.len() <= SAMPLE - SAMPLE / 8 => {}
+                _ => return (ENC_RAW, old),
+            }
+        }
+        if let Ok(c) = z.compress(&old) {
             if c.len() <= old.len() - old.len() / 8 {
                 return (ENC_ZSTD, c);
             }
@@ -995,6 +1021,12 @@ impl TargetVolume {
             .map_err(ioe(|| format!("stat {}", replica_path.display())))?
             .file_type()
             .is_file();
+        let zstd = match opts.undo_zstd_level {
+            Some(l) => {
+                Some(zstd::bulk::Compressor::new(l).map_err(ioe(|| format!("zstd level {l}")))?)
+            }
+            None => None,
+        };
         let mut v = TargetVolume {
             _lock: lock,
             dir: dir.to_path_buf(),
@@ -1005,6 +1037,7 @@ impl TargetVolume {
             opts,
             faults: fault::Faults::new(FaultConfig::from_env()),
             poisoned: false,
+            zstd,
             spool_files: VecDeque::new(),
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -1143,9 +1176,13 @@ impl TargetVolume {
             let r = &self.records[i];
             let mut ok = true;
             for x in &r.extents {
-                if self.undo_bytes(r, x).is_err() {
-                    ok = false;
-                    break;
+                match self.undo_bytes(r, x) {
+                    Ok(_) => {}
+                    Err(JournalError::Corrupt { .. }) => {
+                        ok = false;
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             if !ok {
@@ -1775,7 +1812,7 @@ impl TargetVolume {
                             overlay_new(&mut old, o, prev);
                         }
                     }
-                    let (enc, stored) = encode_old(old, self.opts.undo_zstd_level);
+                    let (enc, stored) = encode_old(old, self.zstd.as_mut());
                     self.counters.undo_raw_bytes += pl;
                     self.counters.undo_stored_bytes += stored.len() as u64;
                     entries.push((o, pl, enc, stored));
