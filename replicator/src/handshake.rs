@@ -245,6 +245,7 @@ where
             message: r.message.clone(),
         });
         // Best effort: the peer may already be gone.
+        tracing::warn!(code = ?r.code, message = %r.message, "refusing replication source");
         let _ = wire::write_frame(t, &f, HANDSHAKE_MAX_FRAME);
         HandshakeError::RefusedPeer(r)
     };

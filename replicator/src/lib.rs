@@ -13,6 +13,8 @@
 //! The drain/ship loop, the resync engine and the target daemon build on
 //! these. The byte-level specification is `docs/wire-protocol.md`.
 
+#![warn(missing_docs)]
+
 pub mod bandwidth;
 pub mod handshake;
 pub mod pki;

@@ -674,6 +674,7 @@ pub fn accept_stream(sock: TcpStream, cfg: &ServerTls) -> Result<Transport, TlsE
                 ServerConnection::new(c.clone()).map_err(|e| TlsError::Config(e.to_string()))?;
             let mut s = StreamOwned::new(conn, sock);
             if let Err(e) = complete_handshake(&mut s.conn, &mut s.sock, peer) {
+                tracing::warn!(%peer, error = %e, "refused replication client");
                 let _ = s.sock.shutdown(Shutdown::Both);
                 return Err(e);
             }
@@ -682,6 +683,7 @@ pub fn accept_stream(sock: TcpStream, cfg: &ServerTls) -> Result<Transport, TlsE
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|leaf| matching_name(&cfg.allowed, leaf));
+            tracing::info!(%peer, identity = ?identity, "replication client authenticated");
             Ok(Transport {
                 inner: Inner::Server(Box::new(s)),
                 peer,
