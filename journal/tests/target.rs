@@ -865,3 +865,66 @@ mod prop {
         states.push((last, img.to_vec()));
     }
 }
+
+#[test]
+fn torn_group_commit_with_intact_later_records_is_truncated() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = small_opts();
+    o.spool_file_size = 1 << 20;
+    let mut v = create(d.path(), o.clone());
+    v.spool(&chunk(1)).unwrap();
+    let before = std::fs::metadata(&spool_files(d.path())[0]).unwrap().len();
+    // one group of three records (one write + one fdatasync)
+    v.spool_many(&[chunk(2), chunk(3), chunk(4)]).unwrap();
+    drop(v);
+    // damage the first record of the group: the later two are intact but belong to the
+    // same (unsynced at crash time) group, so this is a torn tail, not corruption
+    let f = spool_files(d.path())[0].clone();
+    flip(&f, before + 70);
+    let mut v = reopen(d.path(), o);
+    assert_eq!(v.counters().torn_tails, 1);
+    assert_eq!(v.durable_seq(), 1);
+    for k in 2..=4 {
+        v.spool(&chunk(k)).unwrap();
+    }
+    v.apply_all().unwrap();
+    assert_eq!(replica_bytes(d.path()), model(4));
+    check_points(&v, 1);
+}
+
+#[test]
+fn torn_undo_payload_in_uncommitted_tail_is_truncated() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = small_opts();
+    o.undo_zstd_level = None;
+    o.segment_size = 1 << 20;
+    let mut v = create(d.path(), o.clone());
+    for k in 1..=5 {
+        v.spool(&chunk(k)).unwrap();
+    }
+    v.apply_all().unwrap();
+    v.spool(&chunk(6)).unwrap();
+    v.set_fault(Some(FaultConfig {
+        point: FaultPoint::UndoAfterAppend,
+        action: FaultAction::Error,
+        skip: 0,
+    }));
+    assert!(matches!(v.apply_next(), Err(JournalError::Injected(_))));
+    assert!(matches!(v.apply_next(), Err(JournalError::Poisoned)));
+    drop(v);
+    // the last record's payload did not reach the disk: header/table intact, bytes wrong
+    let seg = seg_files(d.path()).pop().unwrap();
+    let mut b = std::fs::read(&seg).unwrap();
+    let n = b.len();
+    for x in &mut b[n - 40..n - 33] {
+        *x ^= 0x5a;
+    }
+    std::fs::write(&seg, &b).unwrap();
+    let mut v = reopen(d.path(), o);
+    assert_eq!(v.counters().torn_tails, 1, "{:?}", v.counters());
+    assert_eq!(v.counters().recovered_chunks, 0);
+    assert_eq!(v.applied_seq(), 5);
+    v.apply_all().unwrap();
+    assert_eq!(replica_bytes(d.path()), model(6));
+    check_points(&v, 1);
+}
