@@ -204,12 +204,15 @@ impl ClientTls {
         let roots = load_roots(ca)?;
         let chain = load_certs(cert)?;
         let key = load_key(key)?;
-        let cfg = ClientConfig::builder_with_provider(provider())
+        let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
+        // Every connection does a full handshake with full certificate
+        // verification (connections are long-lived; resumption buys nothing).
+        cfg.resumption = rustls::client::Resumption::disabled();
         Ok(ClientTls {
             mode: ClientMode::Tls(Arc::new(cfg)),
             timeouts: Timeouts::default(),
@@ -221,11 +224,14 @@ impl ClientTls {
     /// explicitly allows anonymous clients, and for tests).
     pub fn without_client_cert(ca: &Path) -> Result<Self, TlsError> {
         let roots = load_roots(ca)?;
-        let cfg = ClientConfig::builder_with_provider(provider())
+        let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Every connection does a full handshake with full certificate
+        // verification (connections are long-lived; resumption buys nothing).
+        cfg.resumption = rustls::client::Resumption::disabled();
         Ok(ClientTls {
             mode: ClientMode::Tls(Arc::new(cfg)),
             timeouts: Timeouts::default(),
@@ -270,12 +276,16 @@ impl ServerTls {
             inner: webpki,
             allowed: allowed.clone(),
         });
-        let cfg = ServerConfig::builder_with_provider(provider())
+        let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
+        // No resumption: every client is verified (CA, validity, allow list)
+        // on every connection, including after an allow-list change.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
         Ok(ServerTls {
             mode: ServerMode::Tls(Arc::new(cfg)),
             allowed,
