@@ -145,7 +145,9 @@ fn civil_from_days(z: i64) -> (i32, u8, u8) {
 
 fn set_validity(p: &mut CertificateParams, days: i64) {
     let today = now_unix().div_euclid(86_400);
-    let (y, m, d) = civil_from_days(today - 1);
+    // Valid from yesterday (clock skew), or from before the end for a
+    // validity in the past (tests of expiry).
+    let (y, m, d) = civil_from_days((today - 1).min(today + days - 1));
     p.not_before = rcgen::date_time_ymd(y, m, d);
     let (y, m, d) = civil_from_days(today + days);
     p.not_after = rcgen::date_time_ymd(y, m, d);
@@ -243,6 +245,40 @@ pub fn issue_with_names(
     kind: CertKind,
     force: bool,
 ) -> Result<Issued, PkiError> {
+    issue_with(
+        dir,
+        host,
+        &IssueOptions {
+            extra_names: extra.to_vec(),
+            kind,
+            days: HOST_DAYS,
+            force,
+        },
+    )
+}
+
+/// Options of [`issue_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueOptions {
+    /// Subject alternative names besides the host name.
+    pub extra_names: Vec<String>,
+    /// Server, client or both.
+    pub kind: CertKind,
+    /// Validity in days from today (negative: already expired, for tests).
+    pub days: i64,
+    /// Overwrite existing files.
+    pub force: bool,
+}
+
+/// Issues a host certificate with explicit options (see [`issue`]).
+pub fn issue_with(dir: &Path, host: &str, opts: &IssueOptions) -> Result<Issued, PkiError> {
+    let IssueOptions {
+        extra_names: extra,
+        kind,
+        days,
+        force,
+    } = opts;
+    let (kind, days, force) = (*kind, *days, *force);
     check_host(host)?;
     for n in extra {
         check_host(n)?;
@@ -284,7 +320,7 @@ pub fn issue_with_names(
         ],
     };
     p.use_authority_key_identifier_extension = true;
-    set_validity(&mut p, HOST_DAYS);
+    set_validity(&mut p, days);
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     p.serial_number = Some(serial(&key.public_key_der()));
     let cert = p.signed_by(&key, &issuer, &ca_key)?;

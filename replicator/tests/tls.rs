@@ -355,3 +355,22 @@ fn transport_is_send() {
     fn assert_send<T: Send + std::io::Read + std::io::Write>() {}
     assert_send::<tls::Transport>();
 }
+
+#[test]
+fn expired_client_certificate_is_refused() {
+    let k = pki();
+    let opts = pki::IssueOptions {
+        extra_names: vec![],
+        kind: CertKind::Client,
+        days: -2,
+        force: false,
+    };
+    pki::issue_with(&k.dir, "old-src", &opts).unwrap();
+    let srv = serve_once(server_cfg(&k, &[]));
+    let cfg = client_cfg(&k.dir, &k.dir, "old-src");
+    refused(
+        srv,
+        |a| exchange(a, "localhost", &cfg),
+        "certificate expired",
+    );
+}
