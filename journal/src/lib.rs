@@ -53,6 +53,7 @@
 
 #![deny(missing_docs)]
 
+mod catalogue;
 pub mod fault;
 mod format;
 
@@ -75,6 +76,7 @@ pub const UNDO_PIECE: u64 = 1 << 20;
 const IDENTITY_FILE: &str = "identity";
 const SPOOL_DIR: &str = "spool";
 const JOURNAL_DIR: &str = "journal";
+const CATALOGUE_FILE: &str = "catalogue.sqlite";
 
 /// Errors of the journal crate.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,9 @@ pub enum JournalError {
     /// A bad argument.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// The SQLite catalogue failed (derived data: it is rebuilt at the next open).
+    #[error("catalogue: {0}")]
+    Catalogue(String),
     /// Another process (or handle) has the target directory open.
     #[error("{0} is locked by another target process")]
     Locked(PathBuf),
@@ -421,6 +426,31 @@ pub struct UndoRecordInfo {
     pub extents: Vec<(u64, u64)>,
 }
 
+/// Summary of one journal segment (also a row of the catalogue table `segments`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Segment index (file name).
+    pub index: u64,
+    /// First chunk id with an undo record in the segment (0 if none).
+    pub first_chunk_id: u64,
+    /// Last chunk id with an undo record in the segment.
+    pub last_chunk_id: u64,
+    /// First sequence number of the first ordered record (0 if none).
+    pub first_seq: u64,
+    /// Last sequence number of the last ordered record (0 if none).
+    pub last_seq: u64,
+    /// Source time of the first record.
+    pub first_time_ns: u64,
+    /// Source time of the last record.
+    pub last_time_ns: u64,
+    /// Undo records in the segment.
+    pub undo_records: u64,
+    /// Segment file length.
+    pub bytes: u64,
+    /// True when a later segment exists (no more appends).
+    pub sealed: bool,
+}
+
 struct SpoolFile {
     id: u64,
     path: PathBuf,
@@ -486,6 +516,7 @@ pub struct TargetVolume {
     faults: fault::Faults,
     poisoned: bool,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    catalogue: Option<catalogue::Catalogue>,
     // spool
     spool_files: VecDeque<SpoolFile>,
     pending: VecDeque<Pending>,
@@ -1038,6 +1069,7 @@ impl TargetVolume {
             faults: fault::Faults::new(FaultConfig::from_env()),
             poisoned: false,
             zstd,
+            catalogue: None,
             spool_files: VecDeque::new(),
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -1057,6 +1089,9 @@ impl TargetVolume {
         v.load_spool()?;
         v.recover_tail(tail_start)?;
         v.reclaim()?;
+        let mut cat = catalogue::Catalogue::open(&v.dir.join(CATALOGUE_FILE))?;
+        cat.rebuild(&v.segments())?;
+        v.catalogue = Some(cat);
         Ok(v)
     }
 
@@ -1935,6 +1970,14 @@ impl TargetVolume {
             file,
             len: FILE_HDR as u64,
         });
+        let all = self.segments();
+        let changed = &all[all.len().saturating_sub(2)..];
+        if let Some(c) = self.catalogue.as_mut() {
+            if let Err(e) = c.update(changed) {
+                // Derived data: the next open rebuilds it from the segments.
+                warn!(error = %e, "catalogue update failed");
+            }
+        }
         Ok(())
     }
 
@@ -2295,6 +2338,48 @@ impl TargetVolume {
                 extents: r.extents.iter().map(|x| (x.offset, x.len)).collect(),
             })
             .collect()
+    }
+
+    /// Summary of every journal segment, oldest first (what the catalogue holds).
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let n = self.segments.len();
+        let mut v: Vec<SegmentInfo> = self
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SegmentInfo {
+                index: s.index,
+                bytes: s.len,
+                sealed: i + 1 < n,
+                ..SegmentInfo::default()
+            })
+            .collect();
+        for r in &self.records {
+            let si = &mut v[r.seg];
+            if si.undo_records == 0 {
+                si.first_chunk_id = r.chunk_id;
+                si.first_time_ns = r.time_ns;
+            }
+            si.last_chunk_id = r.chunk_id;
+            si.last_time_ns = r.time_ns;
+            if r.last_seq != 0 {
+                if si.first_seq == 0 {
+                    si.first_seq = r.first_seq;
+                }
+                si.last_seq = r.last_seq;
+            }
+            si.undo_records += 1;
+        }
+        v
+    }
+
+    /// Catalogue query: indexes of sealed segments whose newest record is at or
+    /// before `time_ns` (the input of time-based retention).
+    pub fn catalogue_sealed_before(&self, time_ns: u64) -> Result<Vec<u64>> {
+        match &self.catalogue {
+            Some(c) => c.sealed_before(time_ns),
+            None => Err(JournalError::Catalogue("not open".into())),
+        }
     }
 
     /// A snapshot of the counters.

@@ -928,3 +928,36 @@ fn torn_undo_payload_in_uncommitted_tail_is_truncated() {
     assert_eq!(replica_bytes(d.path()), model(6));
     check_points(&v, 1);
 }
+
+#[test]
+fn catalogue_indexes_segments_and_is_rebuilt() {
+    let d = tempfile::tempdir().unwrap();
+    let mut v = create(d.path(), small_opts());
+    for k in 1..=40 {
+        v.spool(&chunk(k)).unwrap();
+        v.apply_all().unwrap();
+    }
+    let segs = v.segments();
+    assert!(segs.len() >= 3);
+    assert!(segs[..segs.len() - 1].iter().all(|s| s.sealed));
+    assert_eq!(segs.iter().map(|s| s.undo_records).sum::<u64>(), 40);
+    // records are in order across segments
+    for w in segs.windows(2) {
+        assert!(w[0].last_seq < w[1].first_seq || w[1].undo_records == 0);
+    }
+    let t = segs[1].last_time_ns;
+    let before = v.catalogue_sealed_before(t).unwrap();
+    assert_eq!(before, vec![segs[0].index, segs[1].index]);
+    drop(v);
+    // a destroyed catalogue is recreated from the segments
+    std::fs::write(
+        d.path().join("t/catalogue.sqlite"),
+        b"not a database, just garbage bytes",
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(d.path().join("t/catalogue.sqlite-wal"));
+    let _ = std::fs::remove_file(d.path().join("t/catalogue.sqlite-shm"));
+    let v = reopen(d.path(), small_opts());
+    assert_eq!(v.catalogue_sealed_before(t).unwrap(), before);
+    assert_eq!(v.segments(), segs);
+}
