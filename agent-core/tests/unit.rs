@@ -642,8 +642,12 @@ fn foreign_bits_beyond_the_volume_end_are_harmless() {
     let d = tmpdir();
     let size = MIB + 1000; // 257 blocks: word 4 has one valid bit
     let log = ChangeLog::open_or_create(cfg(d.path(), "v", size, 4096, 8192)).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(log.path()).unwrap();
-    f.write_all_at(&u64::MAX.to_le_bytes(), 4096 + 4 * 8).unwrap(); // active word 4, all bits
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(log.path())
+        .unwrap();
+    f.write_all_at(&u64::MAX.to_le_bytes(), 4096 + 4 * 8)
+        .unwrap(); // active word 4, all bits
     let view = ChangeLogView::open(log.path()).unwrap();
     assert_eq!(view.dirty_ranges(), vec![(MIB, 1000)]);
     let mut c = Consumer::attach(log.path()).unwrap();
