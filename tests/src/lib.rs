@@ -556,6 +556,8 @@ impl ImageCopy {
 pub struct ExportOpts {
     pub read_only: bool,
     pub export_name: Option<String>,
+    /// `--volume` (names the change log; default: the export name).
+    pub volume: Option<String>,
     pub no_tracking: bool,
     pub block_size: Option<u64>,
     pub ring_size: Option<u64>,
@@ -629,6 +631,9 @@ impl Export {
                 if let Some(n) = &opts.export_name {
                     c.arg("--export-name").arg(n);
                 }
+                if let Some(v) = &opts.volume {
+                    c.arg("--volume").arg(v);
+                }
                 if opts.read_only {
                     c.arg("--read-only");
                 }
@@ -669,7 +674,7 @@ impl Export {
             kind,
             socket,
             backing: backing.to_path_buf(),
-            volume: name.clone(),
+            volume: opts.volume.clone().unwrap_or_else(|| name.clone()),
             name,
             shm_dir,
             state_dir,

@@ -186,3 +186,31 @@ fn missing_backing_file_fails_cleanly() {
         text(&o)
     );
 }
+
+#[test]
+fn export_name_and_volume_name_are_distinct() {
+    require_rewind();
+    let s = Scratch::new("cli-names");
+    let backing = s.join("disk0.img");
+    create_random(&backing, 4 * MIB, 73);
+    let before = ImageCopy::capture(&s, &backing);
+    let ex = Export::start(
+        &s,
+        &backing,
+        ExportOpts {
+            export_name: Some("public-name".into()),
+            volume: Some("vol-internal".into()),
+            ..Default::default()
+        },
+    );
+    assert!(ex.uri().contains("/public-name?"));
+    assert!(ex.shm_dir.join("vol-internal.clog").exists());
+    assert!(!ex.shm_dir.join("public-name.clog").exists());
+    assert!(!ex.shm_dir.join("disk0.clog").exists());
+    run_ok(
+        tool("qemu-io").args(["-f", "raw", &ex.uri(), "-c", "write -P 0x45 8192 512"]),
+        T,
+    );
+    assert_changes_recorded(&ex, &before, Some(&RangeSet::from_extents([(8192, 512)])));
+    ex.stop();
+}
