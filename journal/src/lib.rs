@@ -918,8 +918,11 @@ impl TargetVolume {
             fs::create_dir_all(&d).map_err(ioe(|| format!("create {}", d.display())))?;
         }
         Self::prepare_replica(replica_path, ident.size)?;
+        // Store an absolute path: the daemon may run from another directory.
+        let replica_path = fs::canonicalize(replica_path)
+            .map_err(ioe(|| format!("canonicalize {}", replica_path.display())))?;
         Self::init_journal(dir, &ident)?;
-        write_identity(dir, &ident, replica_path)?;
+        write_identity(dir, &ident, &replica_path)?;
         if let Some(parent) = dir.parent() {
             if !parent.as_os_str().is_empty() {
                 fsync_dir(parent)?;
