@@ -1,7 +1,7 @@
 //! The NBD server: listeners, handshake, transmission.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -164,6 +164,13 @@ impl Stream {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
         })
     }
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
     fn shutdown(&self, how: Shutdown) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(how),
@@ -219,6 +226,86 @@ fn write_all2(w: &mut impl Write, a: &[u8], b: &[u8]) -> io::Result<()> {
         b = &b[(n - na)..];
     }
     Ok(())
+}
+
+/// Buffered socket input that can also be topped up without blocking, so
+/// the single connection thread never sleeps in `recv` while it still has
+/// io_uring completions to handle.
+struct Input {
+    stream: Stream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// Outcome of a non-blocking read attempt.
+enum Fill {
+    Data,
+    WouldBlock,
+    Eof,
+}
+
+impl Input {
+    fn new(stream: Stream, cap: usize) -> Self {
+        Self {
+            stream,
+            buf: vec![0; cap],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+
+    /// Reads whatever the socket has, without blocking.
+    fn fill_nonblocking(&mut self) -> io::Result<Fill> {
+        self.compact();
+        if self.end == self.buf.len() {
+            return Ok(Fill::Data);
+        }
+        loop {
+            match nix::sys::socket::recv(
+                self.stream.raw_fd(),
+                &mut self.buf[self.end..],
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) => return Ok(Fill::Eof),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(Fill::Data);
+                }
+                Err(nix::errno::Errno::EAGAIN) => return Ok(Fill::WouldBlock),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            }
+        }
+    }
+}
+
+impl Read for Input {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.available() == 0 {
+            if out.len() >= self.buf.len() {
+                return self.stream.read(out);
+            }
+            self.start = 0;
+            self.end = self.stream.read(&mut self.buf)?;
+        }
+        let n = out.len().min(self.available());
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
 }
 
 struct ExportState {
@@ -423,7 +510,32 @@ impl Server {
     /// client disconnects. Protocol errors close this connection only and are
     /// returned as `Err`; a clean disconnect returns `Ok`.
     pub fn handle_connection(&self, stream: impl Into<Stream>) -> Result<(), ServerError> {
-        let stream = stream.into();
+        self.track_connection(stream.into(), None)
+    }
+
+    /// Serves one stream that starts directly in the transmission phase,
+    /// with no handshake: the kernel NBD client after `NBD_CMD_CONNECT` or
+    /// `NBD_SET_SOCK` (see `crate::attach`). Simple replies only, export
+    /// index `export`. Blocks until the client disconnects.
+    pub fn handle_pre_negotiated(
+        &self,
+        stream: impl Into<Stream>,
+        export: usize,
+    ) -> Result<(), ServerError> {
+        if export >= self.inner.exports.len() {
+            return Err(ServerError::Config(format!("no export #{export}")));
+        }
+        self.track_connection(stream.into(), Some(export))
+    }
+
+    /// Size and transmission flags of export `export` as a client without
+    /// structured replies (the kernel) must be told them.
+    pub fn export_info(&self, export: usize) -> Option<(u64, u16)> {
+        let e = &self.inner.exports.get(export)?.export;
+        Some((e.source.size(), tx_flags(e, ReplyMode::Simple)))
+    }
+
+    fn track_connection(&self, stream: Stream, pre: Option<usize>) -> Result<(), ServerError> {
         if let Stream::Tcp(t) = &stream {
             let _ = t.set_nodelay(true);
         }
@@ -436,7 +548,25 @@ impl Server {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             stream.shutdown(Shutdown::Read);
         }
-        let r = self.run_connection(stream);
+        let r = match pre {
+            None => self.run_connection(stream),
+            Some(export) => {
+                let writer = stream.try_clone()?;
+                let reader = Input::new(stream, 256 << 10);
+                let session = Session {
+                    export,
+                    mode: ReplyMode::Simple,
+                    meta: false,
+                };
+                transmission(
+                    &self.inner,
+                    &self.inner.exports[export],
+                    session,
+                    reader,
+                    writer,
+                )
+            }
+        };
         if let Some(s) = self
             .inner
             .conns
@@ -451,7 +581,7 @@ impl Server {
 
     fn run_connection(&self, stream: Stream) -> Result<(), ServerError> {
         let mut writer = stream.try_clone()?;
-        let mut reader = BufReader::with_capacity(256 << 10, stream);
+        let mut reader = Input::new(stream, 256 << 10);
         let Some(session) = self.handshake(&mut reader, &mut writer)? else {
             return Ok(());
         };
@@ -816,10 +946,13 @@ struct Conn<'a> {
     fd: Option<std::os::fd::RawFd>,
     inflight: Mutex<Inflight>,
     inflight_cv: Condvar,
-    /// The completion thread, whose replies are coalesced into `batch` and
-    /// written once per reaped batch of completions.
-    completer: std::sync::OnceLock<std::thread::ThreadId>,
+    /// Replies not yet written (io_uring mode): written with one write before
+    /// the connection thread may block, or when large.
     batch: Mutex<Vec<u8>>,
+    /// Scratch list of reaped completions.
+    reaped: Mutex<Vec<Completion>>,
+    /// A POLL_ADD on the socket is queued in the ring.
+    poll_armed: AtomicBool,
 }
 
 /// Replies with payloads above this size are written directly, not batched.
@@ -827,13 +960,13 @@ const BATCH_MAX_PAYLOAD: usize = 64 << 10;
 /// A reply batch is written out once it reaches this size.
 const BATCH_FLUSH_AT: usize = 256 << 10;
 
-const TAG_STOP: u64 = TAG_NO_BUF + 1;
+const TAG_POLL: u64 = TAG_NO_BUF + 1;
 
 fn transmission(
     inner: &Inner,
     exp: &ExportState,
     session: Session,
-    mut reader: BufReader<Stream>,
+    mut reader: Input,
     writer: Stream,
 ) -> Result<(), ServerError> {
     let fd = exp.export.source.raw_fd();
@@ -865,32 +998,14 @@ fn transmission(
             count: 0,
         }),
         inflight_cv: Condvar::new(),
-        completer: std::sync::OnceLock::new(),
         batch: Mutex::new(Vec::new()),
+        reaped: Mutex::new(Vec::with_capacity(n as usize)),
+        poll_armed: AtomicBool::new(false),
     };
-    std::thread::scope(|scope| {
-        let completer = if conn.ring.is_some() {
-            let c = &conn;
-            Some(
-                std::thread::Builder::new()
-                    .name("nbd-complete".into())
-                    .spawn_scoped(scope, move || c.completion_loop())
-                    .map_err(ServerError::Io)?,
-            )
-        } else {
-            None
-        };
-        let r = conn.request_loop(&mut reader, session.meta);
-        // Let in-flight requests finish and reply, then stop the completer.
-        conn.wait_idle();
-        if let (Some(ring), Some(t)) = (&conn.ring, completer) {
-            if let Err(e) = ring.submit(TAG_STOP, IoOp::Nop) {
-                warn!(error = %e, "cannot stop completion thread");
-            }
-            let _ = t.join();
-        }
-        r
-    })
+    let r = conn.request_loop(&mut reader, session.meta);
+    // Let in-flight requests finish and reply.
+    conn.wait_idle();
+    r
 }
 
 enum Next {
@@ -914,7 +1029,7 @@ impl Conn<'_> {
         }
         let mut h = [0u8; MAX_REPLY_HEADER];
         let n = encode_reply_header(&mut h, self.mode, handle, req_offset, kind);
-        if self.completer.get() == Some(&std::thread::current().id()) {
+        if self.ring.is_some() {
             if payload.len() <= BATCH_MAX_PAYLOAD {
                 let full = {
                     let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
@@ -956,17 +1071,74 @@ impl Conn<'_> {
         self.reply(handle, req_offset, ReplyKind::Error(err), &[]);
     }
 
+    fn in_flight(&self) -> usize {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count
+    }
+
+    /// Completes and replies to every request in flight.
     fn wait_idle(&self) {
-        self.kick();
-        let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        while g.count > 0 {
-            g = self.inflight_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        while self.ring.is_some() && self.in_flight() > 0 {
+            self.wait_events();
+        }
+        self.flush_batch();
+    }
+
+    /// Queues a POLL_ADD for socket input, unless one is pending.
+    fn arm_poll(&self, fd: std::os::fd::RawFd) {
+        if let Some(ring) = &self.ring {
+            if !self.poll_armed.swap(true, Ordering::Relaxed) {
+                if let Err(e) = ring.push(TAG_POLL, IoOp::PollIn { fd }) {
+                    warn!(error = %e, "cannot arm socket poll");
+                    self.poll_armed.store(false, Ordering::Relaxed);
+                }
+            }
         }
     }
 
-    /// Hands queued io_uring operations to the kernel. The reader batches
-    /// submissions and calls this before it may block (socket read, slot or
-    /// range wait), so a queued operation is never waited for unsubmitted.
+    /// Submits queued operations, writes batched replies, then waits for at
+    /// least one completion (or socket input, if a poll is armed) and
+    /// handles every available completion.
+    fn wait_events(&self) {
+        let Some(ring) = &self.ring else { return };
+        self.kick();
+        self.flush_batch();
+        let mut done = std::mem::take(&mut *self.reaped.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Err(e) = ring.wait(&mut done) {
+            // In-flight operations still own their buffers in the ring:
+            // keep reaping rather than abandon them.
+            warn!(error = %e, "io_uring wait failed; retrying");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.handle_completions(&mut done);
+        *self.reaped.lock().unwrap_or_else(|e| e.into_inner()) = done;
+    }
+
+    /// Handles completions that are already available, without blocking.
+    fn reap_ready(&self) {
+        let Some(ring) = &self.ring else { return };
+        let mut done = std::mem::take(&mut *self.reaped.lock().unwrap_or_else(|e| e.into_inner()));
+        ring.reap(&mut done);
+        self.handle_completions(&mut done);
+        *self.reaped.lock().unwrap_or_else(|e| e.into_inner()) = done;
+    }
+
+    fn handle_completions(&self, done: &mut Vec<Completion>) {
+        for c in done.drain(..) {
+            if c.tag == TAG_POLL {
+                self.poll_armed.store(false, Ordering::Relaxed);
+                continue;
+            }
+            self.complete(c);
+        }
+    }
+
+    /// Hands queued io_uring operations to the kernel. The connection thread
+    /// batches submissions and calls this before it may block (socket read,
+    /// waiting for completions or for a range), so a queued operation is
+    /// never waited for unsubmitted.
     fn kick(&self) {
         if let Some(r) = &self.ring {
             if let Err(e) = r.flush() {
@@ -975,28 +1147,23 @@ impl Conn<'_> {
         }
     }
 
+    /// Allocates an in-flight slot, handling completions while all are busy.
     fn alloc_slot(&self, slot: Slot, bytes: u64) -> u32 {
         let max = self.inner.opts.max_inflight_bytes;
-        let mut kicked = false;
-        let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let over = g.count > 0 && g.bytes + bytes > max;
-            if !over {
-                if let Some(i) = g.free.pop() {
-                    g.slots[i as usize] = Some(slot);
-                    g.bytes += bytes;
-                    g.count += 1;
-                    return i;
+            {
+                let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                let over = g.count > 0 && g.bytes + bytes > max;
+                if !over {
+                    if let Some(i) = g.free.pop() {
+                        g.slots[i as usize] = Some(slot);
+                        g.bytes += bytes;
+                        g.count += 1;
+                        return i;
+                    }
                 }
             }
-            if !kicked {
-                drop(g);
-                self.kick();
-                kicked = true;
-                g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            g = self.inflight_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            self.wait_events();
         }
     }
 
@@ -1017,6 +1184,8 @@ impl Conn<'_> {
     }
 
     fn discard(&self, r: &mut impl Read, mut len: u64) -> io::Result<()> {
+        self.kick();
+        self.flush_batch();
         let mut scratch = [0u8; 8192];
         while len > 0 {
             let n = len.min(scratch.len() as u64) as usize;
@@ -1026,7 +1195,7 @@ impl Conn<'_> {
         Ok(())
     }
 
-    fn request_loop(&self, r: &mut BufReader<Stream>, meta: bool) -> Result<(), ServerError> {
+    fn request_loop(&self, r: &mut Input, meta: bool) -> Result<(), ServerError> {
         let ext = self.mode == ReplyMode::Extended;
         let hlen = if ext {
             EXTENDED_REQUEST_LEN
@@ -1039,8 +1208,24 @@ impl Conn<'_> {
             if self.broken.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            if r.buffer().len() < hlen {
-                self.kick();
+            if self.ring.is_some() {
+                self.reap_ready();
+                // Wait for a complete header without sleeping in recv while
+                // requests are in flight: their completions must be handled.
+                while r.available() < hlen && self.in_flight() > 0 {
+                    match r.fill_nonblocking()? {
+                        Fill::Data => continue,
+                        Fill::Eof => break,
+                        Fill::WouldBlock => {
+                            self.arm_poll(r.stream.raw_fd());
+                            self.wait_events();
+                        }
+                    }
+                }
+                if r.available() < hlen {
+                    self.kick();
+                    self.flush_batch();
+                }
             }
             match r.read_exact(&mut hb[..hlen]) {
                 Ok(()) => {}
@@ -1076,7 +1261,7 @@ impl Conn<'_> {
 
     fn dispatch(
         &self,
-        r: &mut BufReader<Stream>,
+        r: &mut Input,
         req: Request,
         meta: bool,
         scratch: &mut Vec<u8>,
@@ -1088,7 +1273,7 @@ impl Conn<'_> {
         let ro = self.export().is_read_only();
         // Requests carrying a payload we will not use: consume it to stay in
         // sync, then fail the request.
-        let reject_payload = |err: u32, r: &mut BufReader<Stream>| -> Result<Next, ServerError> {
+        let reject_payload = |err: u32, r: &mut Input| -> Result<Next, ServerError> {
             if payload > self.inner.opts.max_discard {
                 return Err(ServerError::Protocol(format!(
                     "payload of {payload} bytes is too large to discard"
@@ -1113,8 +1298,9 @@ impl Conn<'_> {
                     return reject_payload(e, r);
                 }
                 let mut buf = self.pool.get(payload as usize);
-                if (r.buffer().len() as u64) < payload {
+                if (r.available() as u64) < payload {
                     self.kick();
+                    self.flush_batch();
                 }
                 r.read_exact(&mut buf)?;
                 self.start_write(req, buf);
@@ -1181,12 +1367,19 @@ impl Conn<'_> {
     fn begin_write(&self, offset: u64, len: u64) -> (Option<WriteTicket>, Option<u64>) {
         match self.sink() {
             Some(s) => {
-                let id = match self.exp.ranges.try_acquire(offset, len) {
-                    Some(id) => id,
-                    None => {
-                        self.kick();
-                        self.exp.ranges.acquire(offset, len)
+                let id = loop {
+                    if let Some(id) = self.exp.ranges.try_acquire(offset, len) {
+                        break id;
                     }
+                    if self.in_flight() > 0 {
+                        // Possibly held by one of our own writes: complete them.
+                        self.wait_events();
+                        continue;
+                    }
+                    // Held by another connection, which progresses on its own.
+                    self.kick();
+                    self.flush_batch();
+                    break self.exp.ranges.acquire(offset, len);
                 };
                 (Some(s.begin(offset, len)), Some(id))
             }
@@ -1404,36 +1597,6 @@ impl Conn<'_> {
             },
             scratch,
         );
-    }
-
-    /// Runs on the completion thread: reaps io_uring completions, records
-    /// writes in the sink and replies.
-    fn completion_loop(&self) {
-        let Some(ring) = &self.ring else { return };
-        let _ = self.completer.set(std::thread::current().id());
-        let mut done = Vec::with_capacity(self.inner.opts.max_inflight as usize);
-        loop {
-            done.clear();
-            if let Err(e) = ring.wait(&mut done) {
-                // In-flight operations still own their buffers in the ring:
-                // keep reaping rather than abandon them.
-                warn!(error = %e, "io_uring wait failed; retrying");
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                continue;
-            }
-            let mut stop = false;
-            for c in done.drain(..) {
-                if c.tag == TAG_STOP {
-                    stop = true;
-                    continue;
-                }
-                self.complete(c);
-            }
-            self.flush_batch();
-            if stop {
-                return;
-            }
-        }
     }
 
     fn complete(&self, c: Completion) {

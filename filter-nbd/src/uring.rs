@@ -32,8 +32,8 @@ pub(crate) enum IoOp {
     },
     /// `fdatasync`.
     Fsync { fd: RawFd },
-    /// No operation (used to wake the completion thread).
-    Nop,
+    /// One-shot poll for input on a socket.
+    PollIn { fd: RawFd },
 }
 
 /// A completed operation.
@@ -138,7 +138,9 @@ impl Ring {
             Fsync {
                 fd: RawFd,
             },
-            Nop,
+            Poll {
+                fd: RawFd,
+            },
         }
         let (buf, kind) = match op {
             IoOp::Read {
@@ -163,7 +165,7 @@ impl Ring {
                 },
             ),
             IoOp::Fsync { fd } => (None, K::Fsync { fd }),
-            IoOp::Nop => (None, K::Nop),
+            IoOp::PollIn { fd } => (None, K::Poll { fd }),
         };
         let (p, len) = match buf {
             Some(mut b) => {
@@ -213,7 +215,7 @@ impl Ring {
             K::Fsync { fd } => opcode::Fsync::new(types::Fd(fd))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            K::Nop => opcode::Nop::new().build(),
+            K::Poll { fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build(),
         }
         .user_data(tag);
         let _g = self.sq_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -244,6 +246,15 @@ impl Ring {
                 Err(e) => return Err(e),
             }
         }
+        drop(_g);
+        self.reap(out);
+        Ok(())
+    }
+
+    /// Appends every completion already available to `out`, without
+    /// entering the kernel.
+    pub(crate) fn reap(&self, out: &mut Vec<Completion>) {
+        let _g = self.cq_lock.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: `cq_lock` makes this the only user of the completion queue.
         let cq = unsafe { self.ring.completion_shared() };
         let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
@@ -259,7 +270,6 @@ impl Ring {
                 buf,
             });
         }
-        Ok(())
     }
 }
 
