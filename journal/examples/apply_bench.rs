@@ -115,10 +115,15 @@ fn main() {
             extents,
         });
     }
+    let mut groups: Vec<Vec<ChunkIn>> = Vec::new();
+    let mut it = chunks.into_iter().peekable();
+    while it.peek().is_some() {
+        groups.push(it.by_ref().take(8).collect());
+    }
     let c0 = cpu_secs();
     let t0 = Instant::now();
-    for c in chunks.chunks(8) {
-        v.spool_many(c).expect("spool");
+    for g in groups {
+        v.spool_many_owned(g).expect("spool");
     }
     let spool_s = t0.elapsed().as_secs_f64();
     let spool_cpu = cpu_secs() - c0;

@@ -573,7 +573,7 @@ fn run_with_restarts(dir: &Path, n: u64, fault: FaultConfig, opts: &TargetOption
         while k <= n {
             // sometimes a group commit of 2, sometimes a re-send of the previous chunk
             let r = if k % 5 == 0 && k < n {
-                v.spool_many(&[chunk(k - 1), chunk(k), chunk(k + 1)])
+                v.spool_many_owned(vec![chunk(k - 1), chunk(k), chunk(k + 1)])
                     .map(|_| 2)
             } else {
                 v.spool(&chunk(k)).map(|_| 1)
