@@ -1142,7 +1142,7 @@ impl TargetVolume {
             let mut pos = FILE_HDR as u64;
             let mut bad: Option<(u64, String)> = None;
             while pos < flen {
-                match self.read_journal_record(&file, pos, flen, seg_no) {
+                match self.read_journal_record(&file, pos, flen) {
                     Ok((h, exts, len)) => {
                         if h.magic == REC_COMMIT {
                             self.applied_through = h.id;
@@ -1250,7 +1250,6 @@ impl TargetVolume {
         file: &File,
         pos: u64,
         flen: u64,
-        _seg_no: usize,
     ) -> Result<(RecHeader, Option<Vec<UndoExtent>>, u64)> {
         let p = Path::new("segment");
         let mut hb = [0u8; REC_HDR];
