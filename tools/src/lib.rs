@@ -1,8 +1,10 @@
-//! rewind's binaries (`rewind`, `drvutil`) share their argument types and
-//! command implementations through this library, so each command lives in one
-//! module and can be tested without spawning a process.
+//! rewind's binaries (`rewind`, `drvutil`, `cdpcli`) share their argument
+//! types and command implementations through this library, so each command
+//! lives in one module and can be tested without spawning a process.
 
+pub mod config;
 pub mod drvutil;
 pub mod export;
 pub mod listen;
 pub mod logging;
+pub mod pki_cli;

@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Serve one volume through the change-tracking NBD filter.
     Export(ExportArgs),
+    /// Create a CA and host certificates for replication links.
+    Pki(tools::pki_cli::PkiArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +30,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Export(args) => tools::export::run(args),
+        Command::Pki(args) => tools::pki_cli::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

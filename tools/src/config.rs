@@ -1,0 +1,536 @@
+//! Configuration files of the daemons: `replicator.toml` (`rewind
+//! replicator`) and `target.toml` (`rewind target`).
+//!
+//! Both are strict: unknown keys are refused (`deny_unknown_fields`), and
+//! every semantic error names the key it is about (`pair[1].compression: ...`).
+//! See `docs/replication.md` for annotated examples.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use replicator::bandwidth::{parse_rate, Schedule, WindowSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::export::parse_size;
+
+/// Default directory of daemon configuration files.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/rewind";
+/// Default state directory of the replicator.
+pub const DEFAULT_REPLICATOR_STATE: &str = "/var/lib/rewind/replicator";
+/// Default state directory of the target.
+pub const DEFAULT_TARGET_STATE: &str = "/var/lib/rewind/target";
+
+/// TLS settings of either daemon.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate (PEM) that signed the peer's certificate.
+    pub ca: Option<PathBuf>,
+    /// This host's certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// This host's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Plaintext, no authentication: loopback addresses only (tests).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Target only: client identities (names in the replicator's certificate)
+    /// allowed to connect; empty allows any certificate of the CA.
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
+}
+
+/// The three PEM files of a mutual-TLS endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA certificate.
+    pub ca: PathBuf,
+    /// Own certificate.
+    pub cert: PathBuf,
+    /// Own key.
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// `Ok(None)` for insecure, the three files otherwise; errors name `key`.
+    pub fn files(&self, key: &str) -> Result<Option<TlsFiles>> {
+        if self.insecure {
+            if self.ca.is_some() || self.cert.is_some() || self.key.is_some() {
+                bail!("{key}.insecure = true cannot be combined with {key}.ca/cert/key");
+            }
+            return Ok(None);
+        }
+        let need = |v: &Option<PathBuf>, name: &str| -> Result<PathBuf> {
+            v.clone().with_context(|| {
+                format!("{key}.{name} is missing (give {key}.ca, {key}.cert and {key}.key, or {key}.insecure = true on loopback)")
+            })
+        };
+        Ok(Some(TlsFiles {
+            ca: need(&self.ca, "ca")?,
+            cert: need(&self.cert, "cert")?,
+            key: need(&self.key, "key")?,
+        }))
+    }
+}
+
+/// Compression of a pair's chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Raw payloads.
+    Off,
+    /// zstd at this level (1..=19).
+    Zstd(i32),
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+            return Ok(Compression::Off);
+        }
+        if t.eq_ignore_ascii_case("zstd") {
+            return Ok(Compression::Zstd(1));
+        }
+        if let Some(l) = t.strip_prefix("zstd:") {
+            let level: i32 = l.parse().map_err(|_| {
+                format!("{s:?}: the zstd level must be a number (zstd:1 .. zstd:19)")
+            })?;
+            if !(1..=19).contains(&level) {
+                return Err(format!("{s:?}: the zstd level must be 1..=19"));
+            }
+            return Ok(Compression::Zstd(level));
+        }
+        Err(format!(
+            "{s:?}: expected \"off\", \"zstd\" or \"zstd:LEVEL\" (1..19)"
+        ))
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::Off => f.write_str("off"),
+            Compression::Zstd(l) => write!(f, "zstd:{l}"),
+        }
+    }
+}
+
+/// Where the replicator ships to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetEndpoint {
+    /// `HOST:PORT` of the target.
+    pub address: String,
+    /// Name expected in the target's certificate (default: the host part of `address`).
+    pub server_name: Option<String>,
+    /// Limit for all pairs to this target together (see the rate syntax in docs).
+    #[serde(default)]
+    pub bandwidth: Option<String>,
+}
+
+/// One replication pair in `replicator.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairConfig {
+    /// Volume name (names the change log and the volume at the target).
+    pub volume: String,
+    /// Directory of the volume's shared-memory change log.
+    #[serde(default = "default_shm_dir")]
+    pub shm_dir: PathBuf,
+    /// The agent's state directory (persisted bitmap, volume identity).
+    #[serde(default = "default_agent_state_dir")]
+    pub agent_state_dir: PathBuf,
+    /// The source volume (file or block device), read in metadata/bitmap modes and resync.
+    pub device: PathBuf,
+    /// `off`, `zstd` or `zstd:LEVEL`.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Rate limit of this pair outside schedule windows (`unlimited` by default).
+    #[serde(default)]
+    pub bandwidth: Option<String>,
+    /// Time-of-day windows with their own rate; first match wins.
+    #[serde(default)]
+    pub schedule: Vec<WindowSpec>,
+    /// Pair state directory (default: `<state_dir>/<volume>`).
+    pub state_dir: Option<PathBuf>,
+}
+
+fn default_shm_dir() -> PathBuf {
+    PathBuf::from(agent_core::config::DEFAULT_SHM_DIR)
+}
+fn default_agent_state_dir() -> PathBuf {
+    PathBuf::from(agent_core::config::DEFAULT_STATE_DIR)
+}
+fn default_compression() -> String {
+    "zstd:1".into()
+}
+fn default_replicator_state() -> PathBuf {
+    PathBuf::from(DEFAULT_REPLICATOR_STATE)
+}
+fn default_target_state() -> PathBuf {
+    PathBuf::from(DEFAULT_TARGET_STATE)
+}
+
+/// `replicator.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicatorConfig {
+    /// State of the daemon (pair states, status file).
+    #[serde(default = "default_replicator_state")]
+    pub state_dir: PathBuf,
+    /// The target.
+    pub target: TargetEndpoint,
+    /// TLS (mutual by default).
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Pairs.
+    #[serde(default, rename = "pair")]
+    pub pairs: Vec<PairConfig>,
+}
+
+/// A pair with its settings parsed.
+#[derive(Debug, Clone)]
+pub struct PairSettings {
+    /// Compression.
+    pub compression: Compression,
+    /// Bandwidth schedule.
+    pub schedule: Schedule,
+    /// Pair state directory.
+    pub state_dir: PathBuf,
+}
+
+impl ReplicatorConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// The target's server name (explicit or the host part of the address).
+    pub fn server_name(&self) -> String {
+        self.target
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_part(&self.target.address))
+    }
+
+    /// The target-wide limit.
+    pub fn target_schedule(&self) -> Result<Schedule> {
+        match &self.target.bandwidth {
+            None => Ok(Schedule::unlimited()),
+            Some(r) => Schedule::parse(r).map_err(|e| anyhow::anyhow!("target.bandwidth: {e}")),
+        }
+    }
+
+    /// Parsed settings of pair `i`.
+    pub fn pair_settings(&self, i: usize) -> Result<PairSettings> {
+        let p = &self.pairs[i];
+        let key = format!("pair[{i}] (volume {:?})", p.volume);
+        let compression = p
+            .compression
+            .parse::<Compression>()
+            .map_err(|e| anyhow::anyhow!("{key}.compression: {e}"))?;
+        let default = p.bandwidth.clone().unwrap_or_default();
+        parse_rate(&default).map_err(|e| anyhow::anyhow!("{key}.bandwidth: {e}"))?;
+        let schedule = Schedule::from_specs(&p.schedule, &default)
+            .map_err(|e| anyhow::anyhow!("{key}.schedule: {e}"))?;
+        Ok(PairSettings {
+            compression,
+            schedule,
+            state_dir: p
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join(&p.volume)),
+        })
+    }
+
+    /// Semantic checks; every error names its key.
+    pub fn validate(&self) -> Result<()> {
+        if self.target.address.trim().is_empty() {
+            bail!("target.address is empty (expected HOST:PORT)");
+        }
+        if !self.target.address.contains(':') {
+            bail!(
+                "target.address = {:?}: expected HOST:PORT",
+                self.target.address
+            );
+        }
+        self.target_schedule()?;
+        let files = self.tls.files("tls")?;
+        if !self.tls.allowed_clients.is_empty() {
+            bail!("tls.allowed_clients is a target setting (the replicator checks the target by target.server_name)");
+        }
+        if files.is_none() {
+            let host = host_part(&self.target.address);
+            let ok = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !ok {
+                bail!("tls.insecure = true is refused for target.address {:?}: plaintext is for loopback only", self.target.address);
+            }
+        }
+        if self.pairs.is_empty() {
+            bail!("no [[pair]]: configure at least one volume to replicate");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.pairs.iter().enumerate() {
+            check_name(&p.volume).map_err(|e| anyhow::anyhow!("pair[{i}].volume: {e}"))?;
+            if !seen.insert(p.volume.clone()) {
+                bail!("pair[{i}].volume: {:?} is configured twice", p.volume);
+            }
+            if p.device.as_os_str().is_empty() {
+                bail!("pair[{i}].device is empty");
+            }
+            self.pair_settings(i)?;
+        }
+        Ok(())
+    }
+}
+
+/// One volume in `target.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Volume name (as the source calls it).
+    pub name: String,
+    /// Replica file or block device.
+    pub replica: PathBuf,
+    /// Journal directory (spool, undo segments, catalogue).
+    pub journal_dir: PathBuf,
+    /// Spool budget in bytes (`512M`, `4G`); over it the source is flow controlled.
+    #[serde(default)]
+    pub spool_budget: Option<String>,
+}
+
+impl VolumeConfig {
+    /// The spool budget in bytes, if set.
+    pub fn spool_budget_bytes(&self, key: &str) -> Result<Option<u64>> {
+        self.spool_budget
+            .as_deref()
+            .map(|s| parse_size(s).map_err(|e| anyhow::anyhow!("{key}.spool_budget: {e}")))
+            .transpose()
+    }
+}
+
+/// `target.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `HOST:PORT` to listen on.
+    pub listen: String,
+    /// State of the daemon (status file).
+    #[serde(default = "default_target_state")]
+    pub state_dir: PathBuf,
+    /// TLS (mutual by default).
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Create the journal of a volume on first contact if it does not exist
+    /// (`journal_dir` empty or missing); otherwise unknown volumes are refused.
+    #[serde(default = "yes")]
+    pub auto_create: bool,
+    /// Volumes.
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TargetConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// The listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr> {
+        self.listen
+            .parse()
+            .map_err(|e| anyhow::anyhow!("listen = {:?}: expected IP:PORT ({e})", self.listen))
+    }
+
+    /// Semantic checks; every error names its key.
+    pub fn validate(&self) -> Result<()> {
+        let addr = self.listen_addr()?;
+        if self.tls.files("tls")?.is_none() && !addr.ip().is_loopback() {
+            bail!(
+                "tls.insecure = true is refused for listen = {:?}: plaintext is for loopback only",
+                self.listen
+            );
+        }
+        for (i, n) in self.tls.allowed_clients.iter().enumerate() {
+            if n.trim().is_empty() {
+                bail!("tls.allowed_clients[{i}] is empty");
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let key = format!("volume[{i}]");
+            check_name(&v.name).map_err(|e| anyhow::anyhow!("{key}.name: {e}"))?;
+            if !seen.insert(v.name.clone()) {
+                bail!("{key}.name: {:?} is configured twice", v.name);
+            }
+            if v.replica.as_os_str().is_empty() {
+                bail!("{key}.replica is empty");
+            }
+            if v.journal_dir.as_os_str().is_empty() {
+                bail!("{key}.journal_dir is empty");
+            }
+            v.spool_budget_bytes(&key)?;
+        }
+        Ok(())
+    }
+
+    /// The configuration of volume `name`.
+    pub fn volume(&self, name: &str) -> Option<&VolumeConfig> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+}
+
+/// Volume names: 1..=64 of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("{name:?}: a volume name has 1 to 64 characters"));
+    }
+    if name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "{name:?}: use letters, digits, '.', '_' and '-' (not starting with '.')"
+        ));
+    }
+    Ok(())
+}
+
+/// The host part of `HOST:PORT` (`[v6]:port` too).
+pub fn host_part(addr: &str) -> String {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("").to_owned();
+    }
+    match addr.rsplit_once(':') {
+        Some((h, _)) => h.to_owned(),
+        None => addr.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPL: &str = r#"
+state_dir = "/tmp/r"
+[target]
+address = "127.0.0.1:7700"
+server_name = "127.0.0.1"
+bandwidth = "100M"
+[tls]
+ca = "/pki/ca.pem"
+cert = "/pki/src.pem"
+key = "/pki/src.key"
+[[pair]]
+volume = "vol0"
+device = "/srv/vol0.img"
+compression = "zstd:3"
+bandwidth = "10M"
+schedule = [{ from = "08:00", to = "18:00", rate = "1M" }]
+"#;
+
+    #[test]
+    fn replicator_config_parses() {
+        let c: ReplicatorConfig = toml::from_str(REPL).unwrap();
+        c.validate().unwrap();
+        let s = c.pair_settings(0).unwrap();
+        assert_eq!(s.compression, Compression::Zstd(3));
+        assert_eq!(s.state_dir, PathBuf::from("/tmp/r/vol0"));
+        assert_eq!(s.schedule.default, Some(10_000_000));
+        assert_eq!(c.server_name(), "127.0.0.1");
+    }
+
+    fn err_of(text: &str) -> String {
+        match toml::from_str::<ReplicatorConfig>(text) {
+            Err(e) => e.to_string(),
+            Ok(c) => format!("{:#}", c.validate().unwrap_err()),
+        }
+    }
+
+    #[test]
+    fn replicator_errors_name_the_key() {
+        assert!(err_of(&REPL.replace("zstd:3", "zstd:99"))
+            .contains("pair[0] (volume \"vol0\").compression"));
+        assert!(err_of(&REPL.replace("rate = \"1M\"", "rate = \"fast\"")).contains("schedule"));
+        assert!(err_of(&REPL.replace("volume = ", "volum = ")).contains("volum"));
+        assert!(err_of(&REPL.replace("[tls]", "[tls]\ninsecure = true")).contains("tls.insecure"));
+        let no_key = REPL.replace("key = \"/pki/src.key\"", "");
+        assert!(err_of(&no_key).contains("tls.key is missing"));
+        let remote = REPL
+            .replace(
+                "ca = \"/pki/ca.pem\"\ncert = \"/pki/src.pem\"\nkey = \"/pki/src.key\"",
+                "insecure = true",
+            )
+            .replace("127.0.0.1:7700", "10.1.1.1:7700");
+        assert!(
+            err_of(&remote).contains("loopback only"),
+            "{}",
+            err_of(&remote)
+        );
+        assert!(err_of(&REPL.replace("\"vol0\"", "\"../x\"")).contains("pair[0].volume"));
+    }
+
+    #[test]
+    fn target_config() {
+        let t = r#"
+listen = "127.0.0.1:7700"
+[tls]
+ca = "a"
+cert = "b"
+key = "c"
+allowed_clients = ["replicator1"]
+[[volume]]
+name = "vol0"
+replica = "/srv/replica/vol0.img"
+journal_dir = "/srv/journal/vol0"
+spool_budget = "1G"
+"#;
+        let c: TargetConfig = toml::from_str(t).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.volume("vol0").unwrap().spool_budget_bytes("v").unwrap(),
+            Some(1 << 30)
+        );
+        let bad: TargetConfig = toml::from_str(&t.replace("1G", "lots")).unwrap();
+        assert!(format!("{:#}", bad.validate().unwrap_err()).contains("volume[0].spool_budget"));
+        let bad: TargetConfig = toml::from_str(&t.replace("127.0.0.1:7700", "nowhere")).unwrap();
+        assert!(format!("{:#}", bad.validate().unwrap_err()).contains("listen"));
+        assert!(toml::from_str::<TargetConfig>(&t.replace("listen", "lisen")).is_err());
+    }
+
+    #[test]
+    fn compression_strings() {
+        assert_eq!("off".parse::<Compression>(), Ok(Compression::Off));
+        assert_eq!("zstd".parse::<Compression>(), Ok(Compression::Zstd(1)));
+        assert_eq!("zstd:7".parse::<Compression>(), Ok(Compression::Zstd(7)));
+        assert!("lz4".parse::<Compression>().is_err());
+        assert!("zstd:0".parse::<Compression>().is_err());
+    }
+
+    #[test]
+    fn host_parts() {
+        assert_eq!(host_part("127.0.0.1:7700"), "127.0.0.1");
+        assert_eq!(host_part("[::1]:7700"), "::1");
+        assert_eq!(host_part("dr.example:1"), "dr.example");
+    }
+}
