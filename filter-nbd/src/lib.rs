@@ -38,20 +38,32 @@
 //! * **Isolation of bad input**: a bad request gets an NBD error reply and
 //!   never changes the backing; a malformed handshake or a protocol
 //!   violation closes that connection only.
-//! * **Concurrency**: on each connection a reader thread parses requests and
-//!   submits READ/WRITE/FLUSH to a per-connection io_uring; a completion
-//!   thread records, replies (one `writev` per reply, serialised by a writer
-//!   lock) and recycles buffers. If io_uring cannot be set up (or the source
-//!   has no file descriptor) requests run synchronously in the reader.
+//! * **Concurrency**: each connection is served by one thread running an
+//!   event loop over a per-connection io_uring: it parses requests from a
+//!   256 KiB input buffer, queues READ/WRITE/FLUSH on the ring (one
+//!   `io_uring_enter` per batch), and while requests are in flight waits in
+//!   the ring for either a completion or socket input (a POLL_ADD on the
+//!   socket), never in `recv`. Completions are recorded in the sink and
+//!   replied; the replies of one batch go out in one write (each reply is
+//!   complete, replies never interleave). Up to 64 requests / 128 MiB of
+//!   payload are in flight per connection, and they may complete out of
+//!   order. On filesystems without non-blocking buffered writes (ext4) the
+//!   kernel runs each write on an io-wq worker thread. If io_uring cannot be
+//!   set up (or the source has no file descriptor) the connection logs a
+//!   warning and runs requests synchronously with `pread`/`pwrite`.
+//!   TRIM, WRITE_ZEROES and BLOCK_STATUS (`fallocate`, `lseek`) always run
+//!   synchronously in the connection thread.
 
 #![warn(missing_docs)]
 
+pub mod attach;
 pub mod proto;
 mod range;
 mod server;
 mod source;
 mod uring;
 
+pub use attach::{attach, AttachError, AttachOptions, Attached};
 pub use range::RangeLocks;
 pub use server::{Export, Server, ServerError, ServerOptions, ShutdownHandle, Stream};
 pub use source::{Backing, BlockSource, TrimOutcome};

@@ -6,7 +6,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use agent_core::{ChangeSink, WriteTicket};
 use tracing::{debug, info, warn};
@@ -933,8 +933,7 @@ struct Inflight {
     count: usize,
 }
 
-/// Per-connection transmission state shared by the reader and the
-/// completion thread.
+/// Per-connection transmission state (used by the connection's thread).
 struct Conn<'a> {
     inner: &'a Inner,
     exp: &'a ExportState,
@@ -945,7 +944,6 @@ struct Conn<'a> {
     ring: Option<Ring>,
     fd: Option<std::os::fd::RawFd>,
     inflight: Mutex<Inflight>,
-    inflight_cv: Condvar,
     /// Replies not yet written (io_uring mode): written with one write before
     /// the connection thread may block, or when large.
     batch: Mutex<Vec<u8>>,
@@ -997,7 +995,7 @@ fn transmission(
             bytes: 0,
             count: 0,
         }),
-        inflight_cv: Condvar::new(),
+
         batch: Mutex::new(Vec::new()),
         reaped: Mutex::new(Vec::with_capacity(n as usize)),
         poll_armed: AtomicBool::new(false),
@@ -1018,9 +1016,10 @@ impl Conn<'_> {
         &self.exp.export
     }
 
-    /// Sends one complete reply (header + payload) with a single write. On
-    /// the completion thread, small replies are appended to the reply batch
-    /// instead and written together by [`Conn::flush_batch`] (one write for
+    /// Sends one complete reply (header + payload) with a single write. In
+    /// io_uring mode, small replies are appended to the reply batch instead
+    /// and written together by [`Conn::flush_batch`] before the thread may
+    /// block (one write for
     /// several complete replies; a reply is never split across writes
     /// interleaved with another).
     fn reply(&self, handle: u64, req_offset: u64, kind: ReplyKind, payload: &[u8]) {
@@ -1056,7 +1055,7 @@ impl Conn<'_> {
         }
     }
 
-    /// Writes the completion thread's batched replies.
+    /// Writes the batched replies.
     fn flush_batch(&self) {
         let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         if !b.is_empty() {
@@ -1180,7 +1179,6 @@ impl Conn<'_> {
         g.bytes = g.bytes.saturating_sub(bytes);
         g.count = g.count.saturating_sub(1);
         drop(g);
-        self.inflight_cv.notify_all();
     }
 
     fn discard(&self, r: &mut impl Read, mut len: u64) -> io::Result<()> {

@@ -2,9 +2,10 @@
 //!
 //! Buffers are moved into the ring with the operation and handed back with
 //! its completion, so the kernel never sees a buffer the caller could free or
-//! move while the operation is in flight. One thread submits (the connection
-//! reader, and the completion thread for re-submissions of short I/O) under
-//! a submission lock; exactly one thread reaps completions.
+//! move while the operation is in flight. Submission and
+//! completion queues are each guarded by a lock, so the wrapper stays sound
+//! even if several threads use it (the server uses it from one thread per
+//! connection).
 
 use std::io;
 use std::os::fd::RawFd;
