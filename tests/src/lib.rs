@@ -14,6 +14,9 @@
 //!   checks cannot run then and say so on stderr).
 //! - `REWIND_TEST_KEEP=1`: keep scratch directories for post-mortems.
 
+pub mod faultproxy;
+pub mod replication;
+
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -1,0 +1,1 @@
+//! Helpers of the replication tests (filled in below).
