@@ -17,6 +17,10 @@
 
 pub mod bandwidth;
 pub mod handshake;
+pub mod pair;
 pub mod pki;
+pub mod source;
+pub mod target;
 pub mod tls;
+pub mod uring;
 pub mod wire;

@@ -1,0 +1,970 @@
+//! The target half of the engine: [`TargetServer`] accepts sources, checks
+//! the handshake against a [`TargetStore`], spools every data frame durably,
+//! acknowledges it, and applies in a separate thread per volume.
+//!
+//! # Guarantees
+//!
+//! - **Durable ack**: an `Ack` is sent for a `Chunk`, `ResyncData` or `Tag`
+//!   frame only after [`TargetStore::spool`] (or [`TargetStore::tag`])
+//!   returned `Ok`, i.e. the frame is on stable storage. Several frames that
+//!   arrived together are spooled with one call (one fsync) and then
+//!   acknowledged together.
+//! - **One response per request, in order**: every frame the source sends
+//!   (`Chunk`, `ResyncData`, `Tag`, `Heartbeat`, `ResyncRequest`) gets exactly
+//!   one response (`Ack`, or `ResyncHashes` for a `ResyncRequest`), in the
+//!   order the frames were received. The source matches responses to its
+//!   in-flight frames first in, first out.
+//! - **Bad input changes nothing**: a frame that fails decoding (checksum,
+//!   bounds, decompression) or that the store refuses as invalid is answered
+//!   with an `Error` frame and the connection is closed; the frames of that
+//!   connection not yet spooled are dropped (the source re-sends them).
+//! - **One writer per volume**: a new connection for a volume supersedes the
+//!   previous one (after a link cut the old connection may linger half-open);
+//!   the superseded connection can no longer spool anything (checked under
+//!   the store lock), so stale frames are never interleaved with new ones.
+//! - **Flow control**: while the store's spool is over its budget the
+//!   connection stops reading frames (TCP backpressure on the source) until
+//!   apply brought it back under the budget; the state is reported in
+//!   [`TargetStatus::flow_controlled`] and in every Ack.
+//! - **Apply** runs in one thread per volume calling
+//!   [`TargetStore::apply_some`] (a bounded step) under the store lock, so a
+//!   spool waits at most for one apply step.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::handshake::{self, check_known, KnownVolume, Refusal};
+use crate::pair::{now_ns, FrameConn, TargetStatus};
+use crate::tls::{self, ServerTls};
+use crate::wire::{
+    Ack, Chunk, ErrorCode, ErrorFrame, ExtentKind, Frame, Hello, ResyncData, ResyncHashes,
+    ResyncReason, ResyncRequest, Tag, Welcome, WireError, DEFAULT_MAX_FRAME,
+};
+
+/// Identity of a replica volume as its store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreIdentity {
+    /// Volume name.
+    pub name: String,
+    /// Volume UUID.
+    pub uuid: [u8; 16],
+    /// Generation.
+    pub generation: u64,
+    /// Replica size in bytes.
+    pub size: u64,
+    /// Tracking block size.
+    pub block_size: u32,
+}
+
+/// New contents of one extent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreData {
+    /// The bytes.
+    Data(Vec<u8>),
+    /// This many zero bytes.
+    Zero(u64),
+}
+
+impl StoreData {
+    /// Length on the volume.
+    pub fn len(&self) -> u64 {
+        match self {
+            StoreData::Data(d) => d.len() as u64,
+            StoreData::Zero(n) => *n,
+        }
+    }
+
+    /// Whether the extent is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One write of a [`StoreChunk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreExtent {
+    /// Byte offset on the volume.
+    pub offset: u64,
+    /// New contents.
+    pub data: StoreData,
+}
+
+/// A verified, decompressed chunk handed to [`TargetStore::spool`] (shaped
+/// like `journal::ChunkIn`, so an adapter is a field-by-field move).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreChunk {
+    /// First ring sequence (0 with `last_seq` 0: unordered resync/bitmap data).
+    pub first_seq: u64,
+    /// Last ring sequence (inclusive).
+    pub last_seq: u64,
+    /// Source capture time of the oldest change (ns since the epoch).
+    pub source_time_ns: u64,
+    /// Sorted, non-overlapping writes.
+    pub extents: Vec<StoreExtent>,
+}
+
+impl StoreChunk {
+    /// Whether the chunk carries ring sequence numbers.
+    pub fn is_ordered(&self) -> bool {
+        !(self.first_seq == 0 && self.last_seq == 0)
+    }
+
+    /// Data bytes (zero extents excluded).
+    pub fn payload_bytes(&self) -> u64 {
+        self.extents
+            .iter()
+            .map(|e| match &e.data {
+                StoreData::Data(d) => d.len() as u64,
+                StoreData::Zero(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Decompresses and splits a wire chunk (never more than `bound` bytes).
+    pub fn from_chunk(c: &Chunk, bound: u64) -> Result<Self, WireError> {
+        let data = c.data(bound)?;
+        let extents = c
+            .split(&data)
+            .map(|(e, d)| StoreExtent {
+                offset: e.offset,
+                data: match (e.kind, d) {
+                    (ExtentKind::Data, Some(d)) => StoreData::Data(d.to_vec()),
+                    _ => StoreData::Zero(u64::from(e.len)),
+                },
+            })
+            .collect();
+        Ok(StoreChunk {
+            first_seq: c.first_seq,
+            last_seq: c.last_seq,
+            source_time_ns: c.source_time_ns,
+            extents,
+        })
+    }
+
+    /// An unordered chunk from a resync block.
+    pub fn from_resync(r: &ResyncData, bound: u64) -> Result<Self, WireError> {
+        let data = r.data(bound)?.into_owned();
+        Ok(StoreChunk {
+            first_seq: 0,
+            last_seq: 0,
+            source_time_ns: now_ns(),
+            extents: vec![StoreExtent {
+                offset: r.offset,
+                data: StoreData::Data(data),
+            }],
+        })
+    }
+}
+
+/// Result of one [`TargetStore::apply_some`] step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Chunks applied.
+    pub chunks: u64,
+    /// Volume bytes written.
+    pub bytes: u64,
+    /// `applied_seq` after the step.
+    pub applied_seq: u64,
+    /// Source time of the last chunk applied.
+    pub last_source_time_ns: u64,
+}
+
+/// Errors of a [`TargetStore`].
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The spool is over its budget: nothing was stored; retry after apply.
+    #[error("spool full")]
+    SpoolFull,
+    /// The request is invalid (extent outside the volume, bad range...):
+    /// nothing was stored; the source gets a `BadFrame` error.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The store failed (I/O...); the connection is closed with an
+    /// `Internal` error and the source retries later.
+    #[error("store failed: {0}")]
+    Failed(String),
+}
+
+/// The storage behind one replicated volume at the target (implemented over
+/// `journal::TargetVolume` in `tools`; tests use an in-memory double).
+///
+/// All methods are called with the store's lock held, from the connection
+/// thread (spool, tag, hashes, resize) or the volume's apply thread
+/// (`apply_some`). Implementations must be idempotent by sequence: an ordered
+/// chunk with `last_seq <= durable_seq()` is a duplicate (a re-delivery after
+/// a reconnect) and must not be applied again.
+pub trait TargetStore: Send {
+    /// The identity the replica was created with (checked against every
+    /// `Hello` with [`handshake::check_known`]).
+    fn identity(&self) -> StoreIdentity;
+    /// Highest ring sequence durable in the spool (every ordered chunk up to
+    /// it survives a crash). Reported in `Welcome` as the resume point.
+    fn durable_seq(&self) -> u64;
+    /// Highest ring sequence applied to the replica.
+    fn applied_seq(&self) -> u64;
+    /// Payload bytes spooled and not applied.
+    fn spool_bytes(&self) -> u64;
+    /// Spool budget (flow control threshold).
+    fn spool_budget(&self) -> u64;
+    /// Stores `chunks` durably, in order (one fsync for all of them), and
+    /// returns the durable sequence afterwards. On error nothing of the call
+    /// may be stored.
+    fn spool(&mut self, chunks: &[StoreChunk]) -> Result<u64, StoreError>;
+    /// Applies a bounded amount of spooled chunks in spool order; `Ok(None)`
+    /// when nothing is pending.
+    fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError>;
+    /// blake3 of each `hash_block`-sized block of the replica in
+    /// `offset..offset + len` (the last may be short), after applying
+    /// everything spooled.
+    fn block_hashes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        hash_block: u64,
+    ) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// Grows the replica to `new_size` (applies the spool first).
+    fn resize(&mut self, new_size: u64) -> Result<(), StoreError>;
+    /// Records a bookmark durably at its position in the stream (after every
+    /// chunk spooled before it). Must be idempotent by `tag.seq`. The default
+    /// ignores tags.
+    fn tag(&mut self, tag: &Tag) -> Result<(), StoreError> {
+        let _ = tag;
+        Ok(())
+    }
+    /// Why the store wants a full resync (e.g. a new or distrusted replica);
+    /// sent in `Welcome`. Default: none.
+    fn resync_reason(&self) -> Option<ResyncReason> {
+        None
+    }
+    /// Called when the source starts a resync pass at offset 0 (the reason
+    /// from [`TargetStore::resync_reason`] has been heard and may be cleared).
+    fn resync_started(&mut self) {}
+}
+
+/// Opens (or creates) the store for a volume named in a `Hello`, or refuses
+/// the source. Called once per volume per server lifetime; later
+/// connections reuse the open store.
+pub trait StoreProvider: Send + Sync + 'static {
+    /// The store for `hello.volume_name`. `peer` is the TLS identity of the
+    /// source (allow-list name), `None` in insecure mode.
+    fn open(&self, hello: &Hello, peer: Option<&str>) -> Result<Box<dyn TargetStore>, Refusal>;
+}
+
+impl<F> StoreProvider for F
+where
+    F: Fn(&Hello, Option<&str>) -> Result<Box<dyn TargetStore>, Refusal> + Send + Sync + 'static,
+{
+    fn open(&self, hello: &Hello, peer: Option<&str>) -> Result<Box<dyn TargetStore>, Refusal> {
+        self(hello, peer)
+    }
+}
+
+/// Tunables of a [`TargetServer`].
+#[derive(Debug, Clone)]
+pub struct TargetOptions {
+    /// Largest frame accepted (announced in `Welcome`).
+    pub max_frame: u32,
+    /// Frames spooled with one store call at most.
+    pub max_batch_frames: usize,
+    /// Payload bytes spooled with one store call at most.
+    pub max_batch_bytes: u64,
+    /// A connection silent this long is closed (sources heartbeat every
+    /// second when idle).
+    pub idle_timeout: Duration,
+}
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions {
+            max_frame: DEFAULT_MAX_FRAME,
+            max_batch_frames: 64,
+            max_batch_bytes: 64 << 20,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors starting a server.
+#[derive(Debug, Error)]
+pub enum TargetError {
+    /// Binding the listener failed.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TLS configuration problem.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Volume {
+    store: Mutex<Box<dyn TargetStore>>,
+    status: Mutex<TargetStatus>,
+    epoch: AtomicU64,
+    wake: (Mutex<u64>, Condvar),
+    applier: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Volume {
+    fn kick(&self) {
+        *lock(&self.wake.0) += 1;
+        self.wake.1.notify_all();
+    }
+    fn refresh(&self, s: &dyn TargetStore) {
+        let mut st = lock(&self.status);
+        st.durable_seq = s.durable_seq();
+        st.applied_seq = s.applied_seq();
+        st.spool_bytes = s.spool_bytes();
+        st.spool_budget = s.spool_budget();
+    }
+}
+
+struct Shared {
+    tls: ServerTls,
+    provider: Arc<dyn StoreProvider>,
+    opts: TargetOptions,
+    stop: AtomicBool,
+    volumes: Mutex<HashMap<String, Arc<Volume>>>,
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A running target: one listener, any number of volumes (routed by the
+/// volume name of `Hello`), one thread per connection and one apply thread
+/// per volume.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use replicator::target::*;
+/// # use replicator::tls::ServerTls;
+/// # fn provider() -> Arc<dyn StoreProvider> { unimplemented!() }
+/// let server = TargetServer::bind("127.0.0.1:0", ServerTls::insecure(), provider(),
+///                                 TargetOptions::default()).unwrap();
+/// println!("listening on {}", server.local_addr());
+/// // ... server.status() for `rewind status`
+/// server.shutdown();
+/// ```
+pub struct TargetServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TargetServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl TargetServer {
+    /// Binds `addr` and starts accepting in a background thread.
+    pub fn bind(
+        addr: &str,
+        tls: ServerTls,
+        provider: Arc<dyn StoreProvider>,
+        opts: TargetOptions,
+    ) -> Result<TargetServer, TargetError> {
+        let listener = TcpListener::bind(addr).map_err(|e| TargetError::Bind {
+            addr: addr.into(),
+            source: e,
+        })?;
+        Self::from_listener(listener, tls, provider, opts)
+    }
+
+    /// Starts serving on an already bound listener.
+    pub fn from_listener(
+        listener: TcpListener,
+        tls: ServerTls,
+        provider: Arc<dyn StoreProvider>,
+        opts: TargetOptions,
+    ) -> Result<TargetServer, TargetError> {
+        let addr = listener.local_addr().map_err(|e| TargetError::Bind {
+            addr: "listener".into(),
+            source: e,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| TargetError::Bind {
+                addr: addr.to_string(),
+                source: e,
+            })?;
+        let shared = Arc::new(Shared {
+            tls,
+            provider,
+            opts,
+            stop: AtomicBool::new(false),
+            volumes: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            threads: Mutex::new(Vec::new()),
+        });
+        let sh = shared.clone();
+        let accept = std::thread::Builder::new()
+            .name("rewind-target-accept".into())
+            .spawn(move || accept_loop(listener, sh))
+            .map_err(|e| TargetError::Bind {
+                addr: addr.to_string(),
+                source: e,
+            })?;
+        info!(%addr, "target listening");
+        Ok(TargetServer {
+            addr,
+            shared,
+            accept: Some(accept),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Status of every volume seen since start.
+    pub fn status(&self) -> Vec<TargetStatus> {
+        let vols = lock(&self.shared.volumes);
+        let mut v: Vec<TargetStatus> = vols.values().map(|v| lock(&v.status).clone()).collect();
+        v.sort_by(|a, b| a.volume.cmp(&b.volume));
+        v
+    }
+
+    /// Cuts every current connection (sources reconnect); the listener keeps
+    /// accepting. For tests and administrative resets.
+    pub fn drop_connections(&self) {
+        for (_, s) in lock(&self.shared.conns).drain() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Stops accepting, closes all connections, stops the apply threads and
+    /// waits for every thread. Spooled data stays in the stores (they are
+    /// dropped here; durable state is whatever the stores made durable).
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.drop_connections();
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let threads: Vec<_> = lock(&self.shared.threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+        let vols: Vec<_> = lock(&self.shared.volumes).drain().map(|(_, v)| v).collect();
+        for v in vols {
+            v.kick();
+            if let Some(h) = lock(&v.applier).take() {
+                let _ = h.join();
+            }
+        }
+        info!(addr = %self.addr, "target stopped");
+    }
+}
+
+impl Drop for TargetServer {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.stop_all();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
+    while !sh.stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((sock, peer)) => {
+                let _ = sock.set_nonblocking(false);
+                let id = sh.next_conn.fetch_add(1, Ordering::SeqCst);
+                if let Ok(c) = sock.try_clone() {
+                    lock(&sh.conns).insert(id, c);
+                }
+                let sh2 = sh.clone();
+                let h = std::thread::Builder::new()
+                    .name(format!("rewind-target-conn-{id}"))
+                    .spawn(move || {
+                        serve(&sh2, sock, peer);
+                        lock(&sh2.conns).remove(&id);
+                    });
+                match h {
+                    Ok(h) => {
+                        let mut t = lock(&sh.threads);
+                        t.retain(|h| !h.is_finished());
+                        t.push(h);
+                    }
+                    Err(e) => warn!(error = %e, "cannot spawn a connection thread"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
+    let v = vol.clone();
+    let sh = sh.clone();
+    let h = std::thread::Builder::new()
+        .name("rewind-target-apply".into())
+        .spawn(move || {
+            let mut window = (Instant::now(), 0u64);
+            while !sh.stop.load(Ordering::SeqCst) {
+                let seen = *lock(&v.wake.0);
+                let r = {
+                    let mut s = lock(&v.store);
+                    let r = s.apply_some();
+                    v.refresh(s.as_ref());
+                    r
+                };
+                match r {
+                    Ok(Some(rep)) => {
+                        let mut st = lock(&v.status);
+                        st.applied_bytes += rep.bytes;
+                        if rep.last_source_time_ns != 0 {
+                            st.last_applied_source_time_ns = rep.last_source_time_ns;
+                        }
+                        window.1 += rep.bytes;
+                        let el = window.0.elapsed();
+                        if el >= Duration::from_secs(1) {
+                            st.apply_rate_bps = window.1 as f64 / el.as_secs_f64();
+                            window = (Instant::now(), 0);
+                        }
+                    }
+                    Ok(None) => {
+                        {
+                            let mut st = lock(&v.status);
+                            if window.0.elapsed() >= Duration::from_secs(1) {
+                                st.apply_rate_bps =
+                                    window.1 as f64 / window.0.elapsed().as_secs_f64();
+                                window = (Instant::now(), 0);
+                            }
+                        }
+                        let g = lock(&v.wake.0);
+                        if *g == seen {
+                            let _ = v.wake.1.wait_timeout(g, Duration::from_millis(50));
+                        }
+                    }
+                    Err(e) => {
+                        warn!(volume = %lock(&v.status).volume, error = %e, "apply failed");
+                        lock(&v.status).last_error = Some(format!("apply: {e}"));
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                }
+            }
+        });
+    match h {
+        Ok(h) => *lock(&vol.applier) = Some(h),
+        Err(e) => warn!(error = %e, "cannot spawn the apply thread"),
+    }
+}
+
+/// Opens (or reuses) the volume of `hello` and builds the `Welcome`.
+fn admit(
+    sh: &Arc<Shared>,
+    hello: &Hello,
+    peer: Option<&str>,
+) -> Result<(Arc<Volume>, Welcome, u64), Refusal> {
+    let existing = lock(&sh.volumes).get(&hello.volume_name).cloned();
+    let vol = match existing {
+        Some(v) => v,
+        None => {
+            let store = sh.provider.open(hello, peer)?;
+            let v = Arc::new(Volume {
+                status: Mutex::new(TargetStatus {
+                    volume: hello.volume_name.clone(),
+                    ..TargetStatus::default()
+                }),
+                store: Mutex::new(store),
+                epoch: AtomicU64::new(0),
+                wake: (Mutex::new(0), Condvar::new()),
+                applier: Mutex::new(None),
+            });
+            let mut vols = lock(&sh.volumes);
+            let v = vols
+                .entry(hello.volume_name.clone())
+                .or_insert_with(|| v.clone())
+                .clone();
+            drop(vols);
+            if lock(&v.applier).is_none() {
+                start_applier(sh, &v);
+            }
+            v
+        }
+    };
+    let mut s = lock(&vol.store);
+    let id = s.identity();
+    check_known(
+        &KnownVolume {
+            uuid: id.uuid,
+            generation: id.generation,
+            block_size: id.block_size,
+        },
+        hello,
+    )?;
+    let mut resync = s.resync_reason();
+    let replica_size = id.size;
+    if hello.size < id.size {
+        return Err(Refusal::new(
+            ErrorCode::SizeMismatch,
+            format!(
+                "volume {:?} is {} bytes here, the source has {} bytes: shrinking is not supported",
+                hello.volume_name, id.size, hello.size
+            ),
+        ));
+    }
+    if hello.size > id.size {
+        info!(volume = %hello.volume_name, from = id.size, to = hello.size, "growing the replica");
+        s.resize(hello.size)
+            .map_err(|e| Refusal::new(ErrorCode::SizeMismatch, format!("cannot grow the replica: {e}")))?;
+        resync = resync.or(Some(ResyncReason::SizeChanged));
+    }
+    // Supersede any older connection of this volume (under the store lock).
+    let epoch = vol.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+    let w = Welcome {
+        accepted: true,
+        protocol_version: hello.protocol_version,
+        max_frame: 0,
+        durable_seq: s.durable_seq(),
+        applied_seq: s.applied_seq(),
+        replica_size,
+        resync,
+    };
+    vol.refresh(s.as_ref());
+    drop(s);
+    Ok((vol, w, epoch))
+}
+
+fn send_error(conn: &mut FrameConn, code: ErrorCode, msg: String) {
+    warn!(?code, message = %msg, "closing replication connection with an error");
+    let _ = conn.send(&Frame::Error(ErrorFrame { code, message: msg }));
+}
+
+fn serve(sh: &Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
+    let mut t = match tls::accept_stream(sock, &sh.tls) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(%peer, error = %e, "replication client refused");
+            return;
+        }
+    };
+    let ident = t.peer_identity().map(str::to_owned);
+    let mut chosen = None;
+    let hs = handshake::server_accept_with_max(&mut t, sh.opts.max_frame, |h| {
+        let (v, w, e) = admit(sh, h, ident.as_deref())?;
+        chosen = Some((v, e));
+        Ok(w)
+    });
+    let hello = match hs {
+        Ok((h, _)) => h,
+        Err(e) => {
+            warn!(%peer, error = %e, "replication handshake failed");
+            return;
+        }
+    };
+    let Some((vol, epoch)) = chosen else { return };
+    {
+        let mut st = lock(&vol.status);
+        st.connected = true;
+        st.peer = Some(peer.to_string());
+        st.connections += 1;
+    }
+    info!(%peer, volume = %hello.volume_name, epoch, "replication source connected");
+    let max = hello.max_frame.min(sh.opts.max_frame);
+    let mut conn = FrameConn::new(t, max, None);
+    let _ = conn.t.set_write_timeout(Some(sh.opts.idle_timeout));
+    let r = frame_loop(sh, &vol, epoch, &mut conn, max);
+    if let Err(e) = &r {
+        lock(&vol.status).last_error = Some(e.clone());
+    }
+    if vol.epoch.load(Ordering::SeqCst) == epoch {
+        let mut st = lock(&vol.status);
+        st.connected = false;
+        st.flow_controlled = false;
+    }
+    info!(%peer, volume = %hello.volume_name, result = ?r, "replication source disconnected");
+}
+
+fn ack(s: &dyn TargetStore) -> Frame {
+    Frame::Ack(Ack {
+        durable_seq: s.durable_seq(),
+        applied_seq: s.applied_seq(),
+        spool_bytes: s.spool_bytes(),
+        spool_budget: s.spool_budget(),
+    })
+}
+
+enum Item {
+    Chunk(StoreChunk, bool),
+    Other(Frame),
+}
+
+fn frame_loop(
+    sh: &Arc<Shared>,
+    vol: &Arc<Volume>,
+    epoch: u64,
+    conn: &mut FrameConn,
+    max: u32,
+) -> Result<(), String> {
+    let current = || vol.epoch.load(Ordering::SeqCst) == epoch && !sh.stop.load(Ordering::SeqCst);
+    let mut last_frame = Instant::now();
+    let mut pending: Option<Frame> = None;
+    loop {
+        if !current() {
+            return Ok(());
+        }
+        // Flow control: do not read while the spool is over budget.
+        loop {
+            let (bytes, budget) = {
+                let s = lock(&vol.store);
+                (s.spool_bytes(), s.spool_budget())
+            };
+            let over = budget > 0 && bytes > budget;
+            lock(&vol.status).flow_controlled = over;
+            if !over || !current() {
+                break;
+            }
+            vol.kick();
+            std::thread::sleep(Duration::from_millis(5));
+            last_frame = Instant::now();
+        }
+        let first = match pending.take() {
+            Some(f) => f,
+            None => match conn.poll(Duration::from_millis(200)) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    if last_frame.elapsed() > sh.opts.idle_timeout {
+                        return Err("source silent: idle timeout".into());
+                    }
+                    continue;
+                }
+                Err(e) if e.is_io() => return Err(format!("connection: {e}")),
+                Err(e) => {
+                    send_error(conn, ErrorCode::BadFrame, format!("bad frame: {e}"));
+                    return Err(format!("bad frame: {e}"));
+                }
+            },
+        };
+        last_frame = Instant::now();
+        // Gather a batch of data frames that are already buffered.
+        let mut batch: Vec<Item> = Vec::new();
+        let mut bytes = 0u64;
+        let mut next = Some(first);
+        while let Some(f) = next.take() {
+            let item = match f {
+                Frame::Chunk(c) => StoreChunk::from_chunk(&c, u64::from(max))
+                    .map(|c| Item::Chunk(c, false)),
+                Frame::ResyncData(r) => {
+                    StoreChunk::from_resync(&r, u64::from(max)).map(|c| Item::Chunk(c, true))
+                }
+                other => Ok(Item::Other(other)),
+            };
+            let item = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    send_error(conn, ErrorCode::BadFrame, format!("bad chunk: {e}"));
+                    return Err(format!("bad chunk: {e}"));
+                }
+            };
+            match item {
+                Item::Chunk(c, r) => {
+                    bytes += c.payload_bytes();
+                    batch.push(Item::Chunk(c, r));
+                }
+                Item::Other(f) => {
+                    if batch.is_empty() {
+                        batch.push(Item::Other(f));
+                    } else {
+                        pending = Some(f);
+                    }
+                    break;
+                }
+            }
+            if batch.len() >= sh.opts.max_batch_frames || bytes >= sh.opts.max_batch_bytes {
+                break;
+            }
+            match conn.parse() {
+                Ok(f) => next = f,
+                Err(e) => {
+                    send_error(conn, ErrorCode::BadFrame, format!("bad frame: {e}"));
+                    return Err(format!("bad frame: {e}"));
+                }
+            }
+        }
+        if let [Item::Other(_)] = batch.as_slice() {
+            let Some(Item::Other(f)) = batch.pop() else {
+                unreachable!()
+            };
+            handle_other(vol, conn, f, max, &current)?;
+            continue;
+        }
+        spool_batch(vol, conn, batch, &current)?;
+    }
+}
+
+fn spool_batch(
+    vol: &Arc<Volume>,
+    conn: &mut FrameConn,
+    batch: Vec<Item>,
+    current: &dyn Fn() -> bool,
+) -> Result<(), String> {
+    let mut chunks = Vec::with_capacity(batch.len());
+    let mut resync = 0u64;
+    for i in batch {
+        if let Item::Chunk(c, r) = i {
+            resync += r as u64;
+            chunks.push(c);
+        }
+    }
+    let n = chunks.len();
+    let acks = loop {
+        let mut s = lock(&vol.store);
+        if !current() {
+            return Ok(());
+        }
+        match s.spool(&chunks) {
+            Ok(_) => {
+                vol.refresh(s.as_ref());
+                let a = ack(s.as_ref());
+                break vec![a; n];
+            }
+            Err(StoreError::SpoolFull) => {
+                drop(s);
+                vol.kick();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(StoreError::Invalid(m)) => {
+                drop(s);
+                send_error(conn, ErrorCode::BadFrame, format!("refused chunk: {m}"));
+                return Err(format!("refused chunk: {m}"));
+            }
+            Err(e) => {
+                drop(s);
+                send_error(conn, ErrorCode::Internal, format!("spool failed: {e}"));
+                return Err(format!("spool failed: {e}"));
+            }
+        }
+    };
+    vol.kick();
+    {
+        let mut st = lock(&vol.status);
+        st.chunks_spooled += n as u64 - resync;
+        st.resync_blocks += resync;
+    }
+    debug!(frames = n, "spooled");
+    send_all(conn, &acks)
+}
+
+fn send_all(conn: &mut FrameConn, frames: &[Frame]) -> Result<(), String> {
+    for f in frames {
+        conn.send(f).map_err(|e| format!("send: {e}"))?;
+    }
+    Ok(())
+}
+
+fn handle_other(
+    vol: &Arc<Volume>,
+    conn: &mut FrameConn,
+    f: Frame,
+    max: u32,
+    current: &dyn Fn() -> bool,
+) -> Result<(), String> {
+    match f {
+        Frame::Tag(tag) => {
+            let mut s = lock(&vol.store);
+            if !current() {
+                return Ok(());
+            }
+            match s.tag(&tag) {
+                Ok(()) => {
+                    let a = ack(s.as_ref());
+                    drop(s);
+                    lock(&vol.status).tags += 1;
+                    send_all(conn, &[a])
+                }
+                Err(e) => {
+                    drop(s);
+                    send_error(conn, ErrorCode::Internal, format!("tag failed: {e}"));
+                    Err(format!("tag failed: {e}"))
+                }
+            }
+        }
+        Frame::Heartbeat(_) => {
+            let a = ack(lock(&vol.store).as_ref());
+            send_all(conn, &[a])
+        }
+        Frame::ResyncRequest(ResyncRequest {
+            offset,
+            len,
+            hash_block,
+        }) => {
+            // Bound the answer by the frame size.
+            let hb = u64::from(hash_block);
+            let max_hashes = (u64::from(max) - 64) / 32;
+            let mut s = lock(&vol.store);
+            let size = s.identity().size;
+            let bad = hb == 0
+                || len == 0
+                || len.div_ceil(hb) > max_hashes
+                || offset.checked_add(len).is_none_or(|e| e > size);
+            if bad {
+                drop(s);
+                let m = format!("bad resync request {offset}+{len}/{hash_block} (volume {size})");
+                send_error(conn, ErrorCode::ProtocolViolation, m.clone());
+                return Err(m);
+            }
+            if offset == 0 {
+                s.resync_started();
+            }
+            match s.block_hashes(offset, len, hb) {
+                Ok(hashes) => {
+                    vol.refresh(s.as_ref());
+                    drop(s);
+                    send_all(
+                        conn,
+                        &[Frame::ResyncHashes(ResyncHashes {
+                            offset,
+                            hash_block,
+                            hashes,
+                        })],
+                    )
+                }
+                Err(e) => {
+                    drop(s);
+                    send_error(conn, ErrorCode::Internal, format!("hashes failed: {e}"));
+                    Err(format!("hashes failed: {e}"))
+                }
+            }
+        }
+        Frame::Error(ErrorFrame { code, message }) => {
+            Err(format!("source reported {code:?}: {message}"))
+        }
+        other => {
+            let m = format!("unexpected {:?} frame", other.frame_type());
+            send_error(conn, ErrorCode::ProtocolViolation, m.clone());
+            Err(m)
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Reading the source volume back (metadata/bitmap modes, resync) with
+//! io_uring, falling back to `pread` where io_uring is unavailable (old
+//! kernel, seccomp) or fails.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use io_uring::{opcode, types, IoUring};
+
+/// Largest single read submitted.
+const PIECE: u64 = 1 << 20;
+/// Queue depth.
+const DEPTH: u32 = 64;
+
+/// Reads ranges of a source volume (file or block device).
+pub struct VolumeReader {
+    file: File,
+    ring: Option<IoUring>,
+}
+
+impl std::fmt::Debug for VolumeReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeReader")
+            .field("io_uring", &self.ring.is_some())
+            .finish()
+    }
+}
+
+impl VolumeReader {
+    /// Opens `path` read-only; uses io_uring if `use_uring` and the kernel
+    /// allows it.
+    pub fn open(path: &Path, use_uring: bool) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let ring = if use_uring {
+            match IoUring::new(DEPTH) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::info!(error = %e, "io_uring unavailable, reading the source volume with pread");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(VolumeReader { file, ring })
+    }
+
+    /// Whether io_uring is in use.
+    pub fn uses_io_uring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Appends the contents of `ranges` (`(offset, len)`), concatenated, to
+    /// `out`. Bytes past the end of the file read as zeroes.
+    pub fn read_ranges(&mut self, ranges: &[(u64, u64)], out: &mut Vec<u8>) -> io::Result<()> {
+        let base = out.len();
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        out.resize(base + total as usize, 0);
+        // Pieces: (file offset, buffer position, length).
+        let mut pieces = Vec::new();
+        let mut pos = base;
+        for &(off, len) in ranges {
+            let mut o = 0;
+            while o < len {
+                let n = (len - o).min(PIECE);
+                pieces.push((off + o, pos + o as usize, n as usize));
+                o += n;
+            }
+            pos += len as usize;
+        }
+        if self.ring.is_some() {
+            match self.read_uring(&pieces, out) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring read failed, falling back to pread");
+                    self.ring = None;
+                }
+            }
+        }
+        for &(off, p, n) in &pieces {
+            pread_full(&self.file, off, &mut out[p..p + n])?;
+        }
+        Ok(())
+    }
+
+
+    fn read_uring(&mut self, pieces: &[(u64, usize, usize)], out: &mut [u8]) -> io::Result<()> {
+        let ring = self.ring.as_mut().expect("checked by the caller");
+        let fd = types::Fd(self.file.as_raw_fd());
+        let mut short = Vec::new();
+        for group in pieces.chunks(DEPTH as usize) {
+            let mut submitted = 0usize;
+            for (i, &(off, p, n)) in group.iter().enumerate() {
+                let buf = &mut out[p..p + n];
+                let e = opcode::Read::new(fd, buf.as_mut_ptr(), n as u32)
+                    .offset(off)
+                    .build()
+                    .user_data(i as u64);
+                // SAFETY: the buffer is a live, exclusively borrowed slice of
+                // `out` that is neither moved nor freed until every submitted
+                // entry has completed (we wait for all of them below before
+                // returning, also on error); the fd stays open (`self.file`).
+                let pushed = unsafe { ring.submission().push(&e) };
+                if pushed.is_err() {
+                    break;
+                }
+                submitted += 1;
+            }
+            let mut completed = 0usize;
+            let mut err = None;
+            while completed < submitted {
+                if let Err(e) = ring.submit_and_wait(submitted - completed) {
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    // Safe to give up only if the kernel took none of the
+                    // entries (nothing can write into `out` later).
+                    if completed == 0 && ring.submission().len() == submitted {
+                        return Err(e);
+                    }
+                }
+                for c in ring.completion() {
+                    completed += 1;
+                    let i = c.user_data() as usize;
+                    let r = c.result();
+                    if r < 0 {
+                        err = Some(io::Error::from_raw_os_error(-r));
+                    } else if (r as usize) < group[i].2 {
+                        short.push((group[i], r as usize));
+                    }
+                }
+            }
+            if let Some(e) = err {
+                return Err(e);
+            }
+            if submitted < group.len() {
+                for &(off, p, n) in &group[submitted..] {
+                    let buf = &mut out[p..p + n];
+                    pread_full(&self.file, off, buf)?;
+                }
+            }
+        }
+        for ((off, p, n), got) in short {
+            pread_full(&self.file, off + got as u64, &mut out[p + got..p + n])?;
+        }
+        Ok(())
+    }
+}
+
+fn pread_full(file: &File, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+}
