@@ -222,7 +222,8 @@ pub struct KernelDeviceInfo {
 /// Reads `/sys/block/nbd<index>`.
 pub fn kernel_device_info(index: u32) -> io::Result<KernelDeviceInfo> {
     let base = format!("/sys/block/nbd{index}");
-    let read = |f: &str| std::fs::read_to_string(format!("{base}/{f}")).map(|s| s.trim().to_owned());
+    let read =
+        |f: &str| std::fs::read_to_string(format!("{base}/{f}")).map(|s| s.trim().to_owned());
     let sectors: u64 = read("size")?.parse().unwrap_or(0);
     Ok(KernelDeviceInfo {
         index,
@@ -300,9 +301,9 @@ pub fn attach(
     opts: &AttachOptions,
 ) -> Result<Attached, AttachError> {
     let index = nbd_index(device)?;
-    let (size, flags) = server.export_info(export).ok_or_else(|| {
-        AttachError::Server(ServerError::Config(format!("no export #{export}")))
-    })?;
+    let (size, flags) = server
+        .export_info(export)
+        .ok_or_else(|| AttachError::Server(ServerError::Config(format!("no export #{export}"))))?;
     if !(512..=4096).contains(&opts.block_size) || !opts.block_size.is_power_of_two() {
         return Err(AttachError::BadDevice {
             path: device.into(),
@@ -345,12 +346,22 @@ pub fn attach(
     if let Some(nl) = netlink {
         let mode = if is_configured(index) {
             if !opts.reconnect {
-                return Err(AttachError::InUse { path: device.into() });
+                return Err(AttachError::InUse {
+                    path: device.into(),
+                });
             }
             match nl.reconfigure(index, theirs.as_raw_fd()) {
-                Ok(()) => AttachMode::NetlinkReconfigure,
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    return Err(AttachError::InUse { path: device.into() })
+                Ok(()) => {
+                    // The kernel answers success even when it had no dead socket to
+                    // replace (it then drops ours): tell by whether our end sees EOF.
+                    drop(theirs);
+                    if !kernel_kept(&ours) {
+                        return Err(AttachError::InUse {
+                            path: device.into(),
+                        });
+                    }
+                    info!(device = %device.display(), "NBD device taken over (reconfigured)");
+                    return spawn_netlink(shared, ours, AttachMode::NetlinkReconfigure);
                 }
                 Err(source) => {
                     return Err(AttachError::Netlink {
@@ -373,7 +384,9 @@ pub fn attach(
             match nl.connect(&req) {
                 Ok(()) => AttachMode::NetlinkConnect,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    return Err(AttachError::InUse { path: device.into() })
+                    return Err(AttachError::InUse {
+                        path: device.into(),
+                    })
                 }
                 Err(source) => {
                     return Err(AttachError::Netlink {
@@ -387,20 +400,58 @@ pub fn attach(
         // The kernel holds its own reference to the socket now.
         drop(theirs);
         info!(device = %device.display(), ?mode, size, "NBD device attached");
-        let sh = shared.clone();
-        let serve = std::thread::Builder::new()
-            .name(format!("nbd{index}-serve"))
-            .spawn(move || serve_netlink(sh, ours))
-            .map_err(io_err("spawning the serving thread"))?;
-        return Ok(Attached {
-            shared,
-            mode,
-            serve: Some(serve),
-            doit: None,
-            ctl: None,
-        });
+        return spawn_netlink(shared, ours, mode);
     }
     attach_ioctl(shared, size, flags, ours, theirs)
+}
+
+fn spawn_netlink(
+    shared: Arc<Shared>,
+    ours: UnixStream,
+    mode: AttachMode,
+) -> Result<Attached, AttachError> {
+    let sh = shared.clone();
+    let serve = std::thread::Builder::new()
+        .name(format!("nbd{}-serve", shared.index))
+        .spawn(move || serve_netlink(sh, ours))
+        .map_err(io_err("spawning the serving thread"))?;
+    Ok(Attached {
+        shared,
+        mode,
+        serve: Some(serve),
+        doit: None,
+        ctl: None,
+    })
+}
+
+/// After `NBD_CMD_RECONFIGURE` (and closing our copy of the kernel's end):
+/// whether the kernel kept the socket. If it had no dead connection to
+/// replace, it released the socket, so our end reads EOF at once.
+fn kernel_kept(ours: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: ours.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll on one live pollfd for at most 300 ms.
+    let r = unsafe { libc::poll(&mut pfd, 1, 300) };
+    if r <= 0 {
+        return true; // quiet: the kernel holds the other end
+    }
+    if pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0 {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    // SAFETY: recv into a live 1-byte buffer on an owned socket, peek only.
+    let n = unsafe {
+        libc::recv(
+            ours.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n != 0
 }
 
 /// Serves the kernel's socket; when it is lost without a stop (the kernel
@@ -416,18 +467,27 @@ fn serve_netlink(sh: Arc<Shared>, first: UnixStream) {
             return;
         }
         let deadline = Instant::now() + sh.opts.dead_conn_timeout;
-        while stream.is_none() && !sh.stopping.load(Ordering::SeqCst) && Instant::now() < deadline
-        {
-            let r = socketpair().map_err(|e| io::Error::other(e.to_string())).and_then(
-                |(ours, theirs)| {
+        while stream.is_none() && !sh.stopping.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let r = socketpair()
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|(ours, theirs)| {
                     Genl::open("nbd")?.reconfigure(sh.index, theirs.as_raw_fd())?;
-                    Ok(ours)
-                },
-            );
+                    drop(theirs);
+                    if kernel_kept(&ours) {
+                        Ok(ours)
+                    } else {
+                        Err(io::Error::other(
+                            "the kernel had no dead connection to replace",
+                        ))
+                    }
+                });
             match r {
                 Ok(s) => {
                     sh.reconnects.fetch_add(1, Ordering::Relaxed);
-                    warn!(index = sh.index, "kernel dropped the connection; reconnected");
+                    warn!(
+                        index = sh.index,
+                        "kernel dropped the connection; reconnected"
+                    );
                     stream = Some(s);
                 }
                 Err(e) => {
@@ -471,7 +531,11 @@ fn attach_ioctl(
     ioctl("NBD_SET_SIZE_BLOCKS", NBD_SET_SIZE_BLOCKS, (size / bs) as _)?;
     ioctl("NBD_SET_FLAGS", NBD_SET_FLAGS, flags as _)?;
     if !shared.opts.timeout.is_zero() {
-        ioctl("NBD_SET_TIMEOUT", NBD_SET_TIMEOUT, shared.opts.timeout.as_secs() as _)?;
+        ioctl(
+            "NBD_SET_TIMEOUT",
+            NBD_SET_TIMEOUT,
+            shared.opts.timeout.as_secs() as _,
+        )?;
     }
     if let Err(e) = ioctl("NBD_SET_SOCK", NBD_SET_SOCK, theirs.as_raw_fd() as _) {
         let _ = ioctl("NBD_CLEAR_SOCK", NBD_CLEAR_SOCK, 0);
@@ -489,7 +553,11 @@ fn attach_ioctl(
         .spawn(move || {
             // SAFETY: NBD_DO_IT on an open NBD device fd; blocks until disconnect, no pointer.
             let r = unsafe { libc::ioctl(doit_fd.as_raw_fd(), NBD_DO_IT as _, 0) };
-            let res = if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+            let res = if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            };
             // SAFETY: as above, integer argument.
             unsafe { libc::ioctl(doit_fd.as_raw_fd(), NBD_CLEAR_SOCK as _, 0) };
             res
@@ -504,6 +572,12 @@ fn attach_ioctl(
             }
         })
         .map_err(io_err("spawning the serving thread"))?;
+    // The size takes effect once NBD_DO_IT runs: wait for it, so that I/O
+    // right after attach does not see an empty device.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !is_configured(shared.index) && !doit.is_finished() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     info!(device = %shared.path.display(), size, "NBD device attached (ioctl)");
     Ok(Attached {
         shared,
@@ -675,7 +749,10 @@ impl Msg {
         buf[6..8].copy_from_slice(&flags.to_ne_bytes());
         buf[16] = cmd;
         buf[17] = version;
-        Msg { buf, nests: Vec::new() }
+        Msg {
+            buf,
+            nests: Vec::new(),
+        }
     }
     fn attr(&mut self, ty: u16, data: &[u8]) -> &mut Self {
         let len = (4 + data.len()) as u16;
@@ -776,7 +853,12 @@ impl Genl {
         };
         let mut name_z = name.as_bytes().to_vec();
         name_z.push(0);
-        let mut m = Msg::new(GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK, CTRL_CMD_GETFAMILY, 1);
+        let mut m = Msg::new(
+            GENL_ID_CTRL,
+            NLM_F_REQUEST | NLM_F_ACK,
+            CTRL_CMD_GETFAMILY,
+            1,
+        );
         m.attr(CTRL_ATTR_FAMILY_NAME, &name_z);
         let mut family = None;
         ctrl.request(&mut m, |payload| {
@@ -804,18 +886,15 @@ impl Genl {
         };
         let bytes = m.finish(seq);
         // SAFETY: send of a live buffer with its exact length on an owned socket.
-        let r = unsafe {
-            libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0)
-        };
+        let r = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
         let mut buf = vec![0u8; 16384];
         loop {
             // SAFETY: recv into a live buffer of the given length on an owned socket.
-            let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-            };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -879,7 +958,12 @@ impl Genl {
     }
 
     fn reconfigure(&self, index: u32, fd: RawFd) -> io::Result<()> {
-        let mut m = Msg::new(self.family, NLM_F_REQUEST | NLM_F_ACK, NBD_CMD_RECONFIGURE, 1);
+        let mut m = Msg::new(
+            self.family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            NBD_CMD_RECONFIGURE,
+            1,
+        );
         m.u32(NBD_ATTR_INDEX, index)
             .begin_nest(NBD_ATTR_SOCKETS)
             .begin_nest(NBD_SOCK_ITEM)
@@ -890,7 +974,12 @@ impl Genl {
     }
 
     fn disconnect(&self, index: u32) -> io::Result<()> {
-        let mut m = Msg::new(self.family, NLM_F_REQUEST | NLM_F_ACK, NBD_CMD_DISCONNECT, 1);
+        let mut m = Msg::new(
+            self.family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            NBD_CMD_DISCONNECT,
+            1,
+        );
         m.u32(NBD_ATTR_INDEX, index);
         self.request(&mut m, |_| {})
     }
@@ -910,7 +999,10 @@ mod tests {
             .end_nest()
             .end_nest();
         let b = m.finish(7).to_vec();
-        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize, b.len());
+        assert_eq!(
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize,
+            b.len()
+        );
         assert_eq!(b[16], NBD_CMD_RECONFIGURE);
         let top: Vec<_> = attrs(&b[20..]).collect();
         assert_eq!(top.len(), 2);
