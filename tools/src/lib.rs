@@ -3,8 +3,12 @@
 //! lives in one module and can be tested without spawning a process.
 
 pub mod config;
+pub mod daemon;
 pub mod drvutil;
 pub mod export;
 pub mod listen;
 pub mod logging;
 pub mod pki_cli;
+pub mod status;
+pub mod store;
+pub mod target_cli;

@@ -23,14 +23,22 @@ enum Command {
     Export(ExportArgs),
     /// Create a CA and host certificates for replication links.
     Pki(tools::pki_cli::PkiArgs),
+    /// Run the target daemon: receive replication streams, spool, apply to replicas.
+    Target(tools::target_cli::TargetArgs),
+    /// Show replication pairs: state, RPO, resync progress, data pending per stage, alerts.
+    Status(tools::status::StatusArgs),
 }
 
 fn main() -> std::process::ExitCode {
-    tools::logging::init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Target(_)) {
+        tools::logging::init();
+    }
     let result = match cli.command {
         Command::Export(args) => tools::export::run(args),
         Command::Pki(args) => tools::pki_cli::run(args),
+        Command::Target(args) => tools::target_cli::run(args),
+        Command::Status(args) => tools::status::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

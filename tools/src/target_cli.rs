@@ -1,0 +1,238 @@
+//! `rewind target`: the target daemon. Receives replication streams over
+//! mutual TLS, spools every chunk durably in the volume's journal before
+//! acknowledging it, applies in order to the replica, and keeps
+//! `<state_dir>/status.json` up to date for `rewind status` and `cdpcli`.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use replicator::pair::now_ns;
+use replicator::target::{TargetOptions, TargetServer};
+use replicator::tls::ServerTls;
+use tracing::info;
+
+use crate::config::{TargetConfig, TlsConfig, DEFAULT_TARGET_STATE};
+use crate::daemon;
+use crate::export::parse_size;
+use crate::status::{write_status, JournalFigures, TargetStatusFile, TargetVolumeReport};
+use crate::store::{CounterBoard, JournalProvider, Layout, VolumePlace, NEEDS_SYNC};
+
+/// Arguments of `rewind target`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    rewind target --config /etc/rewind/target.toml\n  \
+    rewind target --listen tcp:0.0.0.0:7700 --dir /srv/rewind --tls-dir /etc/rewind/pki --host dr1.example --allow src1.example\n  \
+    rewind target --listen tcp:127.0.0.1:7700 --dir /tmp/replicas --insecure      # loopback tests only\n\n\
+With --dir, every volume a source announces gets DIR/<volume>/replica.img and DIR/<volume>/journal \
+(created on first contact). With --config, only the volumes listed there are accepted. \
+Stop with SIGTERM or SIGINT; status is written to STATE_DIR/status.json (see `rewind status`).")]
+pub struct TargetArgs {
+    /// target.toml; the flags below are then not allowed (except --state-dir to override).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "dir"])]
+    pub config: Option<PathBuf>,
+    /// Address to listen on: tcp:IP:PORT (port 0 picks a free port, shown in the status file).
+    #[arg(long, value_name = "tcp:IP:PORT", value_parser = daemon::parse_tcp)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Directory holding one subdirectory per volume (replica + journal).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// PKI directory from `rewind pki`: uses ca.pem, <host>.pem and <host>.key.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// This host's certificate name in --tls-dir.
+    #[arg(long, value_name = "NAME", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Client identity (name in the replicator's certificate) allowed to connect; repeatable. None: any certificate of the CA.
+    #[arg(long = "allow", value_name = "NAME")]
+    pub allow: Vec<String>,
+    /// Plaintext without authentication (loopback only, for tests).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Spool budget per volume, e.g. 512M (over it the source is flow controlled).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub spool_budget: Option<u64>,
+    /// State directory (status file).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+fn server_tls(tls: &TlsConfig) -> Result<ServerTls> {
+    match tls.files("tls")? {
+        None => Ok(ServerTls::insecure()),
+        Some(f) => ServerTls::from_pem(&f.ca, &f.cert, &f.key, tls.allowed_clients.clone())
+            .with_context(|| {
+                format!(
+                    "loading TLS files {}, {}, {}",
+                    f.ca.display(),
+                    f.cert.display(),
+                    f.key.display()
+                )
+            }),
+    }
+}
+
+/// Builds the effective configuration from the flags or the file.
+pub fn effective(args: &TargetArgs) -> Result<(TargetConfig, Layout)> {
+    if let Some(path) = &args.config {
+        let mut cfg = TargetConfig::load(path)?;
+        if let Some(s) = &args.state_dir {
+            cfg.state_dir = s.clone();
+        }
+        let mut volumes = HashMap::new();
+        for (i, v) in cfg.volumes.iter().enumerate() {
+            volumes.insert(
+                v.name.clone(),
+                VolumePlace {
+                    replica: v.replica.clone(),
+                    journal_dir: v.journal_dir.clone(),
+                    spool_budget: v.spool_budget_bytes(&format!("volume[{i}]"))?,
+                },
+            );
+        }
+        let layout = Layout::Configured {
+            volumes,
+            auto_create: cfg.auto_create,
+        };
+        return Ok((cfg, layout));
+    }
+    let (Some(listen), Some(dir)) = (args.listen, args.dir.clone()) else {
+        bail!("give --config FILE, or --listen tcp:IP:PORT and --dir DIR");
+    };
+    let tls = if args.insecure {
+        if args.tls_dir.is_some() {
+            bail!("--insecure and --tls-dir exclude each other");
+        }
+        TlsConfig {
+            insecure: true,
+            ..TlsConfig::default()
+        }
+    } else {
+        let Some(pki) = &args.tls_dir else {
+            bail!("give --tls-dir DIR (from `rewind pki`), or --insecure on loopback");
+        };
+        let (cert, key) = crate::pki_cli::host_files(pki, &args.host);
+        TlsConfig {
+            ca: Some(pki.join(replicator::pki::CA_CERT)),
+            cert: Some(cert),
+            key: Some(key),
+            insecure: false,
+            allowed_clients: args.allow.clone(),
+        }
+    };
+    let cfg = TargetConfig {
+        listen: listen.to_string(),
+        state_dir: args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_TARGET_STATE)),
+        tls,
+        auto_create: true,
+        volumes: Vec::new(),
+    };
+    cfg.validate()?;
+    let layout = Layout::Dir {
+        dir,
+        spool_budget: args.spool_budget,
+    };
+    Ok((cfg, layout))
+}
+
+/// Runs `rewind target` until SIGTERM/SIGINT.
+pub fn run(args: TargetArgs) -> Result<()> {
+    let refusals = daemon::init_logging();
+    let stop = daemon::stop_flag()?;
+    let (cfg, layout) = effective(&args)?;
+    let tls = server_tls(&cfg.tls)?;
+    let addr = cfg.listen_addr()?;
+    if cfg.tls.insecure {
+        replicator::tls::check_insecure_listener(&addr).context("--insecure")?;
+        tracing::warn!(%addr, "plaintext replication (insecure): loopback only, no authentication");
+    }
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    let board: CounterBoard = Arc::new(Mutex::new(HashMap::new()));
+    let provider = Arc::new(JournalProvider {
+        layout: layout.clone(),
+        board: board.clone(),
+    });
+    let server = TargetServer::from_listener(listener, tls, provider, TargetOptions::default())
+        .context("starting the target server")?;
+    info!(listen = %bound, state_dir = %cfg.state_dir.display(), "target ready");
+    let started_ns = now_ns();
+    let snapshot = |running: bool| -> TargetStatusFile {
+        let live = server.status();
+        let counters = board.lock().map(|b| b.clone()).unwrap_or_default();
+        let mut names: Vec<String> = layout.known().into_iter().map(|(n, _)| n).collect();
+        for s in &live {
+            if !names.contains(&s.volume) {
+                names.push(s.volume.clone());
+            }
+        }
+        names.sort();
+        let volumes = names
+            .into_iter()
+            .map(|name| {
+                let place = layout.place(&name).map(|(p, _)| p);
+                let status = live.iter().find(|s| s.volume == name).cloned();
+                let journal = counters.get(&name).copied().map(JournalFigures::from);
+                let mut alerts = Vec::new();
+                if let Some(s) = &status {
+                    if s.spool_budget > 0 && s.spool_bytes > s.spool_budget {
+                        alerts.push(format!(
+                            "spool over budget: {} > {} bytes",
+                            s.spool_bytes, s.spool_budget
+                        ));
+                    } else if s.flow_controlled {
+                        alerts.push("flow controlled: the spool is at its budget".into());
+                    }
+                    if let Some(e) = &s.last_error {
+                        alerts.push(format!("last error: {e}"));
+                    }
+                }
+                TargetVolumeReport {
+                    status,
+                    journal,
+                    replica: place
+                        .as_ref()
+                        .map(|p| p.replica.display().to_string())
+                        .unwrap_or_default(),
+                    journal_dir: place
+                        .as_ref()
+                        .map(|p| p.journal_dir.display().to_string())
+                        .unwrap_or_default(),
+                    needs_initial_sync: place
+                        .is_some_and(|p| p.journal_dir.join(NEEDS_SYNC).exists()),
+                    alerts,
+                    name,
+                }
+            })
+            .collect();
+        TargetStatusFile {
+            pid: std::process::id(),
+            started_ns,
+            updated_ns: now_ns(),
+            running,
+            listen: bound.to_string(),
+            refused: refusals.count.load(Ordering::Relaxed),
+            last_refusal: refusals.last.lock().ok().and_then(|l| l.clone()),
+            volumes,
+        }
+    };
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(e) = write_status(&cfg.state_dir, &snapshot(true)) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot write the status file");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let last = snapshot(false);
+    server.shutdown();
+    write_status(&cfg.state_dir, &last)?;
+    info!("target stopped cleanly");
+    Ok(())
+}
