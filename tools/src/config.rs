@@ -168,17 +168,23 @@ fn default_compression() -> String {
 fn default_replicator_state() -> PathBuf {
     PathBuf::from(DEFAULT_REPLICATOR_STATE)
 }
+fn default_rpo_threshold() -> f64 {
+    300.0
+}
 fn default_target_state() -> PathBuf {
     PathBuf::from(DEFAULT_TARGET_STATE)
 }
 
 /// `replicator.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicatorConfig {
     /// State of the daemon (pair states, status file).
     #[serde(default = "default_replicator_state")]
     pub state_dir: PathBuf,
+    /// RPO above which `rewind status` raises an alert, in seconds.
+    #[serde(default = "default_rpo_threshold")]
+    pub rpo_threshold_secs: f64,
     /// The target.
     pub target: TargetEndpoint,
     /// TLS (mutual by default).
@@ -251,6 +257,12 @@ impl ReplicatorConfig {
 
     /// Semantic checks; every error names its key.
     pub fn validate(&self) -> Result<()> {
+        if !(self.rpo_threshold_secs.is_finite() && self.rpo_threshold_secs > 0.0) {
+            bail!(
+                "rpo_threshold_secs = {}: must be a positive number of seconds",
+                self.rpo_threshold_secs
+            );
+        }
         if self.target.address.trim().is_empty() {
             bail!("target.address is empty (expected HOST:PORT)");
         }

@@ -5,6 +5,15 @@
 //! the socket accepts its first connection, and closed cleanly (bitmap
 //! persisted, region marked clean) after the server has stopped on SIGINT or
 //! SIGTERM, so no write acknowledged to a client is missing from the log.
+//!
+//! With `--attach /dev/nbdN` the kernel NBD client is connected to the
+//! filter over a socketpair (netlink `nbd` family, else the NBD ioctls; see
+//! `filter_nbd::attach`). SIGINT/SIGTERM flush the device and disconnect it
+//! before the server stops. If the agent dies instead, the kernel keeps the
+//! device (netlink only) and holds its I/O for `--dead-conn-timeout`; the
+//! same command run again takes the device over (`NBD_CMD_RECONFIGURE`),
+//! and requests that were in flight are re-sent by the kernel after
+//! `--nbd-timeout`, so a filesystem mounted on it survives the restart.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,14 +34,38 @@ use crate::listen::ListenAddr;
 #[command(after_help = "Examples:\n  \
     rewind export --backing /srv/vol0.img --listen unix:/run/rewind/vol0.sock\n  \
     rewind export --backing /dev/vg0/data --listen tcp:127.0.0.1:10809 --volume data --read-only\n  \
+    rewind export --backing /srv/vol0.img --volume vol0 --attach /dev/nbd0\n  \
     qemu-io -f raw 'nbd+unix:///vol0?socket=/run/rewind/vol0.sock' -c 'write -P 0xab 0 1M'")]
 pub struct ExportArgs {
     /// File or block device holding the volume's data.
     #[arg(long, value_name = "PATH")]
     pub backing: PathBuf,
     /// Where to serve: unix:PATH (default choice; socket mode 0600) or tcp:HOST:PORT.
-    #[arg(long, value_name = "unix:SOCKET|tcp:HOST:PORT")]
-    pub listen: ListenAddr,
+    /// Optional with --attach.
+    #[arg(
+        long,
+        value_name = "unix:SOCKET|tcp:HOST:PORT",
+        required_unless_present = "attach"
+    )]
+    pub listen: Option<ListenAddr>,
+    /// Connect this kernel NBD device (/dev/nbdN) to the filter; a device left
+    /// by a crashed agent is taken over.
+    #[arg(long, value_name = "/dev/nbdN")]
+    pub attach: Option<PathBuf>,
+    /// With --attach: seconds the kernel holds I/O while no agent serves the
+    /// device (agent restart); 0 = fail I/O at once.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub dead_conn_timeout: u64,
+    /// With --attach: request timeout in seconds; an unanswered request is
+    /// re-sent (to the restarted agent) when it expires.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub nbd_timeout: u64,
+    /// With --attach: logical block size of the kernel device.
+    #[arg(long, value_name = "BYTES", default_value = "4K", value_parser = parse_size)]
+    pub nbd_block_size: u64,
+    /// With --attach: control interface (auto = netlink, else ioctls).
+    #[arg(long, value_name = "auto|netlink|ioctl", default_value = "auto")]
+    pub attach_method: String,
     /// Refuse every write-like request with EPERM.
     #[arg(long)]
     pub read_only: bool,
@@ -194,14 +227,33 @@ pub fn run(args: ExportArgs) -> Result<()> {
     };
     let server = Arc::new(Server::new(vec![export], opts).context("creating the NBD server")?);
 
+    let attached = match &args.attach {
+        Some(dev) => Some(attach_device(&server, dev, &args)?),
+        None => None,
+    };
+    let attached = Arc::new(std::sync::Mutex::new(attached));
+
     let stopper = server.shutdown_handle();
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel::<()>();
+    let detach_on_stop = attached.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Ok(sig) = stop_signals.wait() {
                 tracing::info!(?sig, "stopping");
             }
+            // The kernel device first: flush, disconnect, wait for its requests.
+            let taken = detach_on_stop
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(a) = taken {
+                if let Err(e) = a.detach() {
+                    tracing::error!(error = %e, "detaching the NBD device");
+                }
+            }
             stopper.shutdown();
+            let _ = stopped_tx.send(());
         })
         .context("spawning the signal thread")?;
 
@@ -210,18 +262,23 @@ pub fn run(args: ExportArgs) -> Result<()> {
         export = export_name,
         size,
         backing = %args.backing.display(),
-        listen = %args.listen,
+        listen = ?args.listen.as_ref().map(|l| l.to_string()),
+        attach = ?args.attach,
         tracking = change_log.is_some(),
         "serving"
     );
     let served = match &args.listen {
-        ListenAddr::Unix(path) => {
+        None => {
+            let _ = stopped_rx.recv();
+            Ok(())
+        }
+        Some(ListenAddr::Unix(path)) => {
             let listener = bind_unix(path)?;
             let r = server.serve_unix_listener(listener);
             let _ = std::fs::remove_file(path);
             r
         }
-        ListenAddr::Tcp(addr) => {
+        Some(ListenAddr::Tcp(addr)) => {
             if !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "serving NBD on a non-loopback address: NBD itself is unauthenticated and unencrypted");
             }
@@ -230,14 +287,50 @@ pub fn run(args: ExportArgs) -> Result<()> {
             server.serve_tcp_listener(listener)
         }
     };
-    // serve_* returns after every connection thread ended: no request is in
-    // flight, so closing now marks the log cleanly shut down.
+    // serve_* returns after every connection thread ended (and the kernel
+    // device was detached by the signal thread): no request is in flight, so
+    // closing now marks the log cleanly shut down.
+    if args.listen.is_some() && served.is_ok() {
+        let _ = stopped_rx.recv();
+    }
+    drop(attached);
     drop(server);
     if let Some(log) = change_log {
         log.close().context("closing the change log")?;
     }
     served.context("serving NBD")?;
     Ok(())
+}
+
+/// Connects the kernel device `dev` to export 0 of `server`.
+fn attach_device(server: &Server, dev: &Path, args: &ExportArgs) -> Result<filter_nbd::Attached> {
+    use filter_nbd::attach::Method;
+    let method = match args.attach_method.as_str() {
+        "auto" => Method::Auto,
+        "netlink" => Method::Netlink,
+        "ioctl" => Method::Ioctl,
+        m => bail!("--attach-method {m:?}: use auto, netlink or ioctl"),
+    };
+    let block_size = u32::try_from(args.nbd_block_size)
+        .ok()
+        .filter(|b| b.is_power_of_two() && (512..=4096).contains(b))
+        .with_context(|| {
+            format!(
+                "--nbd-block-size {} must be a power of two from 512 to 4K",
+                args.nbd_block_size
+            )
+        })?;
+    let opts = filter_nbd::AttachOptions {
+        block_size,
+        timeout: std::time::Duration::from_secs(args.nbd_timeout),
+        dead_conn_timeout: std::time::Duration::from_secs(args.dead_conn_timeout),
+        method,
+        ..Default::default()
+    };
+    let a = filter_nbd::attach(server, 0, dev, &opts)
+        .with_context(|| format!("attaching {}", dev.display()))?;
+    tracing::info!(device = %dev.display(), mode = ?a.mode(), "kernel device attached");
+    Ok(a)
 }
 
 #[cfg(test)]

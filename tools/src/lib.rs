@@ -2,6 +2,7 @@
 //! types and command implementations through this library, so each command
 //! lives in one module and can be tested without spawning a process.
 
+pub mod cdpcli;
 pub mod config;
 pub mod daemon;
 pub mod drvutil;
@@ -9,6 +10,7 @@ pub mod export;
 pub mod listen;
 pub mod logging;
 pub mod pki_cli;
+pub mod replicate;
 pub mod status;
 pub mod store;
 pub mod target_cli;

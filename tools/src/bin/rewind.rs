@@ -23,6 +23,8 @@ enum Command {
     Export(ExportArgs),
     /// Create a CA and host certificates for replication links.
     Pki(tools::pki_cli::PkiArgs),
+    /// Run the replicator daemon: ship the volumes' change logs to a target.
+    Replicator(tools::replicate::ReplicatorArgs),
     /// Run the target daemon: receive replication streams, spool, apply to replicas.
     Target(tools::target_cli::TargetArgs),
     /// Show replication pairs: state, RPO, resync progress, data pending per stage, alerts.
@@ -31,12 +33,13 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Target(_)) {
+    if !matches!(cli.command, Command::Target(_) | Command::Replicator(_)) {
         tools::logging::init();
     }
     let result = match cli.command {
         Command::Export(args) => tools::export::run(args),
         Command::Pki(args) => tools::pki_cli::run(args),
+        Command::Replicator(args) => tools::replicate::run(args),
         Command::Target(args) => tools::target_cli::run(args),
         Command::Status(args) => tools::status::run(args),
     };

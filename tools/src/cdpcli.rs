@@ -1,0 +1,136 @@
+//! `cdpcli`: target inspection with the commands and field names admins of
+//! the seed product know (`--listtargetvolumes`, `--displaystatistics`).
+//! Reads the status file of `rewind target` (`<state_dir>/status.json`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use replicator::pair::now_ns;
+use serde::Serialize;
+
+use crate::config::DEFAULT_TARGET_STATE;
+use crate::status::{liveness, read_status, TargetStatusFile, TargetVolumeReport};
+
+/// Arguments of `cdpcli`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cdpcli",
+    version,
+    about = "Inspect replicated volumes at the target (reads the status of `rewind target`)",
+    after_help = "Examples:\n  \
+    cdpcli --listtargetvolumes\n  \
+    cdpcli --displaystatistics --vol=vol0\n  \
+    cdpcli --displaystatistics --vol=vol0 --json --state-dir /var/lib/rewind/target\n\n\
+Fields of --displaystatistics: Diffs pending in CX = bytes received by the target and not yet durable \
+in its spool (rewind has no relay; normally 0), Diffs pending in Target = bytes spooled and not yet \
+applied to the replica, Current RPO (secs) = now - source time of the oldest change not applied \
+(0 when everything received is applied), Apply rate (Bytes/sec) = bytes applied per second of apply \
+work, Apply time (secs) = time spent applying since the target started."
+)]
+pub struct CdpcliArgs {
+    /// List the target volumes, one per line.
+    #[arg(long)]
+    pub listtargetvolumes: bool,
+    /// Replication statistics of the volume given with --vol.
+    #[arg(long)]
+    pub displaystatistics: bool,
+    /// Volume name.
+    #[arg(long, value_name = "V")]
+    pub vol: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// State directory of `rewind target`.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_TARGET_STATE)]
+    pub state_dir: PathBuf,
+}
+
+/// The statistics of `--displaystatistics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Statistics {
+    /// Target Volume Name.
+    #[serde(rename = "Target Volume Name")]
+    pub name: String,
+    /// Diffs pending in CX (bytes).
+    #[serde(rename = "Diffs pending in CX")]
+    pub pending_cx: u64,
+    /// Diffs pending in Target (bytes).
+    #[serde(rename = "Diffs pending in Target")]
+    pub pending_target: u64,
+    /// Current RPO (secs).
+    #[serde(rename = "Current RPO (secs)")]
+    pub rpo_secs: u64,
+    /// Apply rate (Bytes/sec).
+    #[serde(rename = "Apply rate (Bytes/sec)")]
+    pub apply_rate: u64,
+    /// Apply time (secs).
+    #[serde(rename = "Apply time (secs)")]
+    pub apply_time_secs: f64,
+}
+
+/// Computes the statistics of one volume.
+pub fn statistics(v: &TargetVolumeReport) -> Statistics {
+    let j = v.journal.unwrap_or_default();
+    let pending_target = v.status.as_ref().map_or(j.pending_bytes, |s| s.spool_bytes);
+    let rpo_secs = j
+        .oldest_unapplied_source_time_ns
+        .map_or(0, |t| now_ns().saturating_sub(t) / 1_000_000_000);
+    let apply_rate = if j.apply_ns > 0 {
+        (j.applied_bytes as f64 * 1e9 / j.apply_ns as f64) as u64
+    } else {
+        0
+    };
+    Statistics {
+        name: v.name.clone(),
+        pending_cx: 0,
+        pending_target,
+        rpo_secs,
+        apply_rate,
+        apply_time_secs: j.apply_ns as f64 / 1e9,
+    }
+}
+
+/// Runs `cdpcli`.
+pub fn run(args: CdpcliArgs) -> Result<()> {
+    if args.listtargetvolumes == args.displaystatistics {
+        bail!("give exactly one of --listtargetvolumes or --displaystatistics --vol=V");
+    }
+    let st: TargetStatusFile = read_status(&args.state_dir)?;
+    let state = liveness(st.pid, st.running, st.updated_ns);
+    if state != "running" {
+        eprintln!(
+            "cdpcli: warning: the target daemon is {state}; figures are from its last status"
+        );
+    }
+    if args.listtargetvolumes {
+        if args.json {
+            let names: Vec<&str> = st.volumes.iter().map(|v| v.name.as_str()).collect();
+            println!("{}", serde_json::to_string_pretty(&names)?);
+        } else {
+            for v in &st.volumes {
+                println!("{}", v.name);
+            }
+        }
+        return Ok(());
+    }
+    let Some(vol) = &args.vol else {
+        bail!("--displaystatistics needs --vol=V (see --listtargetvolumes)");
+    };
+    let Some(v) = st.volumes.iter().find(|v| &v.name == vol) else {
+        let names: Vec<&str> = st.volumes.iter().map(|v| v.name.as_str()).collect();
+        bail!("no target volume {vol:?} (known: {})", names.join(", "));
+    };
+    let s = statistics(v);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!("Target Volume Name       : {}", s.name);
+        println!("Diffs pending in CX      : {}", s.pending_cx);
+        println!("Diffs pending in Target  : {}", s.pending_target);
+        println!("Current RPO (secs)       : {}", s.rpo_secs);
+        println!("Apply rate (Bytes/sec)   : {}", s.apply_rate);
+        println!("Apply time (secs)        : {:.3}", s.apply_time_secs);
+    }
+    Ok(())
+}
