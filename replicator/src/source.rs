@@ -215,7 +215,9 @@ pub struct Pair {
 
 impl std::fmt::Debug for Pair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pair").field("status", &self.status()).finish()
+        f.debug_struct("Pair")
+            .field("status", &self.status())
+            .finish()
     }
 }
 
@@ -477,8 +479,10 @@ fn session(
             full(&mut ps);
         }
         None => {
-            if matches!(ps.state, PairState::ResyncStep2 | PairState::DifferentialSync)
-                && ps.synced_size < size
+            if matches!(
+                ps.state,
+                PairState::ResyncStep2 | PairState::DifferentialSync
+            ) && ps.synced_size < size
             {
                 let from = ps.synced_size.min(welcome.replica_size);
                 ps.state = PairState::VolumeResized;
@@ -519,6 +523,7 @@ fn session(
         windows: VecDeque::new(),
         rs_next: 0,
         rs_clock: (Instant::now(), 0),
+        rs_sent: 0,
         last_persist: Instant::now(),
         last_send: Instant::now(),
         last_recv: Instant::now(),
@@ -581,6 +586,7 @@ struct Session<'a> {
     windows: VecDeque<Window>,
     rs_next: u64,
     rs_clock: (Instant, u64),
+    rs_sent: u64,
     last_persist: Instant,
     last_send: Instant,
     last_recv: Instant,
@@ -676,6 +682,7 @@ impl Session<'_> {
         self.windows.clear();
         self.rs_next = 0;
         self.rs_clock = (Instant::now(), 0);
+        self.rs_sent = 0;
         self.persist()
     }
 
@@ -1058,9 +1065,7 @@ impl Session<'_> {
             w.outstanding += runs.len();
             w.hashed = true;
         }
-        if let Some(r) = lock(self.status).resync.as_mut() {
-            r.sent_bytes += sent;
-        }
+        self.rs_sent += sent;
         self.advance_windows()
     }
 
@@ -1175,11 +1180,13 @@ impl Session<'_> {
                 r.done_bytes = done;
                 r.total_bytes = total;
                 r.eta_secs = eta;
+                r.sent_bytes = self.rs_sent;
             }
             None => {
                 if let Some(r) = s.resync.as_mut() {
                     r.done_bytes = r.total_bytes;
                     r.eta_secs = Some(0.0);
+                    r.sent_bytes = self.rs_sent;
                 }
             }
         }

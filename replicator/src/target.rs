@@ -637,8 +637,12 @@ fn admit(
     }
     if hello.size > id.size {
         info!(volume = %hello.volume_name, from = id.size, to = hello.size, "growing the replica");
-        s.resize(hello.size)
-            .map_err(|e| Refusal::new(ErrorCode::SizeMismatch, format!("cannot grow the replica: {e}")))?;
+        s.resize(hello.size).map_err(|e| {
+            Refusal::new(
+                ErrorCode::SizeMismatch,
+                format!("cannot grow the replica: {e}"),
+            )
+        })?;
         resync = resync.or(Some(ResyncReason::SizeChanged));
     }
     // Supersede any older connection of this volume (under the store lock).
@@ -774,8 +778,9 @@ fn frame_loop(
         let mut next = Some(first);
         while let Some(f) = next.take() {
             let item = match f {
-                Frame::Chunk(c) => StoreChunk::from_chunk(&c, u64::from(max))
-                    .map(|c| Item::Chunk(c, false)),
+                Frame::Chunk(c) => {
+                    StoreChunk::from_chunk(&c, u64::from(max)).map(|c| Item::Chunk(c, false))
+                }
                 Frame::ResyncData(r) => {
                     StoreChunk::from_resync(&r, u64::from(max)).map(|c| Item::Chunk(c, true))
                 }

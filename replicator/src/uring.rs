@@ -86,7 +86,6 @@ impl VolumeReader {
         Ok(())
     }
 
-
     fn read_uring(&mut self, pieces: &[(u64, usize, usize)], out: &mut [u8]) -> io::Result<()> {
         let ring = self.ring.as_mut().expect("checked by the caller");
         let fd = types::Fd(self.file.as_raw_fd());
@@ -151,17 +150,17 @@ impl VolumeReader {
 }
 
 fn pread_full(file: &File, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], off + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    return Ok(());
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
             }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        Ok(())
+    }
+    Ok(())
 }
