@@ -931,6 +931,8 @@ struct Inflight {
     free: Vec<u32>,
     bytes: u64,
     count: usize,
+    /// FLUSH requests among `count`.
+    flushes: usize,
 }
 
 /// Per-connection transmission state (used by the connection's thread).
@@ -994,6 +996,7 @@ fn transmission(
             free: (0..n).rev().collect(),
             bytes: 0,
             count: 0,
+            flushes: 0,
         }),
 
         batch: Mutex::new(Vec::new()),
@@ -1070,6 +1073,12 @@ impl Conn<'_> {
         self.reply(handle, req_offset, ReplyKind::Error(err), &[]);
     }
 
+    /// Exactly one request in flight and it is not a FLUSH (which may be slow).
+    fn only_one_fast_op(&self) -> bool {
+        let g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        g.count == 1 && g.flushes == 0
+    }
+
     fn in_flight(&self) -> usize {
         self.inflight
             .lock()
@@ -1102,8 +1111,17 @@ impl Conn<'_> {
     /// handles every available completion.
     fn wait_events(&self) {
         let Some(ring) = &self.ring else { return };
-        self.kick();
-        self.flush_batch();
+        if !self
+            .batch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            // Start the queued I/O before spending time on the reply write.
+            self.kick();
+            self.flush_batch();
+        }
+        // `wait` submits any queued operations in the same io_uring_enter.
         let mut done = std::mem::take(&mut *self.reaped.lock().unwrap_or_else(|e| e.into_inner()));
         if let Err(e) = ring.wait(&mut done) {
             // In-flight operations still own their buffers in the ring:
@@ -1155,6 +1173,9 @@ impl Conn<'_> {
                 let over = g.count > 0 && g.bytes + bytes > max;
                 if !over {
                     if let Some(i) = g.free.pop() {
+                        if slot.kind == OpKind::Flush {
+                            g.flushes += 1;
+                        }
                         g.slots[i as usize] = Some(slot);
                         g.bytes += bytes;
                         g.count += 1;
@@ -1173,8 +1194,11 @@ impl Conn<'_> {
         g.slots.get_mut(i as usize).and_then(Option::take)
     }
 
-    fn release_slot(&self, i: u32, bytes: u64) {
+    fn release_slot(&self, i: u32, bytes: u64, flush: bool) {
         let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if flush {
+            g.flushes = g.flushes.saturating_sub(1);
+        }
         g.free.push(i);
         g.bytes = g.bytes.saturating_sub(bytes);
         g.count = g.count.saturating_sub(1);
@@ -1211,6 +1235,12 @@ impl Conn<'_> {
                 // Wait for a complete header without sleeping in recv while
                 // requests are in flight: their completions must be handled.
                 while r.available() < hlen && self.in_flight() > 0 {
+                    if self.only_one_fast_op() {
+                        // Typical of a queue-depth-1 client: nothing else
+                        // will arrive before this reply; just complete it.
+                        self.wait_events();
+                        continue;
+                    }
                     match r.fill_nonblocking()? {
                         Fill::Data => continue,
                         Fill::Eof => break,
@@ -1658,6 +1688,7 @@ impl Conn<'_> {
         let Some(slot) = self.take_slot(tag) else {
             return;
         };
+        let is_flush = slot.kind == OpKind::Flush;
         let bytes = slot.len;
         match slot.kind {
             OpKind::Read => {
@@ -1683,7 +1714,7 @@ impl Conn<'_> {
         if let Some(b) = buf {
             self.pool.put(b);
         }
-        self.release_slot(tag, bytes);
+        self.release_slot(tag, bytes, is_flush);
     }
 }
 
