@@ -6,7 +6,7 @@
 use rewind_tests::*;
 use std::time::Duration;
 
-fn fs_over_nbd(tag: &str, fs: &str, size: u64) {
+fn fs_over_nbd(tag: &str, fs: &str, size: u64, dio: &str) {
     let _lock = fs_lock();
     let s = Scratch::new(tag);
     let backing = s.join("fsvol.img");
@@ -14,7 +14,7 @@ fn fs_over_nbd(tag: &str, fs: &str, size: u64) {
     let before = ImageCopy::capture(&s, &backing);
     let ex = Export::start(&s, &backing, ExportOpts::default());
     let o = run(
-        std::process::Command::new(script("fs-over-nbd")).args([&ex.uri(), fs]),
+        std::process::Command::new(script("fs-over-nbd")).args([&ex.uri(), fs, "--dio", dio]),
         Duration::from_secs(900),
     );
     let out = String::from_utf8_lossy(&o.stdout);
@@ -37,10 +37,17 @@ fn fs_over_nbd(tag: &str, fs: &str, size: u64) {
 
 #[test]
 fn fs_ext4_over_nbdfuse_loop() {
-    fs_over_nbd("fs-ext4", "ext4", 256 * MIB);
+    fs_over_nbd("fs-ext4", "ext4", 256 * MIB, "on");
+}
+
+/// Loop device without direct I/O: the page cache batches writes, so the
+/// export sees fewer, larger requests.
+#[test]
+fn fs_ext4_over_nbdfuse_loop_buffered() {
+    fs_over_nbd("fs-ext4-buf", "ext4", 256 * MIB, "off");
 }
 
 #[test]
 fn fs_xfs_over_nbdfuse_loop() {
-    fs_over_nbd("fs-xfs", "xfs", 320 * MIB);
+    fs_over_nbd("fs-xfs", "xfs", 320 * MIB, "on");
 }
