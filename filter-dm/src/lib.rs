@@ -19,6 +19,7 @@ pub mod block;
 mod control;
 pub mod era;
 mod error;
+pub mod insert;
 mod loopdev;
 mod sys;
 mod wire;
