@@ -830,10 +830,20 @@ impl Session<'_> {
                                     .map_err(|e| SourceError::Io("read source volume", e))?;
                                 v
                             };
+                            if cb.data_bytes + data.len() as u64 > self.max_data {
+                                // Keep every chunk within max_data.
+                                if let Some(f) = cb.take(comp)? {
+                                    out.push(f);
+                                }
+                            }
                             if data.len() as u64 > self.max_data {
                                 // A record bigger than a chunk: ship its head
-                                // as unordered pieces (current content is
-                                // what follows anyway), its tail ordered.
+                                // as unordered pieces, in stream position, and
+                                // its tail as an ordered chunk carrying its
+                                // sequence. If the link breaks before the tail
+                                // is durable, durable_seq < seq and the whole
+                                // record is re-sent; once the tail is durable
+                                // the head (spooled before it) is too.
                                 if let Some(f) = cb.take(comp)? {
                                     out.push(f);
                                 }
@@ -1090,21 +1100,20 @@ impl Session<'_> {
     }
 
     fn transitions(&mut self) -> Result<(), SourceError> {
+        let pass_done = self.windows.is_empty() && self.ps.resync_offset >= self.ps.resync_end;
+        let drained = self.ring_empty && self.batches.is_empty() && self.data_in_flight() == 0;
         match self.ps.state {
-            PairState::ResyncStep1 | PairState::VolumeResized => {
-                if self.windows.is_empty() && self.ps.resync_offset >= self.ps.resync_end {
-                    info!(volume = %self.cfg.volume, "resync pass complete: step 2");
-                    self.ps.state = PairState::ResyncStep2;
-                    self.persist()?;
-                }
+            PairState::ResyncStep1 | PairState::VolumeResized if pass_done => {
+                info!(volume = %self.cfg.volume, "resync pass complete: step 2");
+                self.ps.state = PairState::ResyncStep2;
+                self.ring_empty = false;
+                self.persist()?;
             }
-            PairState::ResyncStep2 => {
-                if self.ring_empty && self.batches.is_empty() && self.data_in_flight() == 0 {
-                    info!(volume = %self.cfg.volume, "change log drained: differential sync");
-                    self.ps.state = PairState::DifferentialSync;
-                    self.ps.synced_size = self.size;
-                    self.persist()?;
-                }
+            PairState::ResyncStep2 if drained => {
+                info!(volume = %self.cfg.volume, "change log drained: differential sync");
+                self.ps.state = PairState::DifferentialSync;
+                self.ps.synced_size = self.size;
+                self.persist()?;
             }
             _ => {}
         }
@@ -1347,5 +1356,61 @@ impl ChunkBuilder {
         *self = ChunkBuilder::default();
         let p = c.payload.len() as u64;
         Ok(Some((Frame::Chunk(c), data.len() as u64, p)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Coalescing a sequence of writes gives the same bytes as applying
+    /// them one by one (a later write wins), with valid wire extents.
+    #[test]
+    fn coalescing_matches_sequential_apply() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        for round in 0..300 {
+            let size = 64 << 10;
+            let base: Vec<u8> = (0..size).map(|_| rng.gen()).collect();
+            let mut naive = base.clone();
+            let mut cb = ChunkBuilder::default();
+            for seq in 1..=rng.gen_range(1..40u64) {
+                let off = rng.gen_range(0..size - 1);
+                let len = rng.gen_range(1..=(size - off).min(9000));
+                if rng.gen_bool(0.2) {
+                    naive[off..off + len].fill(0);
+                    cb.insert(seq, 100 + seq, off as u64, len as u64, None);
+                } else {
+                    let d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                    naive[off..off + len].copy_from_slice(&d);
+                    cb.insert(seq, 100 + seq, off as u64, len as u64, Some(d));
+                }
+            }
+            let comp = if round % 2 == 0 {
+                Compression::None
+            } else {
+                Compression::Zstd(1)
+            };
+            let (f, raw, _) = cb.take(comp).unwrap().unwrap();
+            let Frame::Chunk(c) = f else { panic!() };
+            // Round trip through the codec (validates extents).
+            let enc = Frame::Chunk(c).encode(DEFAULT_MAX_FRAME).unwrap();
+            let Frame::Chunk(c) = crate::wire::decode(&enc, DEFAULT_MAX_FRAME).unwrap() else {
+                panic!()
+            };
+            assert_eq!(c.first_seq, 1);
+            assert_eq!(c.source_time_ns, 101);
+            assert_eq!(c.data_len(), raw);
+            let data = c.data(DEFAULT_MAX_FRAME as u64).unwrap();
+            let mut out = base.clone();
+            for (e, d) in c.split(&data) {
+                let o = e.offset as usize;
+                match d {
+                    Some(d) => out[o..o + d.len()].copy_from_slice(d),
+                    None => out[o..o + e.len as usize].fill(0),
+                }
+            }
+            assert_eq!(out, naive, "round {round}");
+        }
     }
 }

@@ -870,3 +870,50 @@ fn flow_control_holds_back_and_converges() {
     pair.stop();
     server.shutdown();
 }
+
+/// Loopback throughput (ignored by default; run with
+/// `cargo test -p replicator --release --test engine loopback_throughput -- --ignored --nocapture`):
+/// 192 MiB of 1 MiB compressible writes are captured in data mode while the
+/// pair is paused, then the pair is resumed and timed until everything is
+/// durable at the target (TLS 1.3, in-memory test store).
+#[test]
+#[ignore]
+fn loopback_throughput() {
+    let total: u64 = 192 << 20;
+    for comp in [Compression::None, Compression::Zstd(1)] {
+        let env = Env::new();
+        let stores = Stores::default();
+        let server = env.server(&stores, "127.0.0.1:0");
+        let addr = server.local_addr().to_string();
+        let src = Source::new(&env.dir, "bench", 256 << 20, 256 << 20);
+        let mut cfg = src.pair_cfg(&env, &addr, comp);
+        cfg.max_chunk_bytes = 4 << 20;
+        let pair = Pair::start(cfg).unwrap();
+        wait_equal(&src, &stores.get("bench"), &pair, "initial");
+        pair.pause();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut off = 0;
+        while off < total {
+            src.write(off, &data(&mut rng, 1 << 20, true));
+            off += 1 << 20;
+        }
+        let before = pair.status();
+        let t = Instant::now();
+        pair.resume();
+        assert!(pair.wait_drained(Duration::from_secs(300)));
+        let el = t.elapsed().as_secs_f64();
+        let st = pair.status();
+        let raw = st.shipped_raw_bytes - before.shipped_raw_bytes;
+        let wire = st.wire_bytes - before.wire_bytes;
+        eprintln!(
+            "{comp:?}: {:.1} MB in {el:.2} s = {:.0} MB/s shipped (raw), {:.1} MB on the wire, ratio {:.2}",
+            raw as f64 / 1e6,
+            raw as f64 / 1e6 / el,
+            wire as f64 / 1e6,
+            raw as f64 / wire as f64
+        );
+        pair.stop();
+        server.shutdown();
+    }
+}
