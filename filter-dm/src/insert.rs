@@ -250,9 +250,9 @@ impl<'a> Inserted<'a> {
 
     /// Step 3: puts the original table back (the filter's writes flushed to the underlying
     /// devices while the live device is suspended). On failure the device stays inserted
-    /// (and resumed) and `self` is returned with the error, so the caller can retry. Then
+    /// (and resumed) and `self` is returned (boxed) with the error, so the caller can retry. Then
     /// stop the filter and call [`Removed::finish`].
-    pub fn remove(self) -> Result<Removed<'a>, (Self, InsertError)> {
+    pub fn remove(self) -> Result<Removed<'a>, Box<(Self, InsertError)>> {
         self.remove_with(|| {})
     }
 
@@ -261,7 +261,7 @@ impl<'a> Inserted<'a> {
     pub fn remove_with(
         self,
         while_suspended: impl FnOnce(),
-    ) -> Result<Removed<'a>, (Self, InsertError)> {
+    ) -> Result<Removed<'a>, Box<(Self, InsertError)>> {
         let origin_path = self.dm.node_path(&self.origin);
         let flush = || -> Result<(), InsertError> {
             let f = OpenOptions::new()
@@ -286,7 +286,7 @@ impl<'a> Inserted<'a> {
                 origin: self.origin,
                 pause,
             }),
-            Err(e) => Err((self, e)),
+            Err(e) => Err(Box::new((self, e))),
         }
     }
 }

@@ -245,7 +245,7 @@ fn hot_insert_and_remove_under_a_mounted_ext4_with_writers() {
     let mut after = Vec::new();
     let removed = match ins.remove_with(|| after = std::fs::read(&img).unwrap()) {
         Ok(r) => r,
-        Err((_, e)) => panic!("removal failed: {e}"),
+        Err(b) => panic!("removal failed: {}", b.1),
     };
     assert_eq!(
         dm.table(live).unwrap(),
@@ -270,7 +270,7 @@ fn hot_insert_and_remove_under_a_mounted_ext4_with_writers() {
     let ins = prep.insert(devnum(Path::new("/dev/nbd4"))).unwrap();
     let pause_in = ins.pause;
     std::thread::sleep(Duration::from_secs(1));
-    let removed = ins.remove().map_err(|(_, e)| e).unwrap();
+    let removed = ins.remove().map_err(|b| b.1).unwrap();
     let pause_out = removed.pause;
     filter.stop();
     removed.finish().unwrap();
@@ -390,7 +390,7 @@ fn insertion_bad_input_leaves_nothing_changed() {
     let e = insert::prepare(&dm, live).unwrap_err();
     println!("already inserted: {e}");
     assert!(matches!(e, InsertError::AlreadyInserted { .. }), "{e}");
-    let removed = ins.remove().map_err(|(_, e)| e).unwrap();
+    let removed = ins.remove().map_err(|b| b.1).unwrap();
     assert_eq!(dm.table(live).unwrap(), table);
     filter.stop();
     removed.finish().unwrap();
