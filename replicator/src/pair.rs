@@ -184,8 +184,12 @@ pub struct PairStatus {
     pub last_error: Option<String>,
     /// Resync progress (step 1 or resized extent).
     pub resync: Option<ResyncProgress>,
-    /// Whether everything captured so far is durable at the target.
+    /// Whether everything captured up to `drained_as_of_ns` is durable at
+    /// the target (the change log was found empty then, and everything
+    /// handed out before is committed).
     pub drained: bool,
+    /// Wall-clock time (ns) as of which `drained` holds (0 if not drained).
+    pub drained_as_of_ns: u64,
     /// Wall clock of the snapshot (ns).
     pub updated_ns: u64,
 }

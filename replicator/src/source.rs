@@ -284,15 +284,17 @@ impl Pair {
     }
 
     /// Waits until the pair is in `DifferentialSync` with everything
-    /// captured so far durable at the target (as seen by a status update
-    /// taken after this call), or `timeout`. Returns whether it drained.
+    /// captured before this call durable at the target (the change log was
+    /// found empty after the call and every batch handed out before is
+    /// committed), or `timeout`. Returns whether it drained.
     pub fn wait_drained(&self, timeout: Duration) -> bool {
         let since = now_ns();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             {
                 let s = lock(&self.status);
-                if s.drained && s.updated_ns > since && s.state == PairState::DifferentialSync {
+                if s.drained && s.drained_as_of_ns > since && s.state == PairState::DifferentialSync
+                {
                     return true;
                 }
             }
@@ -530,6 +532,7 @@ fn session(
         last_status: Instant::now() - Duration::from_secs(1),
         flow_controlled: false,
         ring_empty: false,
+        empty_at: None,
         dirty_since: None,
         rate_mark: (Instant::now(), 0, 0),
         wire_base: lock(status).wire_bytes,
@@ -593,6 +596,7 @@ struct Session<'a> {
     last_status: Instant,
     flow_controlled: bool,
     ring_empty: bool,
+    empty_at: Option<u64>,
     dirty_since: Option<u64>,
     rate_mark: (Instant, u64, u64),
     wire_base: u64,
@@ -703,9 +707,11 @@ impl Session<'_> {
         }
         let Some(batch) = self.consumer.get(self.max_data)? else {
             self.ring_empty = true;
+            self.empty_at = Some(now_ns());
             return Ok(false);
         };
         self.ring_empty = false;
+        self.empty_at = None;
         let frames = self.build_frames(&batch)?;
         let no = self.next_no;
         self.next_no += 1;
@@ -1199,12 +1205,21 @@ impl Session<'_> {
                 }
             }
         }
-        s.drained = matches!(self.ps.state, PairState::DifferentialSync)
-            && self.ring_empty
+        // Drained as of the last `get` that found nothing, once everything
+        // handed out before it is committed.
+        let drained = matches!(self.ps.state, PairState::DifferentialSync)
             && self.batches.is_empty()
             && data_in_flight == 0
-            && st.ring_used_bytes == 0
-            && dirty == 0;
+            && st.ring_used_bytes == 0;
+        s.drained = drained && self.empty_at.is_some();
+        s.drained_as_of_ns = if s.drained {
+            self.empty_at.unwrap_or(0)
+        } else {
+            0
+        };
+        if s.drained {
+            s.rpo_ns = 0;
+        }
         let el = self.rate_mark.0.elapsed().as_secs_f64();
         if el >= 1.0 {
             s.raw_rate_bps = (s.shipped_raw_bytes - self.rate_mark.1) as f64 / el;

@@ -587,9 +587,11 @@ fn admit(
     hello: &Hello,
     peer: Option<&str>,
 ) -> Result<(Arc<Volume>, Welcome, u64), Refusal> {
-    let existing = lock(&sh.volumes).get(&hello.volume_name).cloned();
-    let vol = match existing {
-        Some(v) => v,
+    // Opening is serialised (the volume map lock is held across the
+    // provider call) so one volume is never opened twice.
+    let mut vols = lock(&sh.volumes);
+    let vol = match vols.get(&hello.volume_name) {
+        Some(v) => v.clone(),
         None => {
             let store = sh.provider.open(hello, peer)?;
             let v = Arc::new(Volume {
@@ -602,18 +604,12 @@ fn admit(
                 wake: (Mutex::new(0), Condvar::new()),
                 applier: Mutex::new(None),
             });
-            let mut vols = lock(&sh.volumes);
-            let v = vols
-                .entry(hello.volume_name.clone())
-                .or_insert_with(|| v.clone())
-                .clone();
-            drop(vols);
-            if lock(&v.applier).is_none() {
-                start_applier(sh, &v);
-            }
+            vols.insert(hello.volume_name.clone(), v.clone());
+            start_applier(sh, &v);
             v
         }
     };
+    drop(vols);
     let mut s = lock(&vol.store);
     let id = s.identity();
     check_known(

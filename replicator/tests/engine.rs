@@ -871,6 +871,32 @@ fn flow_control_holds_back_and_converges() {
     server.shutdown();
 }
 
+/// One server, two volumes routed by name to their own stores; the target
+/// status lists both.
+#[test]
+fn one_server_routes_several_volumes() {
+    let env = Env::new();
+    let stores = Stores::default();
+    let server = env.server(&stores, "127.0.0.1:0");
+    let addr = server.local_addr().to_string();
+    let a = Source::new(&env.dir, "vol-a", 4 << 20, 1 << 20);
+    let b = Source::new(&env.dir, "vol-b", 8 << 20, 1 << 20);
+    let pa = synced_pair(&env, &a, &stores, &addr, Compression::Zstd(1));
+    let pb = synced_pair(&env, &b, &stores, &addr, Compression::None);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    random_workload(&a, &mut rng, 200, true);
+    random_workload(&b, &mut rng, 200, false);
+    wait_equal(&a, &stores.get("vol-a"), &pa, "vol-a");
+    wait_equal(&b, &stores.get("vol-b"), &pb, "vol-b");
+    let ts = server.status();
+    let names: Vec<&str> = ts.iter().map(|t| t.volume.as_str()).collect();
+    assert_eq!(names, ["vol-a", "vol-b"]);
+    assert!(ts.iter().all(|t| t.connected && t.chunks_spooled > 0));
+    pa.stop();
+    pb.stop();
+    server.shutdown();
+}
+
 /// Loopback throughput (ignored by default; run with
 /// `cargo test -p replicator --release --test engine loopback_throughput -- --ignored --nocapture`):
 /// 192 MiB of 1 MiB compressible writes are captured in data mode while the
