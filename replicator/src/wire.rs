@@ -339,7 +339,8 @@ pub struct Tag {
     pub source_time_ns: u64,
 }
 
-/// Target → source: send blake3 hashes of this range (resync step 1).
+/// Source → target: send blake3 hashes of this range (resync step 1; the
+/// target answers with [`ResyncHashes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResyncRequest {
     /// Byte offset.
