@@ -609,3 +609,181 @@ impl Setup {
         doc
     }
 }
+
+/// What the model knows of a 4 KiB block: the pattern byte of the last
+/// acknowledged write, or unknown (a write whose outcome was not seen).
+pub type Model = std::collections::HashMap<u64, Option<u8>>;
+
+/// A background NBD writer (qemu-io batches of pattern writes) that records
+/// every acknowledged write in a [`Model`], for "no acknowledged write
+/// missing" checks. Failed batches (export killed) make the blocks of their
+/// unacknowledged writes unknown.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pause: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    idle: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The URI written to (changed when the export restarts).
+    pub uri: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The model.
+    pub model: std::sync::Arc<std::sync::Mutex<Model>>,
+    /// Acknowledged writes.
+    pub acked: std::sync::Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts writing to `uri` over `size` bytes (seeded), paused.
+    pub fn start(uri: String, size: u64, seed: u64) -> Writer {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(true));
+        let idle = Arc::new(AtomicBool::new(true));
+        let uri = Arc::new(Mutex::new(uri));
+        let model = Arc::new(Mutex::new(Model::new()));
+        let acked = Arc::new(AtomicU64::new(0));
+        let (st, pa, id, ur, mo, ac) = (
+            stop.clone(),
+            pause.clone(),
+            idle.clone(),
+            uri.clone(),
+            model.clone(),
+            acked.clone(),
+        );
+        let handle = std::thread::spawn(move || {
+            let mut rng = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let blocks = size / 4096;
+            while !st.load(Ordering::SeqCst) {
+                if pa.load(Ordering::SeqCst) {
+                    id.store(true, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                id.store(false, Ordering::SeqCst);
+                if pa.load(Ordering::SeqCst) {
+                    continue;
+                }
+                // 12 writes of 4..64 KiB at distinct offsets, distinct patterns.
+                let mut cmds: Vec<(u64, u64, u8)> = Vec::new();
+                while cmds.len() < 12 {
+                    let nblk = 1 + next() % 16;
+                    let b = next() % (blocks - nblk);
+                    if cmds.iter().any(|c| c.0 == b * 4096) {
+                        continue;
+                    }
+                    let pat = (1 + next() % 255) as u8;
+                    cmds.push((b * 4096, nblk * 4096, pat));
+                }
+                let u = ur.lock().unwrap().clone();
+                let mut c = Command::new("qemu-io");
+                c.args(["-f", "raw", &u]);
+                for (o, l, p) in &cmds {
+                    c.arg("-c").arg(format!("write -P 0x{p:02x} {o} {l}"));
+                }
+                let out = c
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .output();
+                let stdout = out
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                let wrote: Vec<(u64, u64)> = stdout
+                    .lines()
+                    .filter_map(|l| {
+                        let r = l.strip_prefix("wrote ")?;
+                        let (n, rest) = r.split_once('/')?;
+                        let off = rest.rsplit(' ').next()?;
+                        Some((n.parse().ok()?, off.parse().ok()?))
+                    })
+                    .collect();
+                let mut m = mo.lock().unwrap();
+                let mut k = 0;
+                for (o, l, p) in &cmds {
+                    let ok = wrote.get(k) == Some(&(*l, *o));
+                    if ok {
+                        k += 1;
+                        ac.fetch_add(1, Ordering::Relaxed);
+                    }
+                    for b in o / 4096..(o + l) / 4096 {
+                        m.insert(b, ok.then_some(*p));
+                    }
+                }
+                drop(m);
+                if wrote.len() < cmds.len() {
+                    std::thread::sleep(Duration::from_millis(30));
+                }
+            }
+            id.store(true, Ordering::SeqCst);
+        });
+        Writer {
+            stop,
+            pause,
+            idle,
+            uri,
+            model,
+            acked,
+            handle: Some(handle),
+        }
+    }
+
+    /// Lets the writer run.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+    }
+
+    /// Pauses and waits until no batch is running.
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.idle.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "writer did not pause");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Points the writer at a new URI.
+    pub fn set_uri(&self, uri: String) {
+        *self.uri.lock().unwrap() = uri;
+    }
+
+    /// Asserts every block whose last acknowledged write is known holds
+    /// that write's pattern in `file`. Returns the number of blocks checked.
+    pub fn check(&self, file: &Path) -> usize {
+        let data = fs::read(file).expect("read replica");
+        let m = self.model.lock().unwrap();
+        let mut n = 0;
+        for (b, p) in m.iter() {
+            if let Some(p) = p {
+                let blk = &data[(*b * 4096) as usize..(*b * 4096 + 4096) as usize];
+                if let Some(i) = blk.iter().position(|x| x != p) {
+                    panic!(
+                        "{}: acknowledged write missing: block {b} (offset {}) byte {i} is 0x{:02x}, expected 0x{p:02x}",
+                        file.display(),
+                        b * 4096,
+                        blk[i]
+                    );
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Kill -9 of the replicator, of the target and of the export at random
+//! moments during a workload (30 iterations): after each restart the pair
+//! converges to a replica equal to the source, every acknowledged write is
+//! in it, and no full resync (step 1) ever runs again.
+
+use rewind_tests::replication::*;
+use rewind_tests::*;
+use std::time::{Duration, Instant};
+
+const SIZE: u64 = 32 * MIB;
+const ITERATIONS: usize = 30;
+
+#[test]
+fn replication_kill9_any_process_converges() {
+    let s = Scratch::new("repl-kill");
+    let backing = s.join("vol.img");
+    create_sparse(&backing, SIZE);
+    let mut st = Setup::start(&s, &backing, "zstd:1");
+    st.converge(Duration::from_secs(60), "initial sync");
+    let writer = Writer::start(st.export.uri(), SIZE, 42);
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rand = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut kills = [0usize; 3];
+    let t0 = Instant::now();
+    for i in 0..ITERATIONS {
+        let victim = i % 3;
+        writer.resume();
+        std::thread::sleep(Duration::from_millis(100 + rand(400)));
+        match victim {
+            0 => st.repl = st.repl.restart_after_kill9(&s),
+            1 => st.target = st.target.restart_after_kill9(&s),
+            _ => {
+                let pid = st.export.pid();
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+                // Reap it now (the harness's Export would only on drop): a
+                // zombie still counts as the change log's live producer.
+                let mut status = 0;
+                // SAFETY: waitpid on our own child pid with a valid status pointer.
+                unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+                let opts = ExportOpts {
+                    volume: Some("vol0".into()),
+                    export_name: Some("vol0".into()),
+                    shm_dir: Some(st.export.shm_dir.clone()),
+                    state_dir: Some(st.export.state_dir.clone()),
+                    ..Default::default()
+                };
+                std::thread::sleep(Duration::from_millis(rand(200)));
+                let new = Export::start(&s, &backing, opts);
+                drop(std::mem::replace(&mut st.export, new));
+                writer.set_uri(st.export.uri());
+            }
+        }
+        kills[victim] += 1;
+        std::thread::sleep(Duration::from_millis(100 + rand(300)));
+        writer.pause();
+        let doc = wait_drained(&st.repl, &st.target, Duration::from_secs(60));
+        assert_same(
+            &backing,
+            &st.target.replica("vol0"),
+            &format!("iteration {i}"),
+        );
+        let checked = writer.check(&st.target.replica("vol0"));
+        let p = &doc["source"]["pairs"][0];
+        assert_eq!(
+            p["resync_step1_entered"], 0,
+            "iteration {i}: a full resync ran after a restart: {p}"
+        );
+        let tv = st.target.volume_status("vol0");
+        assert_eq!(tv["needs_initial_sync"], false, "{tv}");
+        assert_eq!(
+            tv["status"]["resync_blocks"], 0,
+            "iteration {i}: resync data sent: {tv}"
+        );
+        eprintln!(
+            "iteration {i}: killed {} — converged, {checked} blocks checked, {} writes acknowledged so far",
+            ["replicator", "target", "export"][victim],
+            writer.acked.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    assert!(kills.iter().all(|&k| k >= 10));
+    eprintln!("{ITERATIONS} kills in {:?}", t0.elapsed());
+    drop(writer);
+    st.repl.daemon.stop();
+    st.target.daemon.stop();
+}
