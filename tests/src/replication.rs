@@ -693,9 +693,19 @@ impl Writer {
                     .stderr(Stdio::piped())
                     .stdout(Stdio::piped())
                     .output();
-                let stdout = out
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                let (stdout, stderr) = out
+                    .map(|o| {
+                        (
+                            String::from_utf8_lossy(&o.stdout).into_owned(),
+                            String::from_utf8_lossy(&o.stderr).into_owned(),
+                        )
+                    })
                     .unwrap_or_default();
+                if !stdout.contains("wrote ") && stderr.contains("can't open device") {
+                    // Never connected (export down): nothing was sent.
+                    std::thread::sleep(Duration::from_millis(30));
+                    continue;
+                }
                 let wrote: Vec<(u64, u64)> = stdout
                     .lines()
                     .filter_map(|l| {
