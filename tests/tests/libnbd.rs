@@ -159,3 +159,64 @@ fn libnbd_scripted_ops_and_edge_cases() {
     assert_changes_recorded(&ex, &before, Some(&m.written));
     ex.stop();
 }
+
+/// Command flags and degenerate requests: REQ_ONE block status, FAST_ZERO,
+/// NO_HOLE, DF reads, zero-length requests (no-ops, nothing recorded),
+/// block status past the end, CACHE when not advertised.
+const FLAGS: &str = r#"
+import errno, json, sys
+import nbd
+uri, size = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(uri)
+ext = []
+def cb(meta, offset, entries, err):
+    if meta == nbd.CONTEXT_BASE_ALLOCATION:
+        ext.append(list(entries))
+    return 0
+h.block_status(size, 0, cb, nbd.CMD_FLAG_REQ_ONE)
+assert len(ext) == 1 and len(ext[0]) == 2, "REQ_ONE returned %r" % ext
+assert ext[0][0] <= size
+h.set_strict_mode(0)
+def err_of(fn):
+    try:
+        fn()
+    except nbd.Error as e:
+        return e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), -1)
+    return 0
+assert err_of(lambda: h.block_status(4096, size, cb)) in (errno.EINVAL, errno.EOVERFLOW), "block status past end"
+if not h.can_cache():
+    assert err_of(lambda: h.cache(4096, 0)) != 0, "CACHE accepted although not advertised"
+# zero-length requests: no-ops (or EINVAL), never a write
+for fn in (lambda: h.pwrite(b"", 4096), lambda: h.zero(0, 8192), lambda: h.trim(0, 12288)):
+    assert err_of(fn) in (0, errno.EINVAL)
+r = err_of(lambda: h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO))
+assert r in (0, errno.ENOTSUP, errno.EOPNOTSUPP), "FAST_ZERO: %s" % r
+fast_ok = r == 0
+h.zero(1 << 20, 3 << 20, nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(8192, 3 << 20, nbd.CMD_FLAG_DF) == bytes(8192)
+assert h.pread(4096, 0) is not None
+h.shutdown()
+print(json.dumps({"fast_zero": fast_ok}))
+"#;
+
+#[test]
+fn libnbd_flags_and_degenerate_requests() {
+    let s = Scratch::new("libnbd-flags");
+    let size = 8 * MIB;
+    let backing = s.join("vol.img");
+    create_random(&backing, size, 78);
+    let before = ImageCopy::capture(&s, &backing);
+    let mut m = Model::from_copy(&before);
+    let ex = Export::start(&s, &backing, ExportOpts::default());
+    let o = run_python(FLAGS, &[&ex.uri(), &size.to_string()], T);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    if v["fast_zero"] == true {
+        m.fill(MIB, MIB, 0);
+    }
+    m.fill(3 * MIB, MIB, 0);
+    m.assert_file_matches(&backing);
+    assert_changes_recorded(&ex, &before, Some(&m.written));
+    ex.stop();
+}
