@@ -21,7 +21,12 @@ fn fio_verify(tag: &str, iodepth: u32, bs: &[&str]) {
             .arg(format!("--uri={}", ex.uri()))
             .args(["--rw=randwrite", "--size=64m"])
             .arg(format!("--iodepth={iodepth}"))
-            .args(["--verify=crc32c", "--verify_fatal=1", "--do_verify=1"])
+            .args([
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--verify_state_save=0",
+            ])
             .args(bs)
             .args(["--output-format=json", "--runtime=120"])
             .arg(format!("--output={}", out.display())),
