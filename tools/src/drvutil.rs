@@ -18,7 +18,7 @@ use serde::Serialize;
     name = "drvutil",
     version,
     about = "Inspect rewind's filter: capture mode, dirty blocks, ring fill and I/O statistics per volume",
-    after_help = "Examples:\n  drvutil --ps vol0\n  drvutil --pas --json\n  drvutil --dump vol0 --json   # also lists unconsumed ring records and dirty ranges"
+    after_help = "Examples:\n  drvutil --ps vol0\n  drvutil --pas --json\n  drvutil --dump vol0 --json   # also lists unconsumed ring records and dirty ranges\n  drvutil --kernel             # attached /dev/nbdN, dm tables in force, insertions, eras"
 )]
 pub struct DrvutilArgs {
     /// Print the statistics of one volume.
@@ -30,6 +30,10 @@ pub struct DrvutilArgs {
     /// Print one volume's statistics plus its unconsumed ring records and dirty ranges.
     #[arg(long, value_name = "VOLUME")]
     pub dump: Option<String>,
+    /// Show the kernel side: connected /dev/nbdN, dm tables in force (filter insertions,
+    /// their origin devices) and dm-era state.
+    #[arg(long, conflicts_with_all = ["ps", "pas", "dump"])]
+    pub kernel: bool,
     /// Machine-readable JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -373,6 +377,14 @@ pub fn render_text(r: &VolumeReport) -> String {
 
 /// Runs `drvutil` and returns what it prints.
 pub fn run(args: &DrvutilArgs) -> Result<String> {
+    if args.kernel {
+        let r = crate::kernel_info::collect();
+        return Ok(if args.json {
+            serde_json::to_string_pretty(&r).context("serialising the report")? + "\n"
+        } else {
+            crate::kernel_info::render_text(&r)
+        });
+    }
     let path_of = |v: &str| args.shm_dir.join(format!("{v}.clog"));
     let reports = if let Some(v) = &args.ps {
         vec![report(v, &path_of(v), false)?]
@@ -384,7 +396,7 @@ pub fn run(args: &DrvutilArgs) -> Result<String> {
             .map(|v| report(v, &path_of(v), false))
             .collect::<Result<Vec<_>>>()?
     } else {
-        bail!("nothing to do: pass --ps VOLUME, --pas or --dump VOLUME (see --help)");
+        bail!("nothing to do: pass --ps VOLUME, --pas, --dump VOLUME or --kernel (see --help)");
     };
     if args.json {
         let text = if args.pas {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod drvutil;
 pub mod export;
+pub mod kernel_info;
 pub mod listen;
 pub mod logging;
 pub mod pki_cli;

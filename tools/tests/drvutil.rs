@@ -9,6 +9,7 @@ fn args(dir: &std::path::Path) -> DrvutilArgs {
         ps: None,
         pas: false,
         dump: None,
+        kernel: false,
         json: true,
         shm_dir: dir.join("shm"),
     }

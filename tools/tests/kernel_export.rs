@@ -154,6 +154,7 @@ fn agent_killed_and_restarted_under_a_mounted_ext4_loses_no_acknowledged_write()
 
     let agent = Agent::start(dir.path(), &backing, dev, 0);
     assert!(configured(7));
+    assert_eq!(kernel_nbd(7)["pid_alive"], serde_json::json!(true));
     sh(
         "mkfs.ext4",
         &[
@@ -184,6 +185,9 @@ fn agent_killed_and_restarted_under_a_mounted_ext4_loses_no_acknowledged_write()
         configured(7),
         "the kernel must keep the device when the agent dies"
     );
+    let shown = kernel_nbd(7);
+    println!("drvutil --kernel while the agent is dead: {shown}");
+    assert_eq!(shown["pid_alive"], serde_json::json!(false));
     let agent = Agent::start(dir.path(), &backing, dev, 1);
     assert!(
         agent.text().contains("NetlinkReconfigure"),
@@ -253,6 +257,66 @@ fn agent_killed_and_restarted_under_a_mounted_ext4_loses_no_acknowledged_write()
         missing.is_empty(),
         "changed blocks missing from the log: {missing:?}"
     );
+}
+
+fn drvutil_kernel() -> serde_json::Value {
+    let args = tools::drvutil::DrvutilArgs {
+        ps: None,
+        pas: false,
+        dump: None,
+        kernel: true,
+        json: true,
+        shm_dir: "/nonexistent".into(),
+    };
+    serde_json::from_str(&tools::drvutil::run(&args).unwrap()).unwrap()
+}
+
+/// `drvutil --kernel`'s entry for /dev/nbd<index>.
+fn kernel_nbd(index: u32) -> serde_json::Value {
+    let v = drvutil_kernel();
+    let dev = format!("/dev/nbd{index}");
+    v["nbd"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == dev.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{dev} not in drvutil --kernel: {v}"))
+}
+
+#[test]
+#[ignore = "needs the kernel VM: scripts/kernel-vm/run-tests"]
+fn drvutil_kernel_shows_the_device_the_dm_table_and_the_insertion() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("k.img");
+    File::create(&backing).unwrap().set_len(16 * MIB).unwrap();
+    let agent = Agent::start(dir.path(), &backing, "/dev/nbd3", 0);
+    let dm = filter_dm::DmControl::open().unwrap();
+    let nbd = {
+        use std::os::unix::fs::MetadataExt;
+        filter_dm::DevNum::from_rdev(std::fs::metadata("/dev/nbd3").unwrap().rdev())
+    };
+    dm.create_with_table(
+        "rw-kinfo",
+        None,
+        &[filter_dm::Target::linear(0, 16 * MIB / 512, nbd, 0)],
+    )
+    .unwrap();
+    let v = drvutil_kernel();
+    let text = tools::kernel_info::render_text(&tools::kernel_info::collect());
+    let _ = dm.remove("rw-kinfo");
+    agent.terminate();
+    println!("{text}");
+    let d = v["dm"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "rw-kinfo")
+        .cloned()
+        .unwrap();
+    assert_eq!(d["inserted_via"], "/dev/nbd3");
+    assert_eq!(d["table"][0], format!("0 32768 linear {nbd} 0"));
+    assert!(text.contains("filter inserted via /dev/nbd3"), "{text}");
 }
 
 /// fio's write bandwidth in KiB/s (json output).
