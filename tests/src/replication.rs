@@ -66,7 +66,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Daemon {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Daemon {
         let f = File::options()
             .create(true)
             .append(true)

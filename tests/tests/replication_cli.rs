@@ -1,0 +1,305 @@
+//! The admin surface of replication: `rewind pki` output and files, config
+//! files (`target.toml`, `replicator.toml`) and their key-naming errors, a
+//! replication run driven by config files, `rewind status` and `cdpcli`
+//! human output with the seed's field names, `--help` examples.
+
+use rewind_tests::replication::*;
+use rewind_tests::*;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+fn rewind() -> Command {
+    Command::new(rewind_bin("rewind"))
+}
+
+#[test]
+fn replication_pki_cli() {
+    let s = Scratch::new("repl-pki");
+    let dir = s.join("pki");
+    let o = run_ok(rewind().args(["pki", "init", "--dir"]).arg(&dir), T);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("ca.pem") && out.contains("ca.key"), "{out}");
+    let mode = std::fs::metadata(dir.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let o = run_fails(rewind().args(["pki", "init", "--dir"]).arg(&dir), T);
+    assert!(text(&o).contains("already exists"), "{}", text(&o));
+    let o = run_ok(
+        rewind().args(["pki", "issue", "--dir"]).arg(&dir).args([
+            "--host",
+            "dr1.example",
+            "--kind",
+            "server",
+        ]),
+        T,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("dr1.example.pem")
+            && out.contains("dr1.example.key")
+            && out.contains("server"),
+        "{out}"
+    );
+    let o = run_fails(
+        rewind()
+            .args(["pki", "issue", "--dir"])
+            .arg(s.join("nothing"))
+            .args(["--host", "x"]),
+        T,
+    );
+    assert!(text(&o).contains("CA not usable"), "{}", text(&o));
+    let o = run_fails(
+        rewind()
+            .args(["pki", "issue", "--dir"])
+            .arg(&dir)
+            .args(["--host", "bad/name"]),
+        T,
+    );
+    assert!(text(&o).contains("invalid host name"), "{}", text(&o));
+}
+
+#[test]
+fn replication_help_has_examples() {
+    for args in [
+        &["pki", "--help"][..],
+        &["pki", "issue", "--help"],
+        &["target", "--help"],
+        &["replicator", "--help"],
+        &["status", "--help"],
+    ] {
+        let o = run_ok(rewind().args(args), T);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.contains("Example"),
+            "rewind {args:?} has no examples:\n{out}"
+        );
+    }
+    let o = run_ok(Command::new(rewind_bin("cdpcli")).arg("--help"), T);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--displaystatistics --vol=vol0"));
+}
+
+#[test]
+fn replication_config_errors_name_the_key() {
+    let s = Scratch::new("repl-cfg");
+    let cases: [(&str, &str, &str); 5] = [
+        (
+            "target",
+            "listen = \"127.0.0.1:0\"\n[tls]\ninsecure = true\n[[volume]]\nname = \"v\"\nreplica = \"/tmp/r\"\njournal_dir = \"/tmp/j\"\nspool_budget = \"lots\"\n",
+            "volume[0].spool_budget",
+        ),
+        ("target", "listen = \"0.0.0.0:7700\"\n[tls]\ninsecure = true\n", "loopback only"),
+        ("target", "lisen = \"127.0.0.1:0\"\n", "lisen"),
+        (
+            "replicator",
+            "[target]\naddress = \"127.0.0.1:7700\"\n[tls]\ninsecure = true\n[[pair]]\nvolume = \"vol0\"\ndevice = \"/tmp/x\"\ncompression = \"lz4\"\n",
+            "pair[0] (volume \"vol0\").compression",
+        ),
+        (
+            "replicator",
+            "[target]\naddress = \"127.0.0.1:7700\"\n[tls]\nca = \"/x/ca.pem\"\n[[pair]]\nvolume = \"vol0\"\ndevice = \"/tmp/x\"\n",
+            "tls.cert is missing",
+        ),
+    ];
+    for (i, (cmd, body, want)) in cases.iter().enumerate() {
+        let f = s.join(&format!("c{i}.toml"));
+        std::fs::write(&f, body).unwrap();
+        let o = run_fails(
+            rewind()
+                .arg(cmd)
+                .arg("--config")
+                .arg(&f)
+                .arg("--state-dir")
+                .arg(s.join("st")),
+            T,
+        );
+        assert!(
+            text(&o).contains(want),
+            "case {i}: expected {want:?} in:\n{}",
+            text(&o)
+        );
+    }
+}
+
+/// Both daemons from config files, then `rewind status` and `cdpcli` text.
+#[test]
+fn replication_from_config_files() {
+    let s = Scratch::new("repl-conf");
+    let pki = Pki::new(&s, "pki");
+    let backing = s.join("vol.img");
+    create_random(&backing, 16 * MIB, 9);
+    let export = Export::start(
+        &s,
+        &backing,
+        ExportOpts {
+            volume: Some("vol0".into()),
+            export_name: Some("vol0".into()),
+            ..Default::default()
+        },
+    );
+    let p = pki.dir.display();
+    let tstate = s.join("tstate");
+    let ttoml = s.join("target.toml");
+    std::fs::write(
+        &ttoml,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/127.0.0.1.pem\"\nkey = \"{p}/127.0.0.1.key\"\nallowed_clients = [\"replicator\"]\n\
+             [[volume]]\nname = \"vol0\"\nreplica = \"{}\"\njournal_dir = \"{}\"\nspool_budget = \"256M\"\n",
+            tstate.display(),
+            s.join("replica0.img").display(),
+            s.join("journal0").display()
+        ),
+    )
+    .unwrap();
+    let mut target = Daemon::spawn(
+        {
+            let mut c = rewind();
+            c.arg("target").arg("--config").arg(&ttoml);
+            c
+        },
+        s.join("target.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        target.assert_alive();
+        if let Some(a) =
+            read_status_file(&tstate).and_then(|v| v["listen"].as_str().map(String::from))
+        {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "target not ready\n{}",
+            target.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rstate = s.join("rstate");
+    let rtoml = s.join("replicator.toml");
+    std::fs::write(
+        &rtoml,
+        format!(
+            "state_dir = \"{}\"\nrpo_threshold_secs = 30\n[target]\naddress = \"{addr}\"\nserver_name = \"127.0.0.1\"\nbandwidth = \"100M\"\n\
+             [tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/replicator.pem\"\nkey = \"{p}/replicator.key\"\n\
+             [[pair]]\nvolume = \"vol0\"\nshm_dir = \"{}\"\ndevice = \"{}\"\ncompression = \"zstd:3\"\n\
+             schedule = [{{ from = \"00:00\", to = \"24:00\", rate = \"50M\" }}]\n",
+            rstate.display(),
+            export.shm_dir.display(),
+            backing.display()
+        ),
+    )
+    .unwrap();
+    let mut repl = Daemon::spawn(
+        {
+            let mut c = rewind();
+            c.arg("replicator").arg("--config").arg(&rtoml);
+            c
+        },
+        s.join("repl.log"),
+    );
+    run_ok(
+        tool("qemu-io").args([
+            "-f",
+            "raw",
+            &export.uri(),
+            "-c",
+            "write -P 0x77 1M 3M",
+            "-c",
+            "write -z 8M 1M",
+        ]),
+        T,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        repl.assert_alive();
+        let o = run_ok(
+            rewind()
+                .args(["status", "--json", "--state-dir"])
+                .arg(&rstate)
+                .arg("--target-state-dir")
+                .arg(&tstate),
+            T,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if fully_drained(&v) {
+            assert_eq!(v["source"]["pairs"][0]["bandwidth_bps"], 50_000_000u64);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained: {v}\n{}\n{}",
+            repl.log_text(),
+            target.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_same(&backing, &s.join("replica0.img"), "config-driven replica");
+    let o = run_ok(
+        rewind()
+            .args(["status", "--state-dir"])
+            .arg(&rstate)
+            .arg("--target-state-dir")
+            .arg(&tstate),
+        T,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "pair vol0",
+        "DifferentialSync",
+        "RPO",
+        "pending",
+        "zstd:3",
+        "target: running",
+    ] {
+        assert!(
+            out.contains(want),
+            "{want:?} missing in rewind status:\n{out}"
+        );
+    }
+    let o = run_ok(
+        Command::new(rewind_bin("cdpcli"))
+            .arg("--listtargetvolumes")
+            .arg("--state-dir")
+            .arg(&tstate),
+        T,
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "vol0");
+    let o = run_ok(
+        Command::new(rewind_bin("cdpcli"))
+            .args(["--displaystatistics", "--vol=vol0", "--state-dir"])
+            .arg(&tstate),
+        T,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    for field in [
+        "Target Volume Name",
+        "Diffs pending in CX",
+        "Diffs pending in Target",
+        "Current RPO (secs)",
+        "Apply rate (Bytes/sec)",
+        "Apply time (secs)",
+    ] {
+        assert!(out.contains(field), "{field} missing:\n{out}");
+    }
+    let o = run_fails(
+        Command::new(rewind_bin("cdpcli"))
+            .args(["--displaystatistics", "--vol=nope", "--state-dir"])
+            .arg(&tstate),
+        T,
+    );
+    assert!(
+        text(&o).contains("no target volume \"nope\""),
+        "{}",
+        text(&o)
+    );
+    repl.stop();
+    target.stop();
+    // After a clean stop the status says so.
+    let o = run_ok(rewind().args(["status", "--state-dir"]).arg(&rstate), T);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("replicator: stopped"));
+}
