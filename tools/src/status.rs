@@ -334,7 +334,8 @@ pub fn render(doc: &StatusDoc) -> String {
                 p.rpo_secs,
                 if st.drained { " (drained)" } else { "" }
             );
-            if let Some(r) = &st.resync {
+            let resyncing = matches!(st.state, PairState::ResyncStep1 | PairState::VolumeResized);
+            if let Some(r) = st.resync.as_ref().filter(|_| resyncing) {
                 let pct = if r.total_bytes > 0 {
                     r.done_bytes as f64 * 100.0 / r.total_bytes as f64
                 } else {
