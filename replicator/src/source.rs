@@ -533,6 +533,7 @@ fn session(
         flow_controlled: false,
         ring_empty: false,
         empty_at: None,
+        oldest_unconsumed: (Instant::now(), None),
         dirty_since: None,
         rate_mark: (Instant::now(), 0, 0),
         wire_base: lock(status).wire_bytes,
@@ -597,6 +598,7 @@ struct Session<'a> {
     flow_controlled: bool,
     ring_empty: bool,
     empty_at: Option<u64>,
+    oldest_unconsumed: (Instant, Option<u64>),
     dirty_since: Option<u64>,
     rate_mark: (Instant, u64, u64),
     wire_base: u64,
@@ -1145,7 +1147,18 @@ impl Session<'_> {
         }
         let mut oldest = self.batches.iter().map(|b| b.oldest_ns).min();
         if oldest.is_none() && st.ring_used_bytes > 0 {
-            oldest = self.view.records().next().map(|r| r.timestamp_ns);
+            // Walking the ring is O(records): at most once a second.
+            if self.oldest_unconsumed.0.elapsed() >= Duration::from_secs(1)
+                || self.oldest_unconsumed.1.is_none()
+            {
+                self.oldest_unconsumed = (
+                    Instant::now(),
+                    self.view.records().next().map(|r| r.timestamp_ns),
+                );
+            }
+            oldest = self.oldest_unconsumed.1;
+        } else {
+            self.oldest_unconsumed.1 = None;
         }
         if let Some(d) = self.dirty_since {
             oldest = Some(oldest.map_or(d, |o| o.min(d)));
