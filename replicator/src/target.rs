@@ -176,7 +176,11 @@ pub struct ApplyReport {
     pub last_source_time_ns: u64,
 }
 
-/// Errors of a [`TargetStore`].
+/// Errors of a [`TargetStore`]. After [`StoreError::Failed`] the server
+/// considers the store broken: the connection is closed and the next
+/// connection for the volume drops the store and opens it again through the
+/// [`StoreProvider`] (for the journal: reopen = crash recovery, the rule for
+/// a poisoned handle).
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The spool is over its budget: nothing was stored; retry after apply.
@@ -317,6 +321,43 @@ struct Volume {
     epoch: AtomicU64,
     wake: (Mutex<u64>, Condvar),
     applier: Mutex<Option<JoinHandle<()>>>,
+    /// The store failed (`StoreError::Failed`, e.g. a poisoned journal
+    /// handle): the next connection drops it and opens it again through the
+    /// provider (which runs the store's recovery).
+    broken: AtomicBool,
+}
+
+/// Placeholder while a failed store is being reopened.
+struct Closed(StoreIdentity);
+
+impl TargetStore for Closed {
+    fn identity(&self) -> StoreIdentity {
+        self.0.clone()
+    }
+    fn durable_seq(&self) -> u64 {
+        0
+    }
+    fn applied_seq(&self) -> u64 {
+        0
+    }
+    fn spool_bytes(&self) -> u64 {
+        0
+    }
+    fn spool_budget(&self) -> u64 {
+        0
+    }
+    fn spool(&mut self, _: &[StoreChunk]) -> Result<u64, StoreError> {
+        Err(StoreError::Failed("store closed".into()))
+    }
+    fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError> {
+        Ok(None)
+    }
+    fn block_hashes(&mut self, _: u64, _: u64, _: u64) -> Result<Vec<[u8; 32]>, StoreError> {
+        Err(StoreError::Failed("store closed".into()))
+    }
+    fn resize(&mut self, _: u64) -> Result<(), StoreError> {
+        Err(StoreError::Failed("store closed".into()))
+    }
 }
 
 impl Volume {
@@ -568,6 +609,9 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
                         }
                     }
                     Err(e) => {
+                        if matches!(e, StoreError::Failed(_)) {
+                            v.broken.store(true, Ordering::SeqCst);
+                        }
                         warn!(volume = %lock(&v.status).volume, error = %e, "apply failed");
                         lock(&v.status).last_error = Some(format!("apply: {e}"));
                         std::thread::sleep(Duration::from_millis(500));
@@ -603,6 +647,7 @@ fn admit(
                 epoch: AtomicU64::new(0),
                 wake: (Mutex::new(0), Condvar::new()),
                 applier: Mutex::new(None),
+                broken: AtomicBool::new(false),
             });
             vols.insert(hello.volume_name.clone(), v.clone());
             start_applier(sh, &v);
@@ -611,6 +656,14 @@ fn admit(
     };
     drop(vols);
     let mut s = lock(&vol.store);
+    if vol.broken.load(Ordering::SeqCst) {
+        // Drop the failed handle first (it may hold locks), then reopen.
+        warn!(volume = %hello.volume_name, "reopening a failed store");
+        let id = s.identity();
+        *s = Box::new(Closed(id));
+        *s = sh.provider.open(hello, peer)?;
+        vol.broken.store(false, Ordering::SeqCst);
+    }
     let id = s.identity();
     check_known(
         &KnownVolume {
@@ -863,6 +916,7 @@ fn spool_batch(
             }
             Err(e) => {
                 drop(s);
+                vol.broken.store(true, Ordering::SeqCst);
                 send_error(conn, ErrorCode::Internal, format!("spool failed: {e}"));
                 return Err(format!("spool failed: {e}"));
             }
@@ -907,6 +961,8 @@ fn handle_other(
                 }
                 Err(e) => {
                     drop(s);
+                    vol.broken
+                        .store(matches!(e, StoreError::Failed(_)), Ordering::SeqCst);
                     send_error(conn, ErrorCode::Internal, format!("tag failed: {e}"));
                     Err(format!("tag failed: {e}"))
                 }
@@ -954,6 +1010,8 @@ fn handle_other(
                 }
                 Err(e) => {
                     drop(s);
+                    vol.broken
+                        .store(matches!(e, StoreError::Failed(_)), Ordering::SeqCst);
                     send_error(conn, ErrorCode::Internal, format!("hashes failed: {e}"));
                     Err(format!("hashes failed: {e}"))
                 }

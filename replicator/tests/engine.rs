@@ -44,6 +44,7 @@ struct MemState {
     spool_calls: u64,
     chunks_stored: u64,
     apply_delay: Duration,
+    fail_spools: u32,
 }
 
 /// In-memory `TargetStore` test double: spool = a queue, replica = a Vec.
@@ -65,6 +66,7 @@ impl MemStore {
             spool_calls: 0,
             chunks_stored: 0,
             apply_delay: Duration::ZERO,
+            fail_spools: 0,
         })))
     }
     fn st(&self) -> std::sync::MutexGuard<'_, MemState> {
@@ -116,6 +118,10 @@ impl TargetStore for MemStore {
         }
         if st.spool_bytes > st.budget && !st.spool.is_empty() {
             return Err(StoreError::SpoolFull);
+        }
+        if st.fail_spools > 0 {
+            st.fail_spools -= 1;
+            return Err(StoreError::Failed("injected I/O error".into()));
         }
         st.spool_calls += 1;
         for c in chunks {
@@ -974,6 +980,28 @@ fn bandwidth_limit_holds() {
     eprintln!("limit {rate} B/s: {wire} bytes in {el:.2} s = {got:.0} B/s");
     assert!(got <= rate as f64 * 1.10, "{got} B/s over the limit");
     assert!(got >= rate as f64 * 0.80, "{got} B/s far below the limit");
+    pair.stop();
+    server.shutdown();
+}
+
+/// A store failure (I/O error) closes the connection; the next connection
+/// reopens the store through the provider and the pair converges.
+#[test]
+fn store_failure_reopens_and_converges() {
+    let env = Env::new();
+    let stores = Stores::default();
+    let server = env.server(&stores, "127.0.0.1:0");
+    let addr = server.local_addr().to_string();
+    let src = Source::new(&env.dir, "fail", 4 << 20, 1 << 20);
+    let pair = synced_pair(&env, &src, &stores, &addr, Compression::None);
+    let store = stores.get("fail");
+    store.st().fail_spools = 2;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    random_workload(&src, &mut rng, 200, false);
+    wait_equal(&src, &store, &pair, "after store failures");
+    let st = pair.status();
+    assert!(st.reconnects >= 2, "{st:#?}");
+    assert!(server.status()[0].connections >= 3);
     pair.stop();
     server.shutdown();
 }
