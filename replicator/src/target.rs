@@ -199,6 +199,48 @@ pub enum StoreError {
 /// The storage behind one replicated volume at the target (implemented over
 /// `journal::TargetVolume` in `tools`; tests use an in-memory double).
 ///
+/// An adapter over the journal is a field-by-field move (sketch; `replicator`
+/// does not depend on `journal`):
+///
+/// ```text
+/// struct JournalStore(journal::TargetVolume, /* new replica? */ Option<ResyncReason>);
+/// impl TargetStore for JournalStore {
+///     fn identity(&self) -> StoreIdentity {
+///         let i = self.0.identity();
+///         StoreIdentity { name: i.name.clone(), uuid: i.uuid, generation: i.generation,
+///                         size: i.size, block_size: i.block_size }
+///     }
+///     fn durable_seq(&self) -> u64 { self.0.durable_seq() }      // same for applied_seq,
+///     fn spool_bytes(&self) -> u64 { self.0.spool_bytes() }      // spool_budget
+///     fn spool(&mut self, c: &[StoreChunk]) -> Result<u64, StoreError> {
+///         let v: Vec<ChunkIn> = c.iter().map(|c| ChunkIn { first_seq: c.first_seq,
+///             last_seq: c.last_seq, source_time_ns: c.source_time_ns,
+///             extents: c.extents.iter().map(|e| ChunkExtent { offset: e.offset,
+///                 data: match &e.data { StoreData::Data(d) => ExtentData::Data(d.clone()),
+///                                       StoreData::Zero(n) => ExtentData::Zero(*n) } }).collect()
+///         }).collect();
+///         match self.0.spool_many(&v) {
+///             Ok(_) => Ok(self.0.durable_seq()),
+///             Err(JournalError::SpoolFull { .. }) => Err(StoreError::SpoolFull),
+///             Err(JournalError::InvalidChunk(m)) => Err(StoreError::Invalid(m)),
+///             Err(e) => Err(StoreError::Failed(e.to_string())),   // poisoned: reopened
+///         }
+///     }
+///     fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError> {
+///         self.0.apply_batch().map(|o| o.map(|a| ApplyReport { chunks: a.chunks, bytes: a.bytes,
+///             applied_seq: a.applied_seq, last_source_time_ns: a.last_source_time_ns }))
+///             .map_err(|e| StoreError::Failed(e.to_string()))
+///     }
+///     fn block_hashes(&mut self, o: u64, l: u64, b: u64) -> Result<Vec<[u8; 32]>, StoreError> {
+///         self.0.block_hashes(o, l, b).map_err(|e| StoreError::Failed(e.to_string()))
+///     }
+///     fn resize(&mut self, n: u64) -> Result<(), StoreError> { /* self.0.resize(n) */ }
+///     fn tag(&mut self, t: &Tag) -> Result<(), StoreError> { /* bookmark in the catalogue, by seq */ }
+///     fn resync_reason(&self) -> Option<ResyncReason> { self.1 }   // NewReplica when created,
+///     fn resync_started(&mut self) { self.1 = None }                // persist if you can
+/// }
+/// ```
+///
 /// All methods are called with the store's lock held, from the connection
 /// thread (spool, tag, hashes, resize) or the volume's apply thread
 /// (`apply_some`). Implementations must be idempotent by sequence: an ordered
