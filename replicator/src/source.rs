@@ -335,12 +335,17 @@ fn set_state(status: &Mutex<PairStatus>, st: PairState) {
 fn run(cfg: PairConfig, ctl: &Control, status: &Mutex<PairStatus>) {
     let mut backoff = cfg.backoff_initial;
     let mut sessions = 0u64;
+    let mut offline = Offline::default();
     while !ctl.stop.load(Ordering::SeqCst) {
         let mut connected = false;
+        let started = Instant::now();
         let r = session(&cfg, ctl, status, &mut connected, sessions);
         if connected {
             sessions += 1;
-            backoff = cfg.backoff_initial;
+            // A session that fails right after connecting keeps backing off.
+            if started.elapsed() >= cfg.backoff_max {
+                backoff = cfg.backoff_initial;
+            }
         }
         {
             let mut s = lock(status);
@@ -348,6 +353,7 @@ fn run(cfg: PairConfig, ctl: &Control, status: &Mutex<PairStatus>) {
             s.in_flight_frames = 0;
             s.in_flight_bytes = 0;
             s.drained = false;
+            s.drained_as_of_ns = 0;
         }
         match r {
             Ok(()) => {
@@ -363,11 +369,60 @@ fn run(cfg: PairConfig, ctl: &Control, status: &Mutex<PairStatus>) {
         set_state(status, PairState::Reconnecting);
         let until = Instant::now() + backoff;
         while Instant::now() < until && !ctl.stop.load(Ordering::SeqCst) {
+            offline.update(&cfg, status);
             std::thread::sleep(Duration::from_millis(10));
         }
         backoff = (backoff * 2).min(cfg.backoff_max);
     }
     set_state(status, PairState::Stopped);
+}
+
+/// Keeps the source-side measures (pending data, capture mode, RPO) live
+/// while disconnected.
+#[derive(Default)]
+struct Offline {
+    view: Option<ChangeLogView>,
+    last: Option<Instant>,
+    oldest: Option<u64>,
+    dirty_since: Option<u64>,
+}
+
+impl Offline {
+    fn update(&mut self, cfg: &PairConfig, status: &Mutex<PairStatus>) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        if self.view.is_none() {
+            self.view = ChangeLogView::open(&cfg.change_log).ok();
+        }
+        let Some(v) = &self.view else { return };
+        let st = v.stats();
+        let now = now_ns();
+        let dirty = st.dirty_blocks_active + st.dirty_blocks_pending;
+        self.dirty_since = (dirty > 0).then(|| self.dirty_since.unwrap_or(now));
+        if st.ring_used_bytes > 0 {
+            if self.oldest.is_none() {
+                self.oldest = v.records().next().map(|r| r.timestamp_ns);
+            }
+        } else {
+            self.oldest = None;
+        }
+        let oldest = match (self.oldest, self.dirty_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut s = lock(status);
+        s.capture_mode = format!("{:?}", st.mode);
+        s.ring_used_bytes = st.ring_used_bytes;
+        s.dirty_blocks = dirty;
+        s.pending_source_bytes = st.ring_used_bytes + dirty * u64::from(st.block_size);
+        s.rpo_ns = oldest.map_or(0, |o| now.saturating_sub(o));
+        s.updated_ns = now;
+    }
 }
 
 fn parse_uuid(s: &str) -> [u8; 16] {
