@@ -280,6 +280,11 @@ impl<'a> Inserted<'a> {
             while_suspended();
             Ok(())
         };
+        // Write back most of the origin's dirty pages before the suspend, so that the flush
+        // inside the pause has little left to do.
+        if let Ok(f) = OpenOptions::new().write(true).open(&origin_path) {
+            let _ = f.sync_all();
+        }
         match swap(self.dm, &self.live, &self.table, flush) {
             Ok(pause) => Ok(Removed {
                 dm: self.dm,
