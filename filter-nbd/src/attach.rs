@@ -26,10 +26,9 @@
 //! thread before it spawns the serving threads, which inherit the flag: their
 //! allocations never recurse into filesystem/block I/O (which could wait on
 //! this very device) and they are not throttled by dirty-page writeback. The
-//! write path itself does not allocate per request in steady state: payload
-//! buffers come from the connection's buffer pool and in-flight slots are
-//! preallocated. What remains: the pool grows (allocates) when more requests
-//! are in flight than it has buffers (bounded by `max_inflight`), and the
+//! write path does not allocate per request in steady state (preallocated
+//! in-flight slots, pooled payload buffers); what still allocates, and what is
+//! not done yet (`mlockall`), is listed in `vendor-docs/nbd-kernel.md`. The
 //! change log's ring copy is into shared memory mapped at start-up.
 
 use std::fs::{File, OpenOptions};
