@@ -578,6 +578,7 @@ fn session(
         front_no: 0,
         next_no: 0,
         windows: VecDeque::new(),
+        next_window: 0,
         rs_next: 0,
         rs_clock: (Instant::now(), 0),
         rs_sent: 0,
@@ -610,6 +611,7 @@ enum Expect {
     Hashes {
         offset: u64,
         len: u64,
+        window: u64,
     },
 }
 
@@ -620,7 +622,7 @@ struct PendingBatch {
 }
 
 struct Window {
-    start: u64,
+    id: u64,
     end: u64,
     outstanding: usize,
     hashed: bool,
@@ -643,6 +645,7 @@ struct Session<'a> {
     front_no: u64,
     next_no: u64,
     windows: VecDeque<Window>,
+    next_window: u64,
     rs_next: u64,
     rs_clock: (Instant, u64),
     rs_sent: u64,
@@ -1009,19 +1012,26 @@ impl Session<'_> {
                 if let Some(no) = batch {
                     let i = (no - self.front_no) as usize;
                     if let Some(b) = self.batches.get_mut(i) {
-                        b.outstanding -= 1;
+                        b.outstanding = b.outstanding.saturating_sub(1);
                     }
                     self.commit_ready()?;
                 }
                 if let Some(w) = window {
-                    if let Some(win) = self.windows.iter_mut().find(|x| x.start == w) {
-                        win.outstanding -= 1;
+                    if let Some(win) = self.windows.iter_mut().find(|x| x.id == w) {
+                        win.outstanding = win.outstanding.saturating_sub(1);
                     }
                     self.advance_windows()?;
                 }
             }
             (Expect::Heartbeat, Frame::Ack(a)) => self.on_ack(&a),
-            (Expect::Hashes { offset, len }, Frame::ResyncHashes(h)) => {
+            (
+                Expect::Hashes {
+                    offset,
+                    len,
+                    window,
+                },
+                Frame::ResyncHashes(h),
+            ) => {
                 let hb = u64::from(self.cfg.hash_block);
                 if h.offset != offset
                     || u64::from(h.hash_block) != hb
@@ -1034,7 +1044,7 @@ impl Session<'_> {
                         h.hash_block
                     )));
                 }
-                self.compare_window(offset, len, &h.hashes)?;
+                self.compare_window(window, offset, len, &h.hashes)?;
             }
             (_, f) => {
                 return Err(SourceError::Protocol(format!(
@@ -1075,16 +1085,22 @@ impl Session<'_> {
             let w = hb * u64::from(self.cfg.resync_window_blocks.max(1));
             let len = w.min(self.ps.resync_end - self.rs_next);
             let offset = self.rs_next;
+            let id = self.next_window;
+            self.next_window += 1;
             self.send(
                 &Frame::ResyncRequest(ResyncRequest {
                     offset,
                     len,
                     hash_block: self.cfg.hash_block,
                 }),
-                Expect::Hashes { offset, len },
+                Expect::Hashes {
+                    offset,
+                    len,
+                    window: id,
+                },
             )?;
             self.windows.push_back(Window {
-                start: offset,
+                id,
                 end: offset + len,
                 outstanding: 0,
                 hashed: false,
@@ -1097,6 +1113,7 @@ impl Session<'_> {
 
     fn compare_window(
         &mut self,
+        id: u64,
         offset: u64,
         len: u64,
         theirs: &[[u8; 32]],
@@ -1126,7 +1143,7 @@ impl Session<'_> {
                 &Frame::ResyncData(rd),
                 Expect::Data {
                     batch: None,
-                    window: Some(offset),
+                    window: Some(id),
                     raw: (b - a) as u64,
                     tag: false,
                 },
@@ -1134,7 +1151,7 @@ impl Session<'_> {
             self.account((b - a) as u64, p);
             sent += (b - a) as u64;
         }
-        if let Some(w) = self.windows.iter_mut().find(|w| w.start == offset) {
+        if let Some(w) = self.windows.iter_mut().find(|w| w.id == id) {
             w.outstanding += runs.len();
             w.hashed = true;
         }
