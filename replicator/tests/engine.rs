@@ -1006,6 +1006,38 @@ fn store_failure_reopens_and_converges() {
     server.shutdown();
 }
 
+/// An administrator-requested resync repairs a replica that diverged behind
+/// the engine's back (only the damaged blocks travel).
+#[test]
+fn requested_resync_repairs_divergence() {
+    let env = Env::new();
+    let stores = Stores::default();
+    let server = env.server(&stores, "127.0.0.1:0");
+    let addr = server.local_addr().to_string();
+    let src = Source::new(&env.dir, "repair", 8 << 20, 1 << 20);
+    let pair = synced_pair(&env, &src, &stores, &addr, Compression::None);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    random_workload(&src, &mut rng, 100, false);
+    let store = stores.get("repair");
+    wait_equal(&src, &store, &pair, "before damage");
+    store.st().replica[3 << 20..(3 << 20) + 10].fill(0x77);
+    pair.request_resync();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.st().replica != src.contents() {
+        assert!(
+            Instant::now() < deadline,
+            "not repaired: {:#?}",
+            pair.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_equal(&src, &store, &pair, "after resync");
+    let r = pair.status().resync.unwrap();
+    assert_eq!(r.sent_bytes, 64 << 10, "one hash block resent: {r:?}");
+    pair.stop();
+    server.shutdown();
+}
+
 /// Loopback throughput (ignored by default; run with
 /// `cargo test -p replicator --release --test engine loopback_throughput -- --ignored --nocapture`):
 /// 192 MiB of 1 MiB compressible writes are captured in data mode while the
