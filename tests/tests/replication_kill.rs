@@ -74,6 +74,18 @@ fn replication_kill9_any_process_converges() {
         );
         let tv = st.target.volume_status("vol0");
         assert_eq!(tv["needs_initial_sync"], false, "{tv}");
+        // The initial synchronisation was the one and only checksum pass
+        // (counted by the target at every pass start, across restarts).
+        assert_eq!(
+            tv["resync_passes"], 1,
+            "iteration {i}: a resync pass ran: {tv}"
+        );
+        if kills[0] > 0 {
+            assert!(
+                p["status"]["resync"].is_null(),
+                "iteration {i}: the restarted replicator ran a resync: {p}"
+            );
+        }
         assert_eq!(
             tv["status"]["resync_blocks"], 0,
             "iteration {i}: resync data sent: {tv}"

@@ -9,7 +9,9 @@
 //! With `--attach /dev/nbdN` the kernel NBD client is connected to the
 //! filter over a socketpair (netlink `nbd` family, else the NBD ioctls; see
 //! `filter_nbd::attach`). SIGINT/SIGTERM flush the device and disconnect it
-//! before the server stops. If the agent dies instead, the kernel keeps the
+//! before the server stops — unless it is in use (mounted): then it is left
+//! attached, as after a crash, for the next agent to take over
+//! (`--force-detach` disconnects anyway). If the agent dies instead, the kernel keeps the
 //! device (netlink only) and holds its I/O for `--dead-conn-timeout`; the
 //! same command run again takes the device over (`NBD_CMD_RECONFIGURE`),
 //! and requests that were in flight are re-sent by the kernel after
@@ -63,6 +65,10 @@ pub struct ExportArgs {
     /// With --attach: logical block size of the kernel device.
     #[arg(long, value_name = "BYTES", default_value = "4K", value_parser = parse_size)]
     pub nbd_block_size: u64,
+    /// With --attach: on SIGTERM disconnect the device even if it is in use
+    /// (mounted); by default an in-use device is left attached for the next agent.
+    #[arg(long)]
+    pub force_detach: bool,
     /// With --attach: control interface (auto = netlink, else ioctls).
     #[arg(long, value_name = "auto|netlink|ioctl", default_value = "auto")]
     pub attach_method: String,
@@ -236,6 +242,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let stopper = server.shutdown_handle();
     let (stopped_tx, stopped_rx) = std::sync::mpsc::channel::<()>();
     let detach_on_stop = attached.clone();
+    let force_detach = args.force_detach;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -248,7 +255,15 @@ pub fn run(args: ExportArgs) -> Result<()> {
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
             if let Some(a) = taken {
-                if let Err(e) = a.detach() {
+                if a.device_in_use() && a.survives_restart() && !force_detach {
+                    // Disconnecting would fail every I/O of the mounted filesystem:
+                    // stop serving but leave the device to the next agent.
+                    tracing::warn!(
+                        device = %a.device().display(),
+                        "device in use (mounted?): left attached; the kernel holds its I/O until an agent takes it over (--force-detach to disconnect)"
+                    );
+                    a.abandon();
+                } else if let Err(e) = a.detach() {
                     tracing::error!(error = %e, "detaching the NBD device");
                 }
             }

@@ -148,6 +148,9 @@ pub struct TargetVolumeReport {
     pub journal_dir: String,
     /// Whether the replica still waits for its initial synchronisation.
     pub needs_initial_sync: bool,
+    /// Checksum-resync passes the sources started on this volume, ever
+    /// (the initial synchronisation is one).
+    pub resync_passes: u64,
     /// Active alerts.
     pub alerts: Vec<String>,
 }

@@ -24,6 +24,17 @@ use tracing::{info, warn};
 
 /// Marker of a replica that was never completely synchronised.
 pub const NEEDS_SYNC: &str = "needs-initial-sync";
+/// Count of checksum-resync passes the sources started (from offset 0), kept
+/// across restarts so an admin (and the tests) can see a full resync happened.
+pub const RESYNC_PASSES: &str = "resync-passes";
+
+/// Resync passes started on the volume whose journal is in `dir`.
+pub fn resync_passes(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(RESYNC_PASSES))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
 
 /// Journal counters of every open volume, for the status file.
 pub type CounterBoard = Arc<Mutex<HashMap<String, Counters>>>;
@@ -168,6 +179,14 @@ impl TargetStore for JournalStore {
     }
 
     fn resync_started(&mut self) {
+        let n = resync_passes(&self.dir) + 1;
+        let tmp = self.dir.join(format!(".{RESYNC_PASSES}.tmp"));
+        if let Err(e) = std::fs::write(&tmp, format!("{n}\n"))
+            .and_then(|_| std::fs::rename(&tmp, self.dir.join(RESYNC_PASSES)))
+        {
+            warn!(volume = %self.name, error = %e, "cannot record the resync pass");
+        }
+        warn!(volume = %self.name, pass = n, "checksum resync pass started by the source");
         let m = self.dir.join(NEEDS_SYNC);
         if m.exists() {
             if let Err(e) = std::fs::remove_file(&m) {

@@ -21,7 +21,7 @@ use crate::config::{TargetConfig, TlsConfig, DEFAULT_TARGET_STATE};
 use crate::daemon;
 use crate::export::parse_size;
 use crate::status::{write_status, JournalFigures, TargetStatusFile, TargetVolumeReport};
-use crate::store::{CounterBoard, JournalProvider, Layout, VolumePlace, NEEDS_SYNC};
+use crate::store::{resync_passes, CounterBoard, JournalProvider, Layout, VolumePlace, NEEDS_SYNC};
 
 /// Arguments of `rewind target`.
 #[derive(Debug, Args)]
@@ -207,7 +207,9 @@ pub fn run(args: TargetArgs) -> Result<()> {
                         .map(|p| p.journal_dir.display().to_string())
                         .unwrap_or_default(),
                     needs_initial_sync: place
+                        .as_ref()
                         .is_some_and(|p| p.journal_dir.join(NEEDS_SYNC).exists()),
+                    resync_passes: place.as_ref().map_or(0, |p| resync_passes(&p.journal_dir)),
                     alerts,
                     name,
                 }
