@@ -656,6 +656,26 @@ impl Attached {
         disc.and(flushed)
     }
 
+    /// Whether something holds the device exclusively (a mounted filesystem,
+    /// a dm table, swap): an exclusive open fails with EBUSY.
+    pub fn device_in_use(&self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        matches!(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_EXCL)
+                .open(&self.shared.path),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY)
+        )
+    }
+
+    /// Whether the kernel keeps this device configured after the process
+    /// stops serving it (netlink), so [`Attached::abandon`] is a restart, not
+    /// an outage.
+    pub fn survives_restart(&self) -> bool {
+        self.mode != AttachMode::Ioctl && !self.shared.opts.dead_conn_timeout.is_zero()
+    }
+
     /// Stops serving without disconnecting the kernel device (netlink: the
     /// kernel keeps the device and waits `dead_conn_timeout` for a new
     /// server, as after a crash). Used for an agent restart/upgrade.

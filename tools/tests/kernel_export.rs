@@ -217,6 +217,38 @@ fn agent_killed_and_restarted_under_a_mounted_ext4_loses_no_acknowledged_write()
         "writes failed during the restart instead of waiting"
     );
 
+    // 3. SIGTERM while mounted (e.g. an upgrade): the device is left attached, the next agent
+    // takes it over, and the filesystem keeps working.
+    let text = agent.terminate();
+    assert!(text.contains("left attached"), "{text}");
+    assert!(
+        configured(7),
+        "an in-use device must not be disconnected by SIGTERM"
+    );
+    let agent = Agent::start(dir.path(), &backing, dev, 3);
+    assert!(
+        agent.text().contains("NetlinkReconfigure"),
+        "{}",
+        agent.text()
+    );
+    let (acked3, failed3) = {
+        let s = Arc::new(AtomicBool::new(false));
+        let m = mnt.clone();
+        let t = std::thread::spawn({
+            let s = s.clone();
+            move || writer(m, s)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        s.store(true, Ordering::SeqCst);
+        t.join().unwrap()
+    };
+    assert_eq!(failed3, 0);
+    assert!(!acked3.is_empty());
+    // the writer restarts at n = 0: its files supersede the older versions of those slots
+    let superseded: BTreeSet<u64> = acked3.iter().map(|n| n % 100).collect();
+    acked.retain(|n| !superseded.contains(&(n % 100)));
+    acked.extend(acked3);
+
     // Unmount (the filesystem flushes through the restarted agent), then check from a fresh
     // mount that every acknowledged write is there.
     sh("umount", &[mnt.to_str().unwrap()]);
@@ -224,7 +256,7 @@ fn agent_killed_and_restarted_under_a_mounted_ext4_loses_no_acknowledged_write()
     let n_busy = verify(&mnt, &acked);
     sh("umount", &[mnt.to_str().unwrap()]);
 
-    // 3. SIGTERM: flush, disconnect, log closed cleanly.
+    // 4. SIGTERM once unmounted: flush, disconnect, log closed cleanly.
     let text = agent.terminate();
     assert!(text.contains("NBD device detached"), "{text}");
     assert!(!configured(7), "device still configured after SIGTERM");
