@@ -457,7 +457,9 @@ impl std::fmt::Debug for TargetServer {
 }
 
 impl TargetServer {
-    /// Binds `addr` and starts accepting in a background thread.
+    /// Binds `addr` and starts accepting in a background thread. With
+    /// `ServerTls::insecure()` a non-loopback address is refused
+    /// ([`TargetError::Tls`]).
     pub fn bind(
         addr: &str,
         tls: ServerTls,
@@ -482,6 +484,10 @@ impl TargetServer {
             addr: "listener".into(),
             source: e,
         })?;
+        if tls.is_insecure() {
+            // Plaintext only on loopback, refused before serving anything.
+            tls::check_insecure_listener(&addr)?;
+        }
         listener
             .set_nonblocking(true)
             .map_err(|e| TargetError::Bind {

@@ -307,6 +307,11 @@ impl ServerTls {
     pub fn allowed(&self) -> &[String] {
         &self.allowed
     }
+
+    /// Whether this is the plaintext (insecure, loopback-only) mode.
+    pub fn is_insecure(&self) -> bool {
+        matches!(self.mode, ServerMode::Insecure)
+    }
 }
 
 /// Client-certificate verifier: the CA chain check, then the allow list.

@@ -1038,6 +1038,38 @@ fn requested_resync_repairs_divergence() {
     server.shutdown();
 }
 
+/// Plaintext works on loopback only; a plaintext listener on another
+/// address is refused before serving.
+#[test]
+fn insecure_mode_is_loopback_only() {
+    let env = Env::new();
+    let stores = Stores::default();
+    let err = TargetServer::bind(
+        "0.0.0.0:0",
+        ServerTls::insecure(),
+        stores.provider(),
+        TargetOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("loopback"), "{err}");
+    let server = TargetServer::bind(
+        "127.0.0.1:0",
+        ServerTls::insecure(),
+        stores.provider(),
+        TargetOptions::default(),
+    )
+    .unwrap();
+    let src = Source::new(&env.dir, "plain", 4 << 20, 1 << 20);
+    let mut cfg = src.pair_cfg(&env, &server.local_addr().to_string(), Compression::None);
+    cfg.tls = ClientTls::insecure();
+    let pair = Pair::start(cfg).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    random_workload(&src, &mut rng, 50, false);
+    wait_equal(&src, &stores.get("plain"), &pair, "plaintext");
+    pair.stop();
+    server.shutdown();
+}
+
 /// Loopback throughput (ignored by default; run with
 /// `cargo test -p replicator --release --test engine loopback_throughput -- --ignored --nocapture`):
 /// 192 MiB of 1 MiB compressible writes are captured in data mode while the
