@@ -264,7 +264,10 @@ pub trait TargetStore: Send {
     /// may be stored.
     fn spool(&mut self, chunks: &[StoreChunk]) -> Result<u64, StoreError>;
     /// Applies a bounded amount of spooled chunks in spool order; `Ok(None)`
-    /// when nothing is pending.
+    /// when nothing is pending. The store lock is held for the whole step, so
+    /// spooling (and thus every ack) waits for at most one step: keep steps
+    /// short (for the journal: `apply_next`, or `apply_batch` with a small
+    /// `apply_batch_chunks`/`apply_batch_bytes`).
     fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError>;
     /// blake3 of each `hash_block`-sized block of the replica in
     /// `offset..offset + len` (the last may be short), after applying
