@@ -349,6 +349,8 @@ pub struct ReplicatorOpts {
     pub bandwidth: Option<String>,
     /// `--max-chunk` (bytes).
     pub max_chunk: Option<u64>,
+    /// `--hash-block` (bytes).
+    pub hash_block: Option<u64>,
 }
 
 /// A running `rewind replicator` with one pair.
@@ -407,6 +409,9 @@ impl Replicator {
         }
         if let Some(m) = opts.max_chunk {
             c.arg("--max-chunk").arg(m.to_string());
+        }
+        if let Some(h) = opts.hash_block {
+            c.arg("--hash-block").arg(h.to_string());
         }
         let _ = fs::remove_file(state_dir.join("status.json"));
         let mut daemon = Daemon::spawn(c, log);
@@ -591,6 +596,7 @@ impl Setup {
             compression: compression.into(),
             bandwidth: None,
             max_chunk: None,
+            hash_block: None,
         };
         tweak_repl(&mut ropts);
         let repl = Replicator::start(s, target.addr, ropts);

@@ -123,7 +123,12 @@ fn replication_bandwidth_limit() {
         &backing,
         "off",
         |_| {},
-        |r| r.bandwidth = Some("4M".into()),
+        |r| {
+            r.bandwidth = Some("4M".into());
+            // Small frames: wire_bytes moves in frame steps, and 4 MiB steps
+            // would be a 10% quantization of a 10 s window by themselves.
+            r.max_chunk = Some(256 * KIB);
+        },
     );
     st.converge(Duration::from_secs(60), "empty volume");
     // 64 MiB of random data: 16 s of shipping at 4 MB/s.
@@ -141,6 +146,7 @@ fn replication_bandwidth_limit() {
     std::thread::sleep(Duration::from_secs(10));
     let (w1, t1) = (wire(&st), Instant::now());
     let rate = (w1 - w0) as f64 / (t1 - t0).as_secs_f64();
+    eprintln!("bandwidth: {rate:.0} B/s shipped over 10 s with a limit of {RATE} B/s");
     let p = st.repl.pair();
     assert_eq!(p["bandwidth_bps"], 4_000_000u64, "{p}");
     assert!(
@@ -152,4 +158,69 @@ fn replication_bandwidth_limit() {
         p["status"]["pending_source_bytes"].as_u64().unwrap_or(0) > 0
             || p["status"]["in_flight_bytes"].as_u64().unwrap_or(0) > 0
     );
+}
+
+/// A replica that already holds the volume except for 1% of its hash
+/// blocks: the initial checksum resync ships only those (wire ≤ 3% of the
+/// volume), and ends equal.
+#[test]
+fn replication_checksum_resync_ships_only_differences() {
+    const HB: u64 = 64 * KIB;
+    let s = Scratch::new("repl-csum");
+    let backing = s.join("vol.img");
+    create_random(&backing, SIZE, 21);
+    // The target creates DIR/vol0/replica.img only if it is missing: seed it
+    // with a copy that differs in 1% of the hash blocks.
+    let tdir = s.join("tdir");
+    std::fs::create_dir_all(tdir.join("vol0")).unwrap();
+    let replica = tdir.join("vol0").join("replica.img");
+    std::fs::copy(&backing, &replica).unwrap();
+    let nblocks = SIZE / HB;
+    let differing = nblocks / 100;
+    for i in 0..differing {
+        let b = (i * 97 + 13) % nblocks;
+        write_at(&replica, b * HB + 512, &[0xee; 4096]);
+    }
+    let pki = Pki::new(&s, "pki");
+    let export = Export::start(
+        &s,
+        &backing,
+        ExportOpts {
+            volume: Some("vol0".into()),
+            export_name: Some("vol0".into()),
+            ..Default::default()
+        },
+    );
+    let target = Target::start_in(&s, tdir, s.join("tstate"), TargetOpts::tls(&pki));
+    let repl = Replicator::start(
+        &s,
+        target.addr,
+        ReplicatorOpts {
+            auth: Auth::Tls(pki.dir.clone()),
+            host: "replicator".into(),
+            server_name: "127.0.0.1".into(),
+            volume: "vol0".into(),
+            device: backing.clone(),
+            shm_dir: export.shm_dir.clone(),
+            compression: "off".into(),
+            bandwidth: None,
+            max_chunk: None,
+            hash_block: Some(HB),
+        },
+    );
+    let doc = wait_drained(&repl, &target, Duration::from_secs(60));
+    assert_same(&backing, &target.replica("vol0"), "checksum resync");
+    let st = &doc["source"]["pairs"][0]["status"];
+    let wire = st["wire_bytes"].as_u64().unwrap_or(u64::MAX);
+    let sent = st["resync"]["sent_bytes"].as_u64().unwrap_or(u64::MAX);
+    eprintln!(
+        "checksum resync: {differing} of {nblocks} hash blocks differ; {sent} bytes of blocks sent, {wire} bytes on the wire ({:.2}% of the volume)",
+        wire as f64 * 100.0 / SIZE as f64
+    );
+    assert_eq!(sent, differing * HB, "{st}");
+    assert!(
+        wire <= SIZE * 3 / 100,
+        "{wire} bytes on the wire for a 1% difference: {st}"
+    );
+    assert_eq!(target.volume_status("vol0")["resync_passes"], 1);
 }

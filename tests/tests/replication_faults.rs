@@ -61,6 +61,7 @@ fn replication_link_faults_stall_cut_slow() {
             compression: "zstd:1".into(),
             bandwidth: None,
             max_chunk: None,
+            hash_block: None,
         },
     );
     let converge = |what: &str| {

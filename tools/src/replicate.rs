@@ -73,6 +73,9 @@ pub struct ReplicatorArgs {
     /// State directory (pair states, status file).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Resync hash block in bytes (tuning; default 1M): the granularity of checksum comparison.
+    #[arg(long, value_name = "BYTES", value_parser = crate::export::parse_size)]
+    pub hash_block: Option<u64>,
     /// Largest chunk in bytes (tuning).
     #[arg(long, value_name = "BYTES", value_parser = crate::export::parse_size, hide = true)]
     pub max_chunk: Option<u64>,
@@ -198,6 +201,11 @@ fn report(r: &Running, s: PairStatus, threshold: f64) -> PairReport {
     let mut alerts = Vec::new();
     if s.capture_mode == "Bitmap" {
         alerts.push("capture in bitmap mode: changes are tracked as dirty blocks only (no write order until drained)".into());
+    } else if r.bitmap > 0 {
+        alerts.push(format!(
+            "capture fell back to bitmap mode {} time(s) since the replicator started",
+            r.bitmap
+        ));
     }
     if rpo_secs > threshold {
         alerts.push(format!(
@@ -267,6 +275,12 @@ pub fn run(args: ReplicatorArgs) -> Result<()> {
             pair: limiter.clone(),
             target: target_limiter.clone(),
         };
+        if let Some(h) = args.hash_block {
+            e.hash_block = u32::try_from(h)
+                .ok()
+                .filter(|h| h.is_power_of_two() && *h >= 4096)
+                .with_context(|| format!("--hash-block {h}: a power of two from 4K to 2G"))?;
+        }
         if let Some(m) = args.max_chunk {
             e.max_chunk_bytes = m;
         }
