@@ -298,8 +298,68 @@ fn replication_from_config_files() {
         text(&o)
     );
     repl.stop();
-    target.stop();
-    // After a clean stop the status says so.
+    // After a clean stop the status says so; after a kill -9 too.
     let o = run_ok(rewind().args(["status", "--state-dir"]).arg(&rstate), T);
     assert!(String::from_utf8_lossy(&o.stdout).contains("replicator: stopped"));
+    target.kill9();
+    let o = run_ok(
+        rewind()
+            .args(["status", "--json", "--state-dir"])
+            .arg(&rstate)
+            .arg("--target-state-dir")
+            .arg(&tstate),
+        T,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["target_daemon"], "dead (killed?)", "{v}");
+}
+
+/// `--insecure` on both sides works on loopback (tests, demos).
+#[test]
+fn replication_insecure_loopback() {
+    let s = Scratch::new("repl-insec");
+    let backing = s.join("vol.img");
+    create_random(&backing, 8 * MIB, 4);
+    let export = Export::start(
+        &s,
+        &backing,
+        ExportOpts {
+            volume: Some("vol0".into()),
+            export_name: Some("vol0".into()),
+            ..Default::default()
+        },
+    );
+    let target = Target::start(
+        &s,
+        TargetOpts {
+            auth: Auth::Insecure,
+            host: String::new(),
+            allow: vec![],
+            port: None,
+            spool_budget: Some("16M".into()),
+        },
+    );
+    let repl = Replicator::start(
+        &s,
+        target.addr,
+        ReplicatorOpts {
+            auth: Auth::Insecure,
+            host: String::new(),
+            server_name: "127.0.0.1".into(),
+            volume: "vol0".into(),
+            device: backing.clone(),
+            shm_dir: export.shm_dir.clone(),
+            compression: "zstd".into(),
+            bandwidth: None,
+            max_chunk: None,
+            hash_block: None,
+        },
+    );
+    run_ok(
+        tool("qemu-io").args(["-f", "raw", &export.uri(), "-c", "write -P 0x31 0 2M"]),
+        T,
+    );
+    wait_drained(&repl, &target, Duration::from_secs(60));
+    assert_same(&backing, &target.replica("vol0"), "insecure replica");
+    assert!(target.daemon.log_text().contains("insecure"));
 }
