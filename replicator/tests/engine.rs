@@ -1070,6 +1070,140 @@ fn insecure_mode_is_loopback_only() {
     server.shutdown();
 }
 
+/// A loopback TCP proxy that can pass, stall (hold bytes, keep the
+/// connections open) or cut (close every current connection).
+struct Proxy {
+    addr: String,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+const PASS: u8 = 0;
+const STALL: u8 = 1;
+
+impl Proxy {
+    fn start(target: String) -> Proxy {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        l.set_nonblocking(true).unwrap();
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, c, st) = (mode.clone(), conns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((a, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                a.set_nonblocking(false).unwrap();
+                let Ok(b) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                c.lock().unwrap().push(a.try_clone().unwrap());
+                c.lock().unwrap().push(b.try_clone().unwrap());
+                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    let m = m.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while m.load(Ordering::SeqCst) == STALL {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy {
+            addr,
+            mode,
+            conns,
+            stop,
+        }
+    }
+    fn cut(&self) {
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.mode.store(PASS, Ordering::SeqCst);
+        self.cut();
+    }
+}
+
+/// Link faults through a proxy — cuts, and a stall long enough for the
+/// source to give up on the connection and reconnect while the old one is
+/// still open (its held bytes reach the target later and must be ignored):
+/// the replica converges and the state changes are visible.
+#[test]
+fn link_faults_through_a_proxy() {
+    let env = Env::new();
+    let stores = Stores::default();
+    let server = env.server(&stores, "127.0.0.1:0");
+    let proxy = Proxy::start(server.local_addr().to_string());
+    let src = Arc::new(Source::new(&env.dir, "link", 8 << 20, 1 << 20));
+    let mut cfg = src.pair_cfg(&env, &proxy.addr, Compression::Zstd(1));
+    cfg.response_timeout = Duration::from_millis(800);
+    cfg.tls.timeouts.io = Duration::from_secs(1);
+    cfg.tls.timeouts.connect = Duration::from_secs(1);
+    let pair = Pair::start(cfg).unwrap();
+    wait_equal(&src, &stores.get("link"), &pair, "initial");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (src, stop) = (src.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+            while !stop.load(Ordering::SeqCst) {
+                random_workload(&src, &mut rng, 20, true);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let mut states = std::collections::HashSet::new();
+    let mut watch = |ms: u64| {
+        let end = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < end {
+            states.insert(format!("{:?}", pair.status().state));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    watch(300);
+    proxy.cut();
+    watch(500);
+    proxy.mode.store(STALL, Ordering::SeqCst);
+    watch(2500);
+    proxy.mode.store(PASS, Ordering::SeqCst);
+    watch(500);
+    proxy.cut();
+    watch(300);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    wait_equal(&src, &stores.get("link"), &pair, "after link faults");
+    let st = pair.status();
+    assert!(st.reconnects >= 2, "{st:#?}");
+    assert!(states.contains("Reconnecting"), "{states:?}");
+    pair.stop();
+    server.shutdown();
+}
+
 /// Loopback throughput (ignored by default; run with
 /// `cargo test -p replicator --release --test engine loopback_throughput -- --ignored --nocapture`):
 /// 192 MiB of 1 MiB compressible writes are captured in data mode while the
