@@ -596,7 +596,13 @@ fn session(
     };
     s.rs_next = s.ps.resync_offset;
     s.rs_clock = (Instant::now(), s.ps.resync_offset);
-    s.run()
+    let r = s.run();
+    if r.is_ok() {
+        // Stopped: close cleanly (TLS close_notify) so the target logs a
+        // normal disconnect. Unacknowledged batches stay uncommitted.
+        let _ = s.conn.t.close();
+    }
+    r
 }
 
 /// What the target owes us, in order.
