@@ -405,3 +405,96 @@ fn replication_bad_peers_refused() {
         "a refused peer changed the target"
     );
 }
+
+/// A small change-log ring and a stalled link: the ring overflows, capture
+/// falls back (metadata, then bitmap mode), `rewind status` shows the mode
+/// and raises the alert; after the link comes back the pair drains and the
+/// replica is equal, every acknowledged write in it.
+#[test]
+fn replication_ring_overflow_falls_back_and_recovers() {
+    let s = Scratch::new("repl-ovf");
+    let backing = s.join("vol.img");
+    create_sparse(&backing, SIZE);
+    let pki = Pki::new(&s, "pki");
+    let export = Export::start(
+        &s,
+        &backing,
+        ExportOpts {
+            volume: Some("vol0".into()),
+            export_name: Some("vol0".into()),
+            ring_size: Some(MIB),
+            ..Default::default()
+        },
+    );
+    let target = Target::start(&s, TargetOpts::tls(&pki));
+    let proxy = FaultProxy::start(target.addr);
+    let repl = Replicator::start(
+        &s,
+        proxy.addr(),
+        ReplicatorOpts {
+            auth: Auth::Tls(pki.dir.clone()),
+            host: "replicator".into(),
+            server_name: "127.0.0.1".into(),
+            volume: "vol0".into(),
+            device: backing.clone(),
+            shm_dir: export.shm_dir.clone(),
+            compression: "zstd:1".into(),
+            bandwidth: None,
+            max_chunk: None,
+            hash_block: None,
+        },
+    );
+    wait_drained(&repl, &target, Duration::from_secs(60));
+    proxy.stall();
+    let writer = Writer::start(export.uri(), SIZE, 99);
+    writer.resume();
+    wait_for(
+        "capture to fall back to bitmap mode",
+        Duration::from_secs(60),
+        || repl.pair()["status"]["capture_mode"] == "Bitmap",
+    );
+    writer.pause();
+    let p = repl.pair();
+    eprintln!(
+        "during the stall: capture {} alerts {}",
+        p["status"]["capture_mode"], p["alerts"]
+    );
+    let has = |p: &Value, what: &str| {
+        p["alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x.as_str().unwrap_or("").contains(what)))
+    };
+    assert!(has(&p, "capture in bitmap mode"), "no bitmap alert: {p}");
+    proxy.resume();
+    wait_drained(&repl, &target, Duration::from_secs(60));
+    assert_same(&backing, &target.replica("vol0"), "after a ring overflow");
+    writer.check(&target.replica("vol0"));
+    let p = repl.pair();
+    let modes: Vec<String> = p["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|x| x["capture_mode"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!("capture modes seen: {modes:?}; alerts now {}", p["alerts"]);
+    assert!(modes.iter().any(|m| m == "Bitmap"), "{modes:?}");
+    // Drained: no longer an alert, but the fallback is still reported.
+    assert!(has(&p, "fell back to bitmap mode"), "{}", p["alerts"]);
+    assert!(!has(&p, "capture in bitmap mode"), "{}", p["alerts"]);
+    // The next write brings the change log back to data mode.
+    run_ok(
+        tool("qemu-io").args(["-f", "raw", &export.uri(), "-c", "write -P 0x42 0 64k"]),
+        Duration::from_secs(30),
+    );
+    wait_for("capture back in data mode", Duration::from_secs(20), || {
+        repl.pair()["status"]["capture_mode"] == "Data"
+    });
+    wait_drained(&repl, &target, Duration::from_secs(60));
+    assert_same(
+        &backing,
+        &target.replica("vol0"),
+        "after leaving bitmap mode",
+    );
+}

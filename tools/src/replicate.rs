@@ -199,7 +199,9 @@ fn record(r: &mut Running, s: &PairStatus) {
 fn report(r: &Running, s: PairStatus, threshold: f64) -> PairReport {
     let rpo_secs = s.rpo_ns as f64 / 1e9;
     let mut alerts = Vec::new();
-    if s.capture_mode == "Bitmap" {
+    // The change log leaves bitmap mode lazily (at the next write once
+    // drained): a drained pair still showing it is not an alert.
+    if s.capture_mode == "Bitmap" && !(s.drained && s.dirty_blocks == 0) {
         alerts.push("capture in bitmap mode: changes are tracked as dirty blocks only (no write order until drained)".into());
     } else if r.bitmap > 0 {
         alerts.push(format!(
