@@ -139,14 +139,25 @@ fn replication_bandwidth_limit() {
         Duration::from_secs(120),
     );
     assert!(o.status.success(), "nbdcopy: {}", text(&o));
-    let wire = |st: &Setup| st.repl.pair()["status"]["wire_bytes"].as_u64().unwrap_or(0);
+    // Bytes and the time they were measured, both from the same engine
+    // snapshot (independent of when the test reads the status file).
+    let wire = |st: &Setup| {
+        let p = st.repl.pair();
+        (
+            p["status"]["wire_bytes"].as_u64().unwrap_or(0),
+            p["status"]["updated_ns"].as_u64().unwrap_or(0),
+        )
+    };
     // Let the bucket's initial burst pass.
     std::thread::sleep(Duration::from_secs(2));
-    let (w0, t0) = (wire(&st), Instant::now());
+    let (w0, t0) = wire(&st);
     std::thread::sleep(Duration::from_secs(10));
-    let (w1, t1) = (wire(&st), Instant::now());
-    let rate = (w1 - w0) as f64 / (t1 - t0).as_secs_f64();
-    eprintln!("bandwidth: {rate:.0} B/s shipped over 10 s with a limit of {RATE} B/s");
+    let (w1, t1) = wire(&st);
+    let rate = (w1 - w0) as f64 / ((t1 - t0) as f64 / 1e9);
+    eprintln!(
+        "bandwidth: {rate:.0} B/s shipped over {:.2} s with a limit of {RATE} B/s",
+        (t1 - t0) as f64 / 1e9
+    );
     let p = st.repl.pair();
     assert_eq!(p["bandwidth_bps"], 4_000_000u64, "{p}");
     assert!(
