@@ -7,7 +7,7 @@ use rewind_tests::replication::*;
 use rewind_tests::*;
 use serde_json::Value;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SIZE: u64 = 64 * MIB;
 
