@@ -12,6 +12,7 @@ Subcommands:
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -161,7 +162,19 @@ def cmd_case(rewind, rstate, tstate, out, name, pids, fio_args):
 
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
-    fio = subprocess.run(fio_args)
+    fio = subprocess.Popen(fio_args)
+
+    def on_signal(sig, _frame):
+        fio.terminate()
+        try:
+            fio.wait(5)
+        except subprocess.TimeoutExpired:
+            fio.kill()
+        sys.exit(128 + sig)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    fio.wait()
     t_fio = time.monotonic() - t_start
     stop.set()
     th.join()
@@ -265,7 +278,8 @@ def cmd_report(work):
         lines.append("- %s: %.2f cycles/B (%.0f MB written, %.1f MB/s); with tracking and replication the export used %s, so capture (the seed's *agent* work) costs ≈ %s cycles/B" % (
             on[0]["wlabel"], c, f["io_bytes"] / 1e6, f["bw_bytes"] / 1e6,
             " / ".join("%.2f (%s)" % (r["cyc"]["export"], r["comp"]) for r in on),
-            " / ".join("%.2f" % (r["cyc"]["export"] - c) for r in on)))
+            " / ".join("%.2f" % (r["cyc"]["export"] - c) for r in on)) +
+            (" (negative: inside the noise)" if any(r["cyc"]["export"] < c for r in on) else ""))
     lines.append("")
     lines.append("Freshness of the replicator's status while sampling (now − `updated_ns` of the pair; the file is meant to be rewritten several times a second):")
     lines.append("")
@@ -289,7 +303,10 @@ def cmd_report(work):
     for wl, label in (("rand4k", "4 KiB randwrite"), ("seq1m", "1 MiB seq write")):
         r = rz[wl]
         dcyc = r["cyc"]["replicator"] - ro[wl]["cyc"]["replicator"]
-        sp = ("%.0f (implied: %.2f extra replicator cycles per written byte over compression off)" % (hz / dcyc / 1e6, dcyc)) if dcyc > 0 else "– (no extra replicator CPU measured)"
+        if dcyc >= 1.0:
+            sp = "≈ %.0f (implied by %.2f extra replicator cycles per written byte over compression off)" % (hz / dcyc / 1e6, dcyc)
+        else:
+            sp = "– (extra replicator CPU over compression off: %.2f cycles/B, inside the noise)" % dcyc
         lines.append("| rewind zstd:1, %s (wire, headers included) | %.3f | %s |" % (label, r["ratio"], sp))
     lines.append("")
     # targets
