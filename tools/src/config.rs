@@ -40,6 +40,40 @@ pub struct TlsConfig {
     pub allowed_clients: Vec<String>,
 }
 
+impl TlsConfig {
+    /// The TLS settings the daemons' command-line flags describe: `--insecure`
+    /// (plaintext, loopback only) or the files `rewind pki issue` wrote for
+    /// `host` in `tls_dir`. `insecure_hint` completes the error when neither is given.
+    pub fn from_flags(
+        insecure: bool,
+        tls_dir: Option<&Path>,
+        host: &str,
+        allowed_clients: Vec<String>,
+        insecure_hint: &str,
+    ) -> anyhow::Result<TlsConfig> {
+        if insecure {
+            if tls_dir.is_some() {
+                anyhow::bail!("--insecure and --tls-dir exclude each other");
+            }
+            return Ok(TlsConfig {
+                insecure: true,
+                ..TlsConfig::default()
+            });
+        }
+        let Some(pki) = tls_dir else {
+            anyhow::bail!("give --tls-dir DIR (from `rewind pki`), or --insecure {insecure_hint}");
+        };
+        let (cert, key) = crate::pki_cli::host_files(pki, host);
+        Ok(TlsConfig {
+            ca: Some(pki.join(replicator::pki::CA_CERT)),
+            cert: Some(cert),
+            key: Some(key),
+            insecure: false,
+            allowed_clients,
+        })
+    }
+}
+
 /// The three PEM files of a mutual-TLS endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {

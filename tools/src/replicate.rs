@@ -94,26 +94,13 @@ pub fn effective(args: &ReplicatorArgs) -> Result<ReplicatorConfig> {
     else {
         bail!("give --config FILE, or --target tcp:HOST:PORT, --volume NAME and --device PATH");
     };
-    let tls = if args.insecure {
-        if args.tls_dir.is_some() {
-            bail!("--insecure and --tls-dir exclude each other");
-        }
-        TlsConfig {
-            insecure: true,
-            ..TlsConfig::default()
-        }
-    } else {
-        let Some(pki) = &args.tls_dir else {
-            bail!("give --tls-dir DIR (from `rewind pki`), or --insecure with a loopback target");
-        };
-        let (cert, key) = crate::pki_cli::host_files(pki, &args.host);
-        TlsConfig {
-            ca: Some(pki.join(replicator::pki::CA_CERT)),
-            cert: Some(cert),
-            key: Some(key),
-            ..TlsConfig::default()
-        }
-    };
+    let tls = TlsConfig::from_flags(
+        args.insecure,
+        args.tls_dir.as_deref(),
+        &args.host,
+        Vec::new(),
+        "with a loopback target",
+    )?;
     let cfg = ReplicatorConfig {
         state_dir: args
             .state_dir

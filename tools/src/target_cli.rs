@@ -104,27 +104,13 @@ pub fn effective(args: &TargetArgs) -> Result<(TargetConfig, Layout)> {
     let (Some(listen), Some(dir)) = (args.listen, args.dir.clone()) else {
         bail!("give --config FILE, or --listen tcp:IP:PORT and --dir DIR");
     };
-    let tls = if args.insecure {
-        if args.tls_dir.is_some() {
-            bail!("--insecure and --tls-dir exclude each other");
-        }
-        TlsConfig {
-            insecure: true,
-            ..TlsConfig::default()
-        }
-    } else {
-        let Some(pki) = &args.tls_dir else {
-            bail!("give --tls-dir DIR (from `rewind pki`), or --insecure on loopback");
-        };
-        let (cert, key) = crate::pki_cli::host_files(pki, &args.host);
-        TlsConfig {
-            ca: Some(pki.join(replicator::pki::CA_CERT)),
-            cert: Some(cert),
-            key: Some(key),
-            insecure: false,
-            allowed_clients: args.allow.clone(),
-        }
-    };
+    let tls = TlsConfig::from_flags(
+        args.insecure,
+        args.tls_dir.as_deref(),
+        &args.host,
+        args.allow.clone(),
+        "on loopback",
+    )?;
     let cfg = TargetConfig {
         listen: listen.to_string(),
         state_dir: args
