@@ -152,7 +152,8 @@ fn alerts(s: &Stats) -> Vec<String> {
     if !s.filtering {
         out.push("filtering stopped: writes are tracked in the bitmap only".into());
     }
-    if s.producer_state == "running" && !pid_alive(s.producer_pid) {
+    let alive = u32::try_from(s.producer_pid).is_ok_and(crate::status::pid_alive);
+    if s.producer_state == "running" && !alive {
         out.push(format!(
             "producer pid {} is gone without a clean shutdown: the next open recovers in-flight writes",
             s.producer_pid
@@ -165,10 +166,6 @@ fn agent_core_now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-fn pid_alive(pid: u64) -> bool {
-    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Builds the report of the change log at `path`.
