@@ -167,3 +167,17 @@ pub fn record_len(h: &RecHeader) -> Option<u64> {
         .checked_add(h.body_len)?
         .checked_add(TRAILER as u64)
 }
+
+/// Search `b` (bytes after a bad record, `b[0]` is the bad record) for a valid record of `magic`
+/// accepted by `accept`.
+pub(crate) fn later_valid(b: &[u8], magic: u32, accept: impl Fn(&[u8]) -> bool) -> bool {
+    let m = magic.to_le_bytes();
+    let mut p = 1;
+    while p + REC_HDR + TRAILER <= b.len() {
+        if b[p..p + 4] == m && accept(&b[p..]) {
+            return true;
+        }
+        p += 1;
+    }
+    false
+}

@@ -1,0 +1,100 @@
+//! Errors of the journal crate.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::FaultPoint;
+
+/// Errors of the journal crate.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// An I/O system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done (with the path).
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// On-disk bytes failed validation (checksum, magic, bounds, version).
+    #[error("corrupt {path}: offset {offset}: {reason}")]
+    Corrupt {
+        /// File.
+        path: PathBuf,
+        /// Byte offset of the bad header or record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The target directory belongs to another volume or generation (split-brain guard).
+    #[error("identity mismatch: target holds {found}, caller expects {expected}")]
+    IdentityMismatch {
+        /// What the caller expected.
+        expected: String,
+        /// What the directory holds.
+        found: String,
+    },
+    /// `create` on a directory that already holds a target volume.
+    #[error("{0} already holds a target volume (use open or reseed)")]
+    AlreadyExists(PathBuf),
+    /// A chunk that cannot be spooled (bad sequence range, extent out of range).
+    #[error("invalid chunk: {0}")]
+    InvalidChunk(String),
+    /// Accepting the chunks would exceed the spool budget; apply first, then retry.
+    #[error("spool full: {pending} bytes pending + {incoming} incoming > budget {budget}")]
+    SpoolFull {
+        /// Bytes spooled and not applied.
+        pending: u64,
+        /// Bytes offered.
+        incoming: u64,
+        /// The configured budget.
+        budget: u64,
+    },
+    /// The requested point is not (or not yet, or no longer) recoverable.
+    #[error("point not available: {0}")]
+    PointNotAvailable(String),
+    /// A range outside the volume.
+    #[error("range {offset}+{len} outside the volume ({size} bytes)")]
+    OutOfRange {
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// A fault injected at a [`FaultPoint`] (tests).
+    #[error("injected fault at {0:?}")]
+    Injected(FaultPoint),
+    /// An earlier mutating call failed; drop the handle and reopen.
+    #[error("target volume handle poisoned by an earlier failure; reopen it")]
+    Poisoned,
+    /// A bad argument.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The SQLite catalogue failed (derived data: it is rebuilt at the next open).
+    #[error("catalogue: {0}")]
+    Catalogue(String),
+    /// Another process (or handle) has the target directory open.
+    #[error("{0} is locked by another target process")]
+    Locked(PathBuf),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, JournalError>;
+
+pub(crate) fn ioe(context: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> JournalError {
+    move |source| JournalError::Io {
+        context: context(),
+        source,
+    }
+}
+
+pub(crate) fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> JournalError {
+    JournalError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        reason: reason.into(),
+    }
+}

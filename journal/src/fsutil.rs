@@ -1,0 +1,97 @@
+//! Small filesystem helpers (directory fsync, indexed file listing, lock, reads).
+
+use crate::error::{ioe, JournalError, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub(crate) fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn fsync_dir(p: &Path) -> Result<()> {
+    File::open(p)
+        .and_then(|d| d.sync_all())
+        .map_err(ioe(|| format!("fsync directory {}", p.display())))
+}
+
+/// Sorted `(index, path)` of files `<16 hex>.<ext>` in `dir`; other names are ignored.
+pub(crate) fn list_indexed(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
+    let mut v = Vec::new();
+    let rd = fs::read_dir(dir).map_err(ioe(|| format!("read directory {}", dir.display())))?;
+    for e in rd {
+        let e = e.map_err(ioe(|| format!("read directory {}", dir.display())))?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(ext).and_then(|s| s.strip_suffix('.')) else {
+            continue;
+        };
+        if stem.len() != 16 {
+            continue;
+        }
+        if let Ok(i) = u64::from_str_radix(stem, 16) {
+            v.push((i, e.path()));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Take an exclusive `flock` on `<dir>/lock` (released by the kernel when the process dies).
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
+    let p = dir.join("lock");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(ioe(|| format!("open {}", p.display())))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid, open file descriptor owned by `f`; no memory is passed.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(JournalError::Locked(dir.to_path_buf()));
+        }
+        return Err(JournalError::Io {
+            context: format!("flock {}", p.display()),
+            source: e,
+        });
+    }
+    Ok(f)
+}
+
+/// Read as many bytes as available at `off` (short at EOF).
+pub(crate) fn read_fill(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    let mut it = b.chunks_exact(64);
+    for c in &mut it {
+        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    it.remainder().iter().all(|&x| x == 0)
+}
+
+/// Lower-case hex of `b`.
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

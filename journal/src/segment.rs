@@ -1,0 +1,390 @@
+//! Journal segments: undo/commit record parsing, the scan at open (torn tails),
+//! rotation, and verified reads of undo payloads.
+
+use crate::error::{corrupt, ioe, JournalError, Result};
+use crate::fault::FaultPoint;
+use crate::format::*;
+use crate::fsutil::*;
+use crate::{TargetVolume, VolumeIdentity, JOURNAL_DIR, UNDO_PIECE};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use tracing::warn;
+
+pub(crate) struct Segment {
+    pub(crate) index: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
+    pub(crate) len: u64,
+}
+
+#[derive(Clone)]
+pub(crate) struct UndoExtent {
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+    pub(crate) enc: u8,
+    pub(crate) stored_len: u64,
+    pub(crate) hash: [u8; 32],
+    pub(crate) file_off: u64,
+}
+
+pub(crate) struct UndoRec {
+    pub(crate) chunk_id: u64,
+    pub(crate) first_seq: u64,
+    pub(crate) last_seq: u64,
+    pub(crate) time_ns: u64,
+    pub(crate) seg: usize,
+    pub(crate) rec_off: u64,
+    pub(crate) extents: Vec<UndoExtent>,
+}
+
+/// Parse the header + extent table of an undo record read from a segment.
+pub(crate) fn parse_undo_table(
+    h: &RecHeader,
+    table: &[u8],
+    rec_off: u64,
+) -> std::result::Result<Vec<UndoExtent>, String> {
+    let n = h.n_extents as usize;
+    let mut cur = rec_off + (REC_HDR + n * UNDO_ENTRY) as u64;
+    let end = rec_off + REC_HDR as u64 + h.body_len;
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = &table[i * UNDO_ENTRY..(i + 1) * UNDO_ENTRY];
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&e[32..64]);
+        let x = UndoExtent {
+            offset: rd64(e, 0),
+            len: rd64(e, 8),
+            enc: e[16],
+            stored_len: rd64(e, 24),
+            hash,
+            file_off: cur,
+        };
+        let ok = match x.enc {
+            ENC_RAW => x.stored_len == x.len,
+            ENC_ZSTD => true,
+            ENC_ZERO => x.stored_len == 0,
+            _ => false,
+        };
+        if !ok || x.len > UNDO_PIECE {
+            return Err(format!("bad undo extent {i}"));
+        }
+        cur = cur
+            .checked_add(x.stored_len)
+            .filter(|c| *c <= end)
+            .ok_or("undo payload past record")?;
+        v.push(x);
+    }
+    if cur != end {
+        return Err("undo payload length mismatch".into());
+    }
+    Ok(v)
+}
+
+pub(crate) fn valid_commit(b: &[u8]) -> bool {
+    if b.len() < REC_HDR + TRAILER {
+        return false;
+    }
+    let h = decode_rec_header(&b[..REC_HDR]);
+    h.magic == REC_COMMIT
+        && h.body_len == 0
+        && h.n_extents == 0
+        && hash32(&b[..REC_HDR]) == b[REC_HDR..REC_HDR + TRAILER]
+}
+
+impl TargetVolume {
+    pub(crate) fn write_segment_header(
+        jd: &Path,
+        index: u64,
+        ident: &VolumeIdentity,
+    ) -> Result<(File, PathBuf)> {
+        let path = jd.join(format!("{index:016x}.seg"));
+        let hdr = encode_file_header(
+            &SEGMENT_MAGIC,
+            &FileHeader {
+                uuid: ident.uuid,
+                generation: ident.generation,
+                index,
+                created_ns: now_ns(),
+            },
+        );
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(ioe(|| format!("create {}", path.display())))?;
+        f.write_all_at(&hdr, 0)
+            .and_then(|_| f.sync_data())
+            .map_err(ioe(|| format!("write {}", path.display())))?;
+        Ok((f, path))
+    }
+
+    /// Scan segments; returns the index in `records` of the first uncommitted record.
+    pub(crate) fn load_journal(&mut self) -> Result<usize> {
+        let jd = self.dir.join(JOURNAL_DIR);
+        let names = list_indexed(&jd, "seg")?;
+        let nseg = names.len();
+        let mut tail_start = 0usize;
+        for (i, (index, path)) in names.into_iter().enumerate() {
+            let last = i + 1 == nseg;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(ioe(|| format!("open {}", path.display())))?;
+            let flen = file
+                .metadata()
+                .map_err(ioe(|| format!("stat {}", path.display())))?
+                .len();
+            let mut hb = [0u8; FILE_HDR];
+            let n =
+                read_fill(&file, &mut hb, 0).map_err(ioe(|| format!("read {}", path.display())))?;
+            let removable = last && flen <= FILE_HDR as u64 && i > 0;
+            if self
+                .check_file_header(&path, &hb[..n], &SEGMENT_MAGIC, index, removable)?
+                .is_none()
+            {
+                continue;
+            }
+            let seg_no = self.segments.len();
+            let mut pos = FILE_HDR as u64;
+            let mut bad: Option<(u64, String)> = None;
+            while pos < flen {
+                match self.read_journal_record(&file, pos, flen) {
+                    Ok((h, exts, len)) => {
+                        if h.magic == REC_COMMIT {
+                            self.applied_through = h.id;
+                            self.applied_seq = self.applied_seq.max(h.last_seq);
+                            self.applied_time_ns = h.time_ns;
+                            tail_start = self.records.len();
+                        } else if let Some(extents) = exts {
+                            self.records.push(UndoRec {
+                                chunk_id: h.id,
+                                first_seq: h.first_seq,
+                                last_seq: h.last_seq,
+                                time_ns: h.time_ns,
+                                seg: seg_no,
+                                rec_off: pos,
+                                extents,
+                            });
+                        }
+                        pos += len;
+                    }
+                    Err(JournalError::Corrupt { reason, .. }) => {
+                        bad = Some((pos, reason));
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some((bpos, reason)) = bad {
+                if !last {
+                    return Err(corrupt(&path, bpos, reason));
+                }
+                let mut rest = vec![0u8; (flen - bpos) as usize];
+                let n = read_fill(&file, &mut rest, bpos)
+                    .map_err(ioe(|| format!("read {}", path.display())))?;
+                rest.truncate(n);
+                if later_valid(&rest, REC_COMMIT, valid_commit) {
+                    return Err(corrupt(
+                        &path,
+                        bpos,
+                        format!("{reason} (followed by committed records: not a torn tail)"),
+                    ));
+                }
+                warn!(path = %path.display(), offset = bpos, %reason, "truncating torn journal tail");
+                file.set_len(bpos)
+                    .and_then(|_| file.sync_all())
+                    .map_err(ioe(|| format!("truncate {}", path.display())))?;
+                self.counters.torn_tails += 1;
+                pos = bpos;
+            }
+            self.segments.push(Segment {
+                index,
+                path,
+                file,
+                len: pos,
+            });
+        }
+        if self.segments.is_empty() {
+            let (file, path) = Self::write_segment_header(&jd, 0, &self.ident)?;
+            fsync_dir(&jd)?;
+            self.segments.push(Segment {
+                index: 0,
+                path,
+                file,
+                len: FILE_HDR as u64,
+            });
+        }
+        // Uncommitted tail: verify payloads too (they may be torn although header+table are intact).
+        let mut i = tail_start;
+        while i < self.records.len() {
+            let r = &self.records[i];
+            let mut ok = true;
+            for x in &r.extents {
+                match self.undo_bytes(r, x) {
+                    Ok(_) => {}
+                    Err(JournalError::Corrupt { .. }) => {
+                        ok = false;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !ok {
+                let seg = &mut self.segments[r.seg];
+                warn!(path = %seg.path.display(), offset = r.rec_off, "truncating torn journal tail (payload)");
+                seg.file
+                    .set_len(r.rec_off)
+                    .and_then(|_| seg.file.sync_all())
+                    .map_err(ioe(|| format!("truncate {}", seg.path.display())))?;
+                seg.len = r.rec_off;
+                self.counters.torn_tails += 1;
+                self.records.truncate(i);
+                break;
+            }
+            i += 1;
+        }
+        self.commit_written = self.applied_through;
+        self.commit_synced = self.applied_through;
+        self.counters.journal_records = self.records.len() as u64;
+        Ok(tail_start)
+    }
+
+    /// Read and validate one journal record at `pos`. Corruption is reported as `Corrupt`.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn read_journal_record(
+        &self,
+        file: &File,
+        pos: u64,
+        flen: u64,
+    ) -> Result<(RecHeader, Option<Vec<UndoExtent>>, u64)> {
+        let p = Path::new("segment");
+        let mut hb = [0u8; REC_HDR];
+        let n = read_fill(file, &mut hb, pos).map_err(ioe(|| "read segment".to_string()))?;
+        if n < REC_HDR {
+            return Err(corrupt(p, pos, "truncated record header"));
+        }
+        let h = decode_rec_header(&hb);
+        let total = record_len(&h).ok_or_else(|| corrupt(p, pos, "length overflow"))?;
+        if pos.checked_add(total).is_none_or(|e| e > flen) {
+            return Err(corrupt(p, pos, "record extends past end of segment"));
+        }
+        match h.magic {
+            REC_COMMIT => {
+                if h.body_len != 0 || h.n_extents != 0 {
+                    return Err(corrupt(p, pos, "bad commit record"));
+                }
+                let mut t = [0u8; TRAILER];
+                file.read_exact_at(&mut t, pos + REC_HDR as u64)
+                    .map_err(ioe(|| "read segment".to_string()))?;
+                if hash32(&hb) != t {
+                    return Err(corrupt(p, pos, "commit checksum mismatch"));
+                }
+                Ok((h, None, total))
+            }
+            REC_UNDO => {
+                let tl = (h.n_extents as u64)
+                    .checked_mul(UNDO_ENTRY as u64)
+                    .filter(|t| *t <= h.body_len)
+                    .ok_or_else(|| corrupt(p, pos, "extent table larger than record"))?;
+                let mut buf = vec![0u8; REC_HDR + tl as usize];
+                buf[..REC_HDR].copy_from_slice(&hb);
+                file.read_exact_at(&mut buf[REC_HDR..], pos + REC_HDR as u64)
+                    .map_err(ioe(|| "read segment".to_string()))?;
+                let mut t = [0u8; TRAILER];
+                file.read_exact_at(&mut t, pos + REC_HDR as u64 + h.body_len)
+                    .map_err(ioe(|| "read segment".to_string()))?;
+                if hash32(&buf) != t {
+                    return Err(corrupt(p, pos, "undo record checksum mismatch"));
+                }
+                let ex =
+                    parse_undo_table(&h, &buf[REC_HDR..], pos).map_err(|r| corrupt(p, pos, r))?;
+                Ok((h, Some(ex), total))
+            }
+            _ => Err(corrupt(p, pos, "bad record magic")),
+        }
+    }
+
+    pub(crate) fn cur_seg(&self) -> &Segment {
+        &self.segments[self.segments.len() - 1]
+    }
+
+    pub(crate) fn sync_journal(&mut self) -> Result<()> {
+        let s = self.cur_seg();
+        s.file
+            .sync_data()
+            .map_err(ioe(|| format!("fdatasync {}", s.path.display())))?;
+        self.counters.fsyncs += 1;
+        self.commit_synced = self.commit_written;
+        Ok(())
+    }
+
+    pub(crate) fn new_segment(&mut self) -> Result<()> {
+        let jd = self.dir.join(JOURNAL_DIR);
+        let index = self.cur_seg().index + 1;
+        // The previous segment's tail (commit record) must be durable before we move on.
+        self.sync_journal()?;
+        let (file, path) = Self::write_segment_header(&jd, index, &self.ident)?;
+        self.counters.fsyncs += 1;
+        self.faults.hit(FaultPoint::SegmentAfterCreate)?;
+        fsync_dir(&jd)?;
+        self.segments.push(Segment {
+            index,
+            path,
+            file,
+            len: FILE_HDR as u64,
+        });
+        let all = self.segments();
+        let changed = &all[all.len().saturating_sub(2)..];
+        if let Some(c) = self.catalogue.as_mut() {
+            if let Err(e) = c.update(changed) {
+                // Derived data: the next open rebuilds it from the segments.
+                warn!(error = %e, "catalogue update failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Old bytes of one undo extent, verified against its blake3 and decoded.
+    pub(crate) fn undo_bytes(&self, r: &UndoRec, x: &UndoExtent) -> Result<Vec<u8>> {
+        let seg = &self.segments[r.seg];
+        if x.enc == ENC_ZERO {
+            return Ok(vec![0u8; x.len as usize]);
+        }
+        let mut stored = vec![0u8; x.stored_len as usize];
+        seg.file
+            .read_exact_at(&mut stored, x.file_off)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    corrupt(&seg.path, x.file_off, "undo payload truncated")
+                } else {
+                    JournalError::Io {
+                        context: format!("read {}", seg.path.display()),
+                        source: e,
+                    }
+                }
+            })?;
+        if hash32(&stored) != x.hash {
+            return Err(corrupt(
+                &seg.path,
+                x.file_off,
+                "undo payload checksum mismatch",
+            ));
+        }
+        match x.enc {
+            ENC_RAW => Ok(stored),
+            _ => {
+                let d = zstd::bulk::decompress(&stored, x.len as usize)
+                    .map_err(|e| corrupt(&seg.path, x.file_off, format!("zstd: {e}")))?;
+                if d.len() as u64 != x.len {
+                    return Err(corrupt(&seg.path, x.file_off, "zstd length mismatch"));
+                }
+                Ok(d)
+            }
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Plain data types of the public API (chunks, outcomes, options, counters, infos).
+
+use crate::fsutil::hex;
+
+/// Identity of a protected volume as the target knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeIdentity {
+    /// Human-readable volume name (≤ 4 KiB UTF-8).
+    pub name: String,
+    /// Volume UUID (from the agent's change-log header).
+    pub uuid: [u8; 16],
+    /// Generation: bumped by the source on re-seed/failback; a mismatch refuses replication.
+    pub generation: u64,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Tracking block size in bytes (resync hash granularity default).
+    pub block_size: u32,
+}
+
+impl VolumeIdentity {
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "volume {} uuid {} generation {}",
+            self.name,
+            hex(&self.uuid),
+            self.generation
+        )
+    }
+}
+
+/// Payload of one extent of a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExtentData {
+    /// New bytes.
+    Data(Vec<u8>),
+    /// This many zero bytes (WRITE_ZEROES / TRIM as zeroes); nothing stored in the spool.
+    Zero(u64),
+}
+
+impl ExtentData {
+    /// Length in bytes on the volume.
+    pub fn len(&self) -> u64 {
+        match self {
+            ExtentData::Data(d) => d.len() as u64,
+            ExtentData::Zero(n) => *n,
+        }
+    }
+
+    /// True when the extent covers no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One write of a chunk: `data` goes to volume byte `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkExtent {
+    /// Byte offset on the volume.
+    pub offset: u64,
+    /// New contents.
+    pub data: ExtentData,
+}
+
+/// A chunk as received from the source (already decompressed and verified by the network side).
+///
+/// Extents are applied in list order (a later extent wins where they overlap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkIn {
+    /// First ring sequence number covered (0 together with `last_seq == 0`: unordered resync/bitmap data).
+    pub first_seq: u64,
+    /// Last ring sequence number covered.
+    pub last_seq: u64,
+    /// Source timestamp (ns since the Unix epoch, UTC) of the newest write in the chunk.
+    pub source_time_ns: u64,
+    /// The writes.
+    pub extents: Vec<ChunkExtent>,
+}
+
+impl ChunkIn {
+    /// True for chunks that carry ring sequence numbers.
+    pub fn is_ordered(&self) -> bool {
+        !(self.first_seq == 0 && self.last_seq == 0)
+    }
+
+    /// Bytes of payload stored in the spool (zero extents cost nothing).
+    pub fn payload_bytes(&self) -> u64 {
+        self.extents
+            .iter()
+            .map(|e| match &e.data {
+                ExtentData::Data(d) => d.len() as u64,
+                ExtentData::Zero(_) => 0,
+            })
+            .sum()
+    }
+}
+
+/// Result of spooling one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolOutcome {
+    /// Stored durably under this chunk id; `durable_seq` may be acknowledged.
+    Stored {
+        /// Position in apply order.
+        chunk_id: u64,
+        /// Highest sequence number durable after this call.
+        durable_seq: u64,
+    },
+    /// Already durable (ordered chunk with `last_seq <= durable_seq`): acknowledge, nothing stored.
+    Duplicate {
+        /// Highest sequence number durable.
+        durable_seq: u64,
+    },
+}
+
+/// Summary of one apply call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Chunks applied.
+    pub chunks: u64,
+    /// First chunk id applied.
+    pub first_chunk_id: u64,
+    /// Last chunk id applied.
+    pub last_chunk_id: u64,
+    /// Volume bytes written (data + zeroes).
+    pub bytes: u64,
+    /// `applied_seq` after the call.
+    pub applied_seq: u64,
+    /// Source time of the last chunk applied.
+    pub last_source_time_ns: u64,
+}
+
+/// A recovery point for [`TargetVolume::read_at_point`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// The replica as applied.
+    Latest,
+    /// The state after the last applied ordered chunk with `last_seq <= s`
+    /// (a chunk boundary: a point inside a coalesced chunk resolves to the boundary before it).
+    Seq(u64),
+    /// The state after the last applied chunk with `source_time_ns <= t`.
+    Time(u64),
+}
+
+/// Tunables. The defaults suit a production target; tests shrink them.
+#[derive(Debug, Clone)]
+pub struct TargetOptions {
+    /// Spooled-but-unapplied payload bytes above which `spool` returns [`JournalError::SpoolFull`]
+    /// (a chunk is always accepted into an empty spool).
+    pub spool_budget_bytes: u64,
+    /// A spool file is rotated when it would exceed this size.
+    pub spool_file_size: u64,
+    /// A journal segment is rotated when it would exceed this size.
+    pub segment_size: u64,
+    /// zstd level for undo data, `None` to store raw. Compressed data is kept only when it saves ≥ 1/8.
+    pub undo_zstd_level: Option<i32>,
+    /// Apply at most this many chunks per batch (one journal fdatasync + one replica fdatasync per batch).
+    pub apply_batch_chunks: usize,
+    /// Apply at most about this many volume bytes per batch.
+    pub apply_batch_bytes: u64,
+    /// Payload bytes of spooled chunks kept in memory so apply does not re-read the spool.
+    pub cache_bytes: u64,
+}
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions {
+            spool_budget_bytes: 8 << 30,
+            spool_file_size: 64 << 20,
+            segment_size: 256 << 20,
+            undo_zstd_level: Some(1),
+            apply_batch_chunks: 1024,
+            apply_batch_bytes: 64 << 20,
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Counters for status (`rewind status`, `cdpcli --displaystatistics`). Monotonic since open unless noted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Chunks stored in the spool.
+    pub spooled_chunks: u64,
+    /// Payload bytes stored in the spool.
+    pub spooled_bytes: u64,
+    /// Chunks acknowledged as duplicates.
+    pub duplicate_chunks: u64,
+    /// Ordered chunks whose `first_seq > durable_seq + 1` (accepted).
+    pub seq_gaps: u64,
+    /// Chunks applied.
+    pub applied_chunks: u64,
+    /// Volume bytes applied (data + zeroes).
+    pub applied_bytes: u64,
+    /// Apply batches.
+    pub apply_batches: u64,
+    /// Wall time spent applying, ns (apply rate = applied_bytes / apply_ns).
+    pub apply_ns: u64,
+    /// Highest durable sequence number (current).
+    pub durable_seq: u64,
+    /// Highest applied sequence number (current).
+    pub applied_seq: u64,
+    /// Chunks spooled, not applied (current).
+    pub pending_chunks: u64,
+    /// Payload bytes spooled, not applied (current) = [`TargetVolume::spool_bytes`].
+    pub pending_bytes: u64,
+    /// Source time of the oldest unapplied chunk (current; `None` when drained).
+    pub oldest_unapplied_source_time_ns: Option<u64>,
+    /// Spool files on disk (current).
+    pub spool_files: u64,
+    /// Bytes of spool files on disk (current).
+    pub spool_disk_bytes: u64,
+    /// Undo records in the journal (current, from open).
+    pub journal_records: u64,
+    /// Bytes of journal segments (current).
+    pub journal_bytes: u64,
+    /// Journal segments (current).
+    pub journal_segments: u64,
+    /// Old bytes covered by undo records written since open.
+    pub undo_raw_bytes: u64,
+    /// Bytes stored for them (after zero elision and zstd).
+    pub undo_stored_bytes: u64,
+    /// Replica read calls (old data for undo).
+    pub replica_reads: u64,
+    /// Replica bytes read.
+    pub replica_read_bytes: u64,
+    /// Replica write calls.
+    pub replica_writes: u64,
+    /// Replica bytes written.
+    pub replica_write_bytes: u64,
+    /// Journal bytes appended since open (the "second write").
+    pub journal_write_bytes: u64,
+    /// fdatasync/fsync calls.
+    pub fsyncs: u64,
+    /// Torn tails truncated at open.
+    pub torn_tails: u64,
+    /// Journaled-but-uncommitted chunks re-applied at open.
+    pub recovered_chunks: u64,
+}
+
+/// Metadata of one undo record (one applied chunk), oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndoRecordInfo {
+    /// Chunk id.
+    pub chunk_id: u64,
+    /// First sequence number of the chunk.
+    pub first_seq: u64,
+    /// Last sequence number of the chunk.
+    pub last_seq: u64,
+    /// Source time of the chunk.
+    pub source_time_ns: u64,
+    /// Segment index holding it.
+    pub segment: u64,
+    /// `(offset, len)` of every undo extent.
+    pub extents: Vec<(u64, u64)>,
+}
+
+/// Summary of one journal segment (also a row of the catalogue table `segments`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Segment index (file name).
+    pub index: u64,
+    /// First chunk id with an undo record in the segment (0 if none).
+    pub first_chunk_id: u64,
+    /// Last chunk id with an undo record in the segment.
+    pub last_chunk_id: u64,
+    /// First sequence number of the first ordered record (0 if none).
+    pub first_seq: u64,
+    /// Last sequence number of the last ordered record (0 if none).
+    pub last_seq: u64,
+    /// Source time of the first record.
+    pub first_time_ns: u64,
+    /// Source time of the last record.
+    pub last_time_ns: u64,
+    /// Undo records in the segment.
+    pub undo_records: u64,
+    /// Segment file length.
+    pub bytes: u64,
+    /// True when a later segment exists (no more appends).
+    pub sealed: bool,
+}
