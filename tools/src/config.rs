@@ -188,6 +188,16 @@ pub struct PairConfig {
     pub schedule: Vec<WindowSpec>,
     /// Pair state directory (default: `<state_dir>/<volume>`).
     pub state_dir: Option<PathBuf>,
+    /// Consistency group (shown in status; pause/resume/resync by group).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `HOST:PORT` of this pair's target (default: `[target] address`).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Name in this pair's target certificate (default: the pair's target
+    /// host, or `[target] server_name` when the pair uses that target).
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 fn default_shm_dir() -> PathBuf {
@@ -208,6 +218,12 @@ fn default_rpo_threshold() -> f64 {
 fn default_target_state() -> PathBuf {
     PathBuf::from(DEFAULT_TARGET_STATE)
 }
+fn default_history_interval() -> f64 {
+    60.0
+}
+fn default_history_days() -> u32 {
+    31
+}
 
 /// `replicator.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,9 +240,26 @@ pub struct ReplicatorConfig {
     /// TLS (mutual by default).
     #[serde(default)]
     pub tls: TlsConfig,
-    /// Pairs.
+    /// Pairs (may be empty: pairs are then added with `rewind protect`).
     #[serde(default, rename = "pair")]
     pub pairs: Vec<PairConfig>,
+    /// Admin socket (default `<state_dir>/control.sock`, mode 0600, root only).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Prometheus text endpoint, `IP:PORT` (loopback unless
+    /// `metrics_allow_remote`); none by default.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// Allow `metrics` on a non-loopback address (the figures are not secret
+    /// but unauthenticated; put a firewall in front).
+    #[serde(default)]
+    pub metrics_allow_remote: bool,
+    /// Seconds per health-history sample (`rewind health-report`).
+    #[serde(default = "default_history_interval")]
+    pub history_interval_secs: f64,
+    /// Days of health history kept (one file per day, older ones deleted).
+    #[serde(default = "default_history_days")]
+    pub history_days: u32,
 }
 
 /// A pair with its settings parsed.
@@ -238,6 +271,10 @@ pub struct PairSettings {
     pub schedule: Schedule,
     /// Pair state directory.
     pub state_dir: PathBuf,
+    /// `HOST:PORT` of the pair's target.
+    pub target: String,
+    /// Name expected in the pair's target certificate.
+    pub server_name: String,
 }
 
 impl ReplicatorConfig {
@@ -269,8 +306,13 @@ impl ReplicatorConfig {
 
     /// Parsed settings of pair `i`.
     pub fn pair_settings(&self, i: usize) -> Result<PairSettings> {
-        let p = &self.pairs[i];
-        let key = format!("pair[{i}] (volume {:?})", p.volume);
+        let key = format!("pair[{i}] (volume {:?})", self.pairs[i].volume);
+        self.settings_of(&self.pairs[i], &key)
+    }
+
+    /// Parsed settings of `p` (a configured pair or one added at run time);
+    /// errors start with `key`.
+    pub fn settings_of(&self, p: &PairConfig, key: &str) -> Result<PairSettings> {
         let compression = p
             .compression
             .parse::<Compression>()
@@ -279,6 +321,22 @@ impl ReplicatorConfig {
         parse_rate(&default).map_err(|e| anyhow::anyhow!("{key}.bandwidth: {e}"))?;
         let schedule = Schedule::from_specs(&p.schedule, &default)
             .map_err(|e| anyhow::anyhow!("{key}.schedule: {e}"))?;
+        let target = p
+            .target
+            .clone()
+            .unwrap_or_else(|| self.target.address.clone());
+        check_host_port(&target).map_err(|e| anyhow::anyhow!("{key}.target: {e}"))?;
+        let server_name = match (&p.server_name, &p.target) {
+            (Some(n), _) => n.clone(),
+            (None, Some(t)) if *t != self.target.address => host_part(t),
+            _ => self.server_name(),
+        };
+        if self.tls.insecure && !is_loopback_host(&host_part(&target)) {
+            bail!("{key}.target = {target:?}: plaintext (tls.insecure) is for loopback only");
+        }
+        if let Some(g) = &p.group {
+            check_name(g).map_err(|e| anyhow::anyhow!("{key}.group: {e}"))?;
+        }
         Ok(PairSettings {
             compression,
             schedule,
@@ -286,6 +344,8 @@ impl ReplicatorConfig {
                 .state_dir
                 .clone()
                 .unwrap_or_else(|| self.state_dir.join(&p.volume)),
+            target,
+            server_name,
         })
     }
 
@@ -300,29 +360,30 @@ impl ReplicatorConfig {
         if self.target.address.trim().is_empty() {
             bail!("target.address is empty (expected HOST:PORT)");
         }
-        if !self.target.address.contains(':') {
+        check_host_port(&self.target.address)
+            .map_err(|e| anyhow::anyhow!("target.address: {e}"))?;
+        if let Some(m) = &self.metrics {
+            crate::metrics::check_bind(m, self.metrics_allow_remote)
+                .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+        }
+        if !(self.history_interval_secs.is_finite()
+            && (1.0..=3600.0).contains(&self.history_interval_secs))
+        {
             bail!(
-                "target.address = {:?}: expected HOST:PORT",
-                self.target.address
+                "history_interval_secs = {}: must be 1 to 3600 seconds",
+                self.history_interval_secs
             );
+        }
+        if self.history_days == 0 {
+            bail!("history_days = 0: keep at least one day");
         }
         self.target_schedule()?;
         let files = self.tls.files("tls")?;
         if !self.tls.allowed_clients.is_empty() {
             bail!("tls.allowed_clients is a target setting (the replicator checks the target by target.server_name)");
         }
-        if files.is_none() {
-            let host = host_part(&self.target.address);
-            let ok = host == "localhost"
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            if !ok {
-                bail!("tls.insecure = true is refused for target.address {:?}: plaintext is for loopback only", self.target.address);
-            }
-        }
-        if self.pairs.is_empty() {
-            bail!("no [[pair]]: configure at least one volume to replicate");
+        if files.is_none() && !is_loopback_host(&host_part(&self.target.address)) {
+            bail!("tls.insecure = true is refused for target.address {:?}: plaintext is for loopback only", self.target.address);
         }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.pairs.iter().enumerate() {
@@ -462,6 +523,27 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Whether `host` is `localhost` or a loopback IP address.
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Checks a `HOST:PORT` string (a name or IP, and a port 1..65535).
+pub fn check_host_port(addr: &str) -> std::result::Result<(), String> {
+    let host = host_part(addr);
+    let port = addr.rsplit_once(':').map(|(_, p)| p).unwrap_or("");
+    if addr.trim().is_empty() {
+        return Err("empty (expected HOST:PORT)".into());
+    }
+    if host.is_empty() || !matches!(port.parse::<u16>(), Ok(p) if p > 0) {
+        return Err(format!("{addr:?}: expected HOST:PORT with a port 1..65535"));
+    }
+    Ok(())
+}
+
 /// The host part of `HOST:PORT` (`[v6]:port` too).
 pub fn host_part(addr: &str) -> String {
     if let Some(rest) = addr.strip_prefix('[') {
@@ -534,6 +616,54 @@ schedule = [{ from = "08:00", to = "18:00", rate = "1M" }]
             err_of(&remote)
         );
         assert!(err_of(&REPL.replace("\"vol0\"", "\"../x\"")).contains("pair[0].volume"));
+    }
+
+    #[test]
+    fn replicator_ops_keys_name_the_key() {
+        let with = |extra: &str| format!("{extra}\n{REPL}");
+        assert!(err_of(&with("metrics = \"0.0.0.0:9470\"")).contains("metrics:"));
+        assert!(err_of(&with("metrics = \"0.0.0.0:9470\"")).contains("not a loopback"));
+        let ok: ReplicatorConfig = toml::from_str(&with(
+            "metrics = \"0.0.0.0:9470\"\nmetrics_allow_remote = true",
+        ))
+        .unwrap();
+        ok.validate().unwrap();
+        assert!(err_of(&with("history_interval_secs = 0.1")).contains("history_interval_secs"));
+        assert!(err_of(&with("history_days = 0")).contains("history_days"));
+        assert!(err_of(&with("metrix = 1")).contains("metrix"));
+        let p = REPL.replace(
+            "compression = \"zstd:3\"",
+            "compression = \"zstd:3\"\ngroup = \"a b\"",
+        );
+        assert!(
+            err_of(&p).contains("pair[0] (volume \"vol0\").group"),
+            "{}",
+            err_of(&p)
+        );
+        let p = REPL.replace(
+            "compression = \"zstd:3\"",
+            "compression = \"zstd:3\"\ntarget = \"dr2\"",
+        );
+        assert!(
+            err_of(&p).contains("pair[0] (volume \"vol0\").target"),
+            "{}",
+            err_of(&p)
+        );
+        // A pair with its own target checks that target's certificate name.
+        let p = REPL.replace(
+            "compression = \"zstd:3\"",
+            "compression = \"zstd:3\"\ntarget = \"dr2.example:7700\"",
+        );
+        let c: ReplicatorConfig = toml::from_str(&p).unwrap();
+        let s = c.pair_settings(0).unwrap();
+        assert_eq!(
+            (s.target.as_str(), s.server_name.as_str()),
+            ("dr2.example:7700", "dr2.example")
+        );
+        // No pair at all is fine: pairs come with `rewind protect`.
+        let empty = REPL.split("[[pair]]").next().unwrap().to_string();
+        let c: ReplicatorConfig = toml::from_str(&empty).unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -33,6 +33,41 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// Like [`stop_flag`], and also blocks SIGHUP: returns `(stop, reload)`,
+/// the second raised on each SIGHUP (the daemon clears it when it reloads).
+pub fn stop_and_reload_flags() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
+    set.thread_block()
+        .context("blocking SIGINT/SIGTERM/SIGHUP")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    let (s, r) = (stop.clone(), reload.clone());
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(Signal::SIGHUP) => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    r.store(true, Ordering::SeqCst);
+                }
+                Ok(sig) => {
+                    tracing::info!(?sig, "stopping");
+                    s.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(_) => {
+                    s.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok((stop, reload))
+}
+
 /// Refusals seen in the log (TLS or handshake) and the last message.
 #[derive(Debug, Default)]
 pub struct Refusals {

@@ -2,15 +2,19 @@
 //! types and command implementations through this library, so each command
 //! lives in one module and can be tested without spawning a process.
 
+pub mod admin;
 pub mod cdpcli;
 pub mod config;
 pub mod daemon;
 pub mod drvutil;
 pub mod export;
+pub mod health;
 pub mod kernel_info;
 pub mod listen;
 pub mod logging;
+pub mod metrics;
 pub mod pki_cli;
+pub mod protect;
 pub mod replicate;
 pub mod status;
 pub mod store;

@@ -55,6 +55,16 @@ pub struct PairReport {
     pub history: Vec<Transition>,
     /// Active alerts (human-readable).
     pub alerts: Vec<String>,
+    /// Consistency group, if any.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Target address of the pair.
+    #[serde(default)]
+    pub target: String,
+    /// Where the pair comes from: `config` (the configuration file) or
+    /// `protect` (added with `rewind protect`).
+    #[serde(default)]
+    pub origin: String,
 }
 
 /// `<replicator state_dir>/status.json`.
@@ -74,6 +84,12 @@ pub struct ReplicatorStatusFile {
     pub rpo_threshold_secs: f64,
     /// Pairs.
     pub pairs: Vec<PairReport>,
+    /// Admin socket path.
+    #[serde(default)]
+    pub control_socket: String,
+    /// Bound metrics endpoint, if any.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// Journal counters (a serialisable copy of [`journal::Counters`]).
@@ -240,6 +256,9 @@ pub struct StatusArgs {
     /// State directory of `rewind replicator`.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_REPLICATOR_STATE)]
     pub state_dir: PathBuf,
+    /// The replicator's admin socket (default STATE_DIR/control.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     /// Also show the target daemon whose state directory this is (same host only).
     #[arg(long, value_name = "DIR")]
     pub target_state_dir: Option<PathBuf>,
@@ -253,15 +272,23 @@ pub struct StatusArgs {
 pub struct StatusDoc {
     /// Replicator state: running, stopped, dead, not responding.
     pub replicator: String,
-    /// The replicator's status file.
+    /// The replicator's status: live from its admin socket, or its status file.
     pub source: Option<ReplicatorStatusFile>,
+    /// `live` (asked the running daemon through its admin socket) or
+    /// `status file` (the daemon could not be reached: last figures it wrote).
+    #[serde(default)]
+    pub figures_from: String,
+    /// Why the figures come from the file, and how old they are.
+    #[serde(default)]
+    pub note: Option<String>,
     /// Target state, if asked for.
     pub target_daemon: Option<String>,
     /// The target's status file, if asked for.
     pub target: Option<TargetStatusFile>,
 }
 
-fn human_bytes(b: u64) -> String {
+/// `1.5 MiB`-style sizes.
+pub fn human_bytes(b: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
@@ -278,13 +305,42 @@ fn human_bytes(b: u64) -> String {
 
 /// Runs `rewind status`.
 pub fn run(args: StatusArgs) -> Result<()> {
-    let source: ReplicatorStatusFile = read_status(&args.state_dir)?;
+    let sock = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join(crate::replicate::CONTROL_SOCKET));
+    let live: std::result::Result<ReplicatorStatusFile, crate::admin::AdminError> =
+        crate::admin::call(
+            &sock,
+            &crate::replicate::ControlRequest::Status,
+            std::time::Duration::from_secs(10),
+        );
+    let (source, figures_from, note) = match live {
+        Ok(s) => (s, "live", None),
+        Err(e) => {
+            let s: ReplicatorStatusFile = read_status(&args.state_dir)
+                .with_context(|| format!("the replicator is not reachable ({e}) and"))?;
+            let age = now_ns().saturating_sub(s.updated_ns) as f64 / 1e9;
+            let why = format!(
+                "the replicator did not answer on {} ({e}); figures are from its status file, written {age:.1} s ago",
+                sock.display()
+            );
+            (s, "status file", Some(why))
+        }
+    };
     let target: Option<TargetStatusFile> = match &args.target_state_dir {
         Some(d) => Some(read_status(d)?),
         None => None,
     };
+    let replicator = if figures_from == "live" {
+        "running".to_string()
+    } else {
+        liveness(source.pid, source.running, source.updated_ns).to_string()
+    };
     let doc = StatusDoc {
-        replicator: liveness(source.pid, source.running, source.updated_ns).into(),
+        replicator,
+        figures_from: figures_from.into(),
+        note,
         target_daemon: target
             .as_ref()
             .map(|t| liveness(t.pid, t.running, t.updated_ns).to_string()),
@@ -306,12 +362,34 @@ pub fn render(doc: &StatusDoc) -> String {
     if let Some(s) = &doc.source {
         let _ = writeln!(
             o,
-            "replicator: {} (pid {}), target {}",
-            doc.replicator, s.pid, s.target
+            "replicator: {} (pid {}), target {}{}",
+            doc.replicator,
+            s.pid,
+            s.target,
+            if s.pairs.is_empty() {
+                ", no pair protected (see `rewind protect`)"
+            } else {
+                ""
+            }
         );
+        if let Some(n) = &doc.note {
+            let _ = writeln!(o, "NOTE: {n}");
+        }
         for p in &s.pairs {
             let st = &p.status;
-            let _ = writeln!(o, "\npair {}", st.volume);
+            let _ = writeln!(
+                o,
+                "\npair {}{} -> {}",
+                st.volume,
+                p.group
+                    .as_ref()
+                    .map_or(String::new(), |g| format!(" [group {g}]")),
+                if p.target.is_empty() {
+                    &s.target
+                } else {
+                    &p.target
+                }
+            );
             let _ = writeln!(
                 o,
                 "  state       {:?}{}",

@@ -29,6 +29,21 @@ enum Command {
     Target(tools::target_cli::TargetArgs),
     /// Show replication pairs: state, RPO, resync progress, data pending per stage, alerts.
     Status(tools::status::StatusArgs),
+    /// Start replicating a volume (through the running replicator).
+    Protect(tools::protect::ProtectArgs),
+    /// Stop replicating a volume added with `rewind protect`.
+    Unprotect(tools::protect::UnprotectArgs),
+    /// Suspend shipping of pairs (capture continues; nothing is lost).
+    #[command(after_help = tools::protect::PAUSE_HELP)]
+    Pause(tools::protect::SelectArgs),
+    /// Resume shipping of paused pairs.
+    #[command(after_help = tools::protect::RESUME_HELP)]
+    Resume(tools::protect::SelectArgs),
+    /// Full checksum resync of pairs (Resync Step I and II).
+    #[command(after_help = tools::protect::RESYNC_HELP)]
+    Resync(tools::protect::SelectArgs),
+    /// Daily health report: changes, RPO, flow control, consistency points.
+    HealthReport(tools::health::HealthArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +57,18 @@ fn main() -> std::process::ExitCode {
         Command::Replicator(args) => tools::replicate::run(args),
         Command::Target(args) => tools::target_cli::run(args),
         Command::Status(args) => tools::status::run(args),
+        Command::Protect(args) => tools::protect::run_protect(args),
+        Command::Unprotect(args) => tools::protect::run_unprotect(args),
+        Command::Pause(args) => {
+            tools::protect::run_select(tools::protect::PairCommand::Pause, args)
+        }
+        Command::Resume(args) => {
+            tools::protect::run_select(tools::protect::PairCommand::Resume, args)
+        }
+        Command::Resync(args) => {
+            tools::protect::run_select(tools::protect::PairCommand::Resync, args)
+        }
+        Command::HealthReport(args) => tools::health::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,558 @@
+//! Operating rewind as an admin: `rewind protect / pause / resume / resync /
+//! unprotect` through the replicator's admin socket against real daemons on
+//! loopback with mutual TLS; `rewind status --json` (live from the socket,
+//! from the file when the daemon is down) and `rewind health-report` checked
+//! against known scenarios (a paused pair overflowing a tiny change-log ring
+//! into bitmap mode, RPO over threshold, a stopped target, a tiny target
+//! spool budget); the admin socket and the metrics endpoint refusing
+//! outsiders.
+
+use rewind_tests::replication::*;
+use rewind_tests::*;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(60);
+const SIZE: u64 = 32 * MIB;
+
+fn rewind() -> Command {
+    Command::new(rewind_bin("rewind"))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A replicator started with a target but no pair (pairs come with `protect`).
+fn start_replicator(s: &Scratch, pki: &Path, target: &str, state: &Path, extra: &[&str]) -> Daemon {
+    let mut c = rewind();
+    c.arg("replicator")
+        .arg("--target")
+        .arg(format!("tcp:{target}"))
+        .args(["--server-name", "127.0.0.1", "--host", "replicator"])
+        .arg("--tls-dir")
+        .arg(pki)
+        .arg("--state-dir")
+        .arg(state)
+        .args(extra);
+    let _ = std::fs::remove_file(state.join("status.json"));
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let mut d = Daemon::spawn(c, s.join(&format!("repl-{n}.log")));
+    let pid = d.pid();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        d.assert_alive();
+        if read_status_file(state).is_some_and(|v| v["pid"].as_u64() == Some(u64::from(pid)))
+            && state.join("control.sock").exists()
+        {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicator not ready\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status(state: &Path) -> Value {
+    let o = run_ok(
+        rewind()
+            .args(["status", "--json", "--state-dir"])
+            .arg(state),
+        T,
+    );
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
+}
+
+fn pair(doc: &Value, volume: &str) -> Value {
+    doc["source"]["pairs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["status"]["volume"] == volume).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn has_alert(p: &Value, what: &str) -> bool {
+    p["alerts"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x.as_str().unwrap_or("").contains(what)))
+}
+
+fn admin(args: &[&str], state: &Path) -> Output {
+    let mut c = rewind();
+    c.args(args).arg("--state-dir").arg(state);
+    run(&mut c, Duration::from_secs(120))
+}
+
+/// The last day of `rewind health-report --json` for `volume` (Null while
+/// no history was written yet).
+fn health(state: &Path, volume: &str) -> Value {
+    let o = run(
+        rewind()
+            .args(["health-report", "--json", "--volume", volume, "--state-dir"])
+            .arg(state),
+        T,
+    );
+    if !o.status.success() {
+        assert!(text(&o).contains("no health history"), "{}", text(&o));
+        return Value::Null;
+    }
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["days"]
+        .as_array()
+        .and_then(|d| d.last().cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    r
+}
+
+fn as_nobody(args: &[&str], extra: &Path) -> Output {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(rewind_bin("rewind"))
+        .args(args)
+        .arg(extra);
+    run(&mut c, T)
+}
+
+/// The whole admin cycle on one volume: protect (initial checksum sync),
+/// pause with writes overflowing a tiny ring (bitmap-mode and RPO alerts,
+/// metrics and health report show it), a restart keeps the paused pair,
+/// resume converges, resync does a checksum pass, unprotect forgets the
+/// pair. Bad commands change nothing; outsiders are refused.
+#[test]
+fn ops_protect_pause_resume_resync_unprotect() {
+    let s = Scratch::new("ops-cycle");
+    let backing = s.join("vol.img");
+    create_random(&backing, SIZE, 7);
+    let pki = Pki::new(&s, "pki");
+    let export = Export::start(
+        &s,
+        &backing,
+        ExportOpts {
+            volume: Some("vol0".into()),
+            export_name: Some("vol0".into()),
+            ring_size: Some(256 * KIB),
+            ..Default::default()
+        },
+    );
+    let target = Target::start(&s, TargetOpts::tls(&pki));
+    let state = s.join("rstate");
+    let taddr = target.addr.to_string();
+    let extra = [
+        "--rpo-threshold",
+        "1",
+        "--history-interval",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let mut repl = start_replicator(&s, &pki.dir, &taddr, &state, &extra);
+
+    // The socket is root-only.
+    let sock = state.join("control.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let doc = status(&state);
+    assert_eq!(doc["figures_from"], "live", "{doc}");
+    assert_eq!(doc["source"]["pairs"].as_array().map(Vec::len), Some(0));
+
+    // protect, following the initial sync to Differential Sync.
+    let shm = export.shm_dir.to_str().unwrap().to_owned();
+    let dev = backing.to_str().unwrap().to_owned();
+    let protect = |extra: &[&str]| {
+        let mut a = vec![
+            "protect",
+            "--volume",
+            "vol0",
+            "--device",
+            &dev,
+            "--shm-dir",
+            &shm,
+        ];
+        a.extend_from_slice(extra);
+        admin(&a, &state)
+    };
+    let o = protect(&["--group", "g1", "--wait", "--timeout", "60"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("Differential Sync"), "{}", text(&o));
+    assert_same(&backing, &target.replica("vol0"), "after protect");
+
+    // Bad commands are refused with a reason and change nothing.
+    let o = protect(&[]);
+    assert!(
+        !o.status.success() && text(&o).contains("already protected"),
+        "{}",
+        text(&o)
+    );
+    let o = admin(
+        &[
+            "protect",
+            "--volume",
+            "vol9",
+            "--device",
+            &dev,
+            "--shm-dir",
+            &shm,
+        ],
+        &state,
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("no change log"),
+        "{}",
+        text(&o)
+    );
+    let o = admin(
+        &[
+            "protect",
+            "--volume",
+            "vol9",
+            "--device",
+            "/nonexistent",
+            "--shm-dir",
+            &shm,
+        ],
+        &state,
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("--device /nonexistent"),
+        "{}",
+        text(&o)
+    );
+    let o = admin(&["pause", "--volume", "nope"], &state);
+    assert!(
+        !o.status.success() && text(&o).contains("not protected"),
+        "{}",
+        text(&o)
+    );
+    let o = admin(&["resync", "--group", "nogroup"], &state);
+    assert!(
+        !o.status.success() && text(&o).contains("no protected volume"),
+        "{}",
+        text(&o)
+    );
+    let doc = status(&state);
+    assert_eq!(doc["source"]["pairs"].as_array().map(Vec::len), Some(1));
+    assert_eq!(pair(&doc, "vol0")["status"]["state"], "DifferentialSync");
+
+    // Outsiders: the socket file (0600) refuses them, and so does the
+    // daemon's credential check when the file mode is opened up. (The state
+    // directory the daemon creates is 0700 too; opened here to test each
+    // layer on its own.)
+    let dir_mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = as_nobody(&["pause", "--volume", "vol0", "--socket"], &sock);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("Permission denied"), "{}", text(&o));
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let o = as_nobody(&["pause", "--volume", "vol0", "--socket"], &sock);
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(dir_mode)).unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("permission denied: uid 65534"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        pair(&status(&state), "vol0")["status"]["state"],
+        "DifferentialSync"
+    );
+
+    // pause by group; writes fill the tiny ring: bitmap mode, RPO over 1 s.
+    let o = admin(&["pause", "--group", "g1"], &state);
+    assert!(
+        o.status.success() && text(&o).contains("paused vol0"),
+        "{}",
+        text(&o)
+    );
+    wait_for("state Paused", T, || {
+        pair(&status(&state), "vol0")["status"]["state"] == "Paused"
+    });
+    let applied_before = target.volume_status("vol0")["status"]["applied_seq"].clone();
+    let writer = Writer::start(export.uri(), SIZE, 11);
+    writer.resume();
+    wait_for("capture in bitmap mode", T, || {
+        pair(&status(&state), "vol0")["status"]["capture_mode"] == "Bitmap"
+    });
+    writer.pause();
+    wait_for("the RPO alert", T, || {
+        has_alert(&pair(&status(&state), "vol0"), "over the threshold of 1 s")
+    });
+    let p = pair(&status(&state), "vol0");
+    assert!(has_alert(&p, "capture in bitmap mode"), "{p}");
+    assert!(
+        p["status"]["pending_source_bytes"].as_u64() > Some(0),
+        "{p}"
+    );
+    assert_eq!(
+        target.volume_status("vol0")["status"]["applied_seq"],
+        applied_before
+    );
+    let human = run_ok(rewind().arg("status").arg("--state-dir").arg(&state), T);
+    let h = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        h.contains("pair vol0 [group g1]") && h.contains("Paused") && h.contains("ALERT"),
+        "{h}"
+    );
+
+    // Prometheus text on the loopback endpoint.
+    let metrics = status(&state)["source"]["metrics"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m = http_get(&metrics, "/metrics");
+    assert!(m.starts_with("HTTP/1.0 200"), "{m}");
+    assert!(
+        m.contains("rewind_pair_state{volume=\"vol0\",group=\"g1\",state=\"Paused\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("rewind_pair_capture_mode{volume=\"vol0\",group=\"g1\",mode=\"Bitmap\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("rewind_pair_rpo_seconds{volume=\"vol0\",group=\"g1\"}"),
+        "{m}"
+    );
+
+    // The health history has the paused, bitmap-mode, RPO-not-met time.
+    wait_for("health history of the pause", T, || {
+        let d = health(&state, "vol0");
+        d["hours_paused"].as_f64() > Some(0.0)
+            && d["hours_bitmap_mode"].as_f64() > Some(0.0)
+            && d["hours_rpo_not_met"].as_f64() > Some(0.0)
+    });
+    let d = health(&state, "vol0");
+    assert_eq!(d["rpo_threshold_secs"].as_f64(), Some(1.0), "{d}");
+    assert!(d["rpo_max_secs"].as_f64() > Some(1.0), "{d}");
+    assert!(d["change_bytes"].as_u64() > Some(0), "{d}");
+    assert!(d["health"].to_string().contains("RPO not met"), "{d}");
+
+    // A restart keeps the protected pair and its pause.
+    repl.stop();
+    let doc = status(&state);
+    assert_eq!(doc["figures_from"], "status file", "{doc}");
+    assert!(
+        doc["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not answer"),
+        "{doc}"
+    );
+    let mut repl = start_replicator(&s, &pki.dir, &taddr, &state, &extra);
+    wait_for("the restarted pair paused", T, || {
+        pair(&status(&state), "vol0")["status"]["state"] == "Paused"
+    });
+
+    // resume: converges, every acknowledged write at the target.
+    let o = admin(
+        &["resume", "--volume", "vol0", "--wait", "--timeout", "60"],
+        &state,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let doc = wait_drained_dir(&state, &target);
+    assert_eq!(pair(&doc, "vol0")["origin"], "protect");
+    assert_same(&backing, &target.replica("vol0"), "after resume");
+    writer.check(&target.replica("vol0"));
+
+    // resync: one more checksum pass at the target, still equal.
+    let passes = target.volume_status("vol0")["resync_passes"]
+        .as_u64()
+        .unwrap_or(0);
+    let o = admin(&["resync", "--all", "--wait", "--timeout", "60"], &state);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("Resync Step I"), "{}", text(&o));
+    wait_for("the resync pass counted at the target", T, || {
+        target.volume_status("vol0")["resync_passes"].as_u64() > Some(passes)
+    });
+    wait_drained_dir(&state, &target);
+    assert_same(&backing, &target.replica("vol0"), "after resync");
+
+    // unprotect: the pair and its state are gone, also after a restart.
+    let o = admin(&["unprotect", "--volume", "vol0"], &state);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        status(&state)["source"]["pairs"].as_array().map(Vec::len),
+        Some(0)
+    );
+    assert!(!state.join("vol0").join("vol0.pair.json").exists());
+    let o = admin(&["unprotect", "--volume", "vol0"], &state);
+    assert!(
+        !o.status.success() && text(&o).contains("not protected"),
+        "{}",
+        text(&o)
+    );
+    repl.stop();
+    let repl = start_replicator(&s, &pki.dir, &taddr, &state, &extra);
+    assert_eq!(
+        status(&state)["source"]["pairs"].as_array().map(Vec::len),
+        Some(0)
+    );
+    drop(repl);
+    drop(writer);
+}
+
+/// Like [`wait_drained`] for a replicator known by its state directory.
+fn wait_drained_dir(state: &Path, t: &Target) -> Value {
+    let mut hits = 0;
+    let deadline = Instant::now() + T;
+    loop {
+        let o = run_ok(
+            rewind()
+                .args(["status", "--json", "--state-dir"])
+                .arg(state)
+                .arg("--target-state-dir")
+                .arg(&t.state_dir),
+            T,
+        );
+        let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if fully_drained(&doc) {
+            hits += 1;
+            if hits >= 2 {
+                return doc;
+            }
+        } else {
+            hits = 0;
+        }
+        assert!(Instant::now() < deadline, "not drained: {doc}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A stopped target: RPO grows and the pair says why; a tiny spool budget
+/// at the target: flow-controlled time in the health report; non-loopback
+/// metrics binds are refused.
+#[test]
+fn ops_stopped_target_and_flow_control_in_status_and_health() {
+    let s = Scratch::new("ops-rpo");
+    let backing = s.join("vol.img");
+    create_sparse(&backing, SIZE);
+    let pki = Pki::new(&s, "pki");
+    let export = Export::start(
+        &s,
+        &backing,
+        ExportOpts {
+            volume: Some("vol0".into()),
+            export_name: Some("vol0".into()),
+            ..Default::default()
+        },
+    );
+    let mut topts = TargetOpts::tls(&pki);
+    topts.spool_budget = Some("4K".into());
+    let target = Target::start(&s, topts);
+    let state = s.join("rstate");
+    let taddr = target.addr.to_string();
+
+    // Non-loopback metrics: refused before anything starts.
+    let o = run_fails(
+        rewind()
+            .args([
+                "replicator",
+                "--insecure",
+                "--target",
+                &format!("tcp:{taddr}"),
+            ])
+            .args(["--metrics", "0.0.0.0:0", "--state-dir"])
+            .arg(s.join("other")),
+        T,
+    );
+    assert!(text(&o).contains("not a loopback address"), "{}", text(&o));
+    assert!(!s.join("other").join("control.sock").exists());
+
+    let extra = ["--rpo-threshold", "1", "--history-interval", "1"];
+    let _repl = start_replicator(&s, &pki.dir, &taddr, &state, &extra);
+    let (shm, dev) = (
+        export.shm_dir.to_str().unwrap().to_owned(),
+        backing.to_str().unwrap().to_owned(),
+    );
+    let o = admin(
+        &[
+            "protect",
+            "--volume",
+            "vol0",
+            "--device",
+            &dev,
+            "--shm-dir",
+            &shm,
+            "--compression",
+            "off",
+            "--wait",
+        ],
+        &state,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Sustained writes against a 4 KiB spool budget: flow controlled.
+    let writer = Writer::start(export.uri(), SIZE, 5);
+    writer.resume();
+    wait_for("flow-controlled time in the health history", T, || {
+        health(&state, "vol0")["hours_flow_controlled"].as_f64() > Some(0.0)
+    });
+    writer.pause();
+    let d = health(&state, "vol0");
+    assert!(d["health"].to_string().contains("flow controlled"), "{d}");
+
+    // Stop the target: RPO grows, the alert names the connection problem.
+    let mut target = target;
+    wait_drained_dir(&state, &target);
+    target.daemon.stop();
+    run_ok(
+        tool("qemu-io").args(["-f", "raw", &export.uri(), "-c", "write -P 0x5a 0 1M"]),
+        T,
+    );
+    wait_for("RPO over 1 s", T, || {
+        pair(&status(&state), "vol0")["rpo_secs"].as_f64() > Some(1.0)
+    });
+    let r1 = pair(&status(&state), "vol0")["rpo_secs"].as_f64().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let p = pair(&status(&state), "vol0");
+    let r2 = p["rpo_secs"].as_f64().unwrap();
+    assert!(r2 > r1 + 1.0, "RPO did not grow: {r1} then {r2}");
+    assert_eq!(p["status"]["connected"], false, "{p}");
+    assert!(has_alert(&p, "not connected"), "{p}");
+    assert!(has_alert(&p, "over the threshold"), "{p}");
+    wait_for("disconnected time in the health history", T, || {
+        health(&state, "vol0")["hours_disconnected"].as_f64() > Some(0.0)
+    });
+    drop(writer);
+}
+
+/// Every admin command has `--help` with examples.
+#[test]
+fn ops_help_has_examples() {
+    for cmd in [
+        "protect",
+        "unprotect",
+        "pause",
+        "resume",
+        "resync",
+        "health-report",
+        "status",
+        "replicator",
+    ] {
+        let o = run_ok(rewind().args([cmd, "--help"]), T);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.contains("Examples:") && out.contains(&format!("rewind {cmd} ")),
+            "rewind {cmd} --help has no examples:\n{out}"
+        );
+    }
+}
