@@ -556,3 +556,93 @@ fn ops_help_has_examples() {
         );
     }
 }
+
+/// `scripts/install` into a temporary root: binaries, units pointing at
+/// them (checked by `systemd-analyze verify` when available), configuration
+/// examples, state directory modes; a second run keeps edited files.
+#[test]
+fn ops_install_script_into_temp_root() {
+    let s = Scratch::new("ops-install");
+    let root = s.join("root");
+    let install = || {
+        let mut c = Command::new(workspace_root().join("scripts/install"));
+        c.arg("--root").arg(&root).arg("--bins-from").arg(bin_dir());
+        run_ok(&mut c, T)
+    };
+    let o = install();
+    assert!(text(&o).contains("install: done"), "{}", text(&o));
+    let mode = |p: &str| {
+        std::fs::metadata(root.join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for b in ["rewind", "drvutil", "cdpcli"] {
+        assert_eq!(mode(&format!("usr/local/bin/{b}")), 0o755, "{b}");
+    }
+    assert_eq!(mode("var/lib/rewind"), 0o700);
+    assert_eq!(mode("etc/rewind"), 0o755);
+    assert_eq!(mode("etc/rewind/pki"), 0o700);
+    assert_eq!(mode("etc/rewind/replicator.toml.example"), 0o644);
+    assert!(root
+        .join("usr/local/share/doc/rewind/admin-guide.md")
+        .exists());
+    let o = run_ok(
+        Command::new(root.join("usr/local/bin/rewind")).arg("--version"),
+        T,
+    );
+    assert!(text(&o).contains("rewind"), "{}", text(&o));
+    let units = root.join("etc/systemd/system");
+    let repl = std::fs::read_to_string(units.join("rewind-replicator.service")).unwrap();
+    assert!(
+        repl.contains(
+            "ExecStart=/usr/local/bin/rewind replicator --config /etc/rewind/replicator.toml"
+        ),
+        "{repl}"
+    );
+    assert!(
+        repl.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+        "{repl}"
+    );
+    let tgt = std::fs::read_to_string(units.join("rewind-target.service")).unwrap();
+    assert!(
+        tgt.contains("ExecStart=/usr/local/bin/rewind target --config /etc/rewind/target.toml"),
+        "{tgt}"
+    );
+    // The units are valid for systemd (binary paths pointed into the root).
+    if Path::new("/usr/bin/systemd-analyze").exists() {
+        let check = s.join("verify");
+        std::fs::create_dir_all(&check).unwrap();
+        for (name, body) in [
+            ("rewind-replicator.service", &repl),
+            ("rewind-target.service", &tgt),
+        ] {
+            let b = body.replace(
+                "/usr/local/bin/rewind",
+                root.join("usr/local/bin/rewind").to_str().unwrap(),
+            );
+            std::fs::write(check.join(name), b).unwrap();
+            run_ok(
+                Command::new("systemd-analyze")
+                    .arg("verify")
+                    .arg(check.join(name)),
+                T,
+            );
+        }
+    }
+    // Again: an edited example is kept, binaries are replaced.
+    std::fs::write(root.join("etc/rewind/target.toml.example"), "# mine\n").unwrap();
+    let o = install();
+    assert!(text(&o).contains("keeping existing"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/rewind/target.toml.example")).unwrap(),
+        "# mine\n"
+    );
+    // Bad arguments change nothing.
+    let o = run_fails(
+        Command::new(workspace_root().join("scripts/install")).args(["--prefix", "relative"]),
+        T,
+    );
+    assert!(text(&o).contains("absolute path"), "{}", text(&o));
+}

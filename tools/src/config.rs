@@ -667,6 +667,31 @@ schedule = [{ from = "08:00", to = "18:00", rate = "1M" }]
     }
 
     #[test]
+    fn installed_examples_are_valid() {
+        let r: ReplicatorConfig = toml::from_str(include_str!(
+            "../../scripts/systemd/replicator.toml.example"
+        ))
+        .unwrap();
+        r.validate().unwrap();
+        let uncommented: String = include_str!("../../scripts/systemd/replicator.toml.example")
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|x| x.contains(" = ") || x.starts_with("[["))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let r: ReplicatorConfig = toml::from_str(&uncommented).unwrap();
+        r.validate().unwrap();
+        assert_eq!(r.pairs.len(), 1);
+        assert_eq!(r.metrics.as_deref(), Some("127.0.0.1:9470"));
+        let t: TargetConfig =
+            toml::from_str(include_str!("../../scripts/systemd/target.toml.example")).unwrap();
+        t.validate().unwrap();
+    }
+
+    #[test]
     fn target_config() {
         let t = r#"
 listen = "127.0.0.1:7700"
