@@ -58,10 +58,13 @@ pub(crate) fn overlay_new(old: &mut [u8], o: u64, prev: &ChunkExtent) {
 impl TargetVolume {
     /// Re-apply chunks that have undo records but no commit record.
     pub(crate) fn recover_tail(&mut self, tail_start: usize) -> Result<()> {
-        let tail: Vec<u64> = self.records[tail_start.min(self.records.len())..]
-            .iter()
-            .map(|r| r.chunk_id)
-            .collect();
+        let tail: Vec<u64> = {
+            let idx = self.index();
+            idx.records
+                .range(tail_start.min(idx.records.len())..)
+                .map(|r| r.chunk_id)
+                .collect()
+        };
         if tail.is_empty() {
             return Ok(());
         }
@@ -275,8 +278,9 @@ impl TargetVolume {
         }
         let seg_no = self.segments.len() - 1;
         let base = self.segments[seg_no].len;
+        let sf = self.segments[seg_no].sf.clone();
         {
-            let s = &self.segments[seg_no];
+            let s = &sf;
             s.file
                 .write_all_at(&jbuf, base)
                 .map_err(ioe(|| format!("append {}", s.path.display())))?;
@@ -286,21 +290,26 @@ impl TargetVolume {
         self.faults.hit(FaultPoint::UndoAfterSync)?;
         self.segments[seg_no].len += jbuf.len() as u64;
         self.counters.journal_write_bytes += jbuf.len() as u64;
+        // Into the shared index before any replica write (see view.rs for why).
+        let shared = self.shared.clone();
+        let mut idx = shared.write();
         for ((p, _), (rel, mut ux)) in batch.iter().zip(recs) {
             for x in &mut ux {
                 x.file_off += base;
             }
-            self.records.push(UndoRec {
+            idx.records.push_back(UndoRec {
                 chunk_id: p.chunk_id,
                 first_seq: p.first_seq,
                 last_seq: p.last_seq,
                 time_ns: p.time_ns,
-                seg: seg_no,
+                seg: sf.clone(),
+                merged_from: 0,
                 rec_off: base + rel,
                 extents: ux,
             });
         }
-        self.counters.journal_records = self.records.len() as u64;
+        self.counters.journal_records = idx.records.len() as u64;
+        drop(idx);
         // 3. replica writes + fdatasync.
         self.write_replica_batch(&batch)?;
         // 4. commit.
@@ -378,28 +387,17 @@ impl TargetVolume {
             }
         }
         a.applied_seq = self.applied_seq;
-        let mut b = Vec::with_capacity(REC_HDR + TRAILER);
-        encode_rec_header(
-            &RecHeader {
-                magic: REC_COMMIT,
-                id: a.last_chunk_id,
-                last_seq: self.applied_seq,
-                time_ns: a.last_source_time_ns,
-                ..RecHeader::default()
-            },
-            &mut b,
-        );
-        let h = hash32(&b);
-        b.extend_from_slice(&h);
+        let b = encode_commit(a.last_chunk_id, self.applied_seq, a.last_source_time_ns);
         let s = &self.segments[self.segments.len() - 1];
-        s.file
+        s.sf.file
             .write_all_at(&b, s.len)
-            .map_err(ioe(|| format!("append {}", s.path.display())))?;
+            .map_err(ioe(|| format!("append {}", s.sf.path.display())))?;
         let sl = self.segments.len() - 1;
         self.segments[sl].len += b.len() as u64;
         self.counters.journal_write_bytes += b.len() as u64;
         self.applied_through = a.last_chunk_id;
         self.applied_time_ns = a.last_source_time_ns;
+        self.publish_applied();
         self.commit_written = a.last_chunk_id;
         self.counters.applied_chunks += a.chunks;
         self.counters.applied_bytes += a.bytes;

@@ -11,6 +11,7 @@
 //! `sqlite3` CLI. Writes use WAL with `synchronous=NORMAL` (no fsync per commit),
 //! which is enough for derived data.
 
+use crate::bookmark::StoredBookmark;
 use crate::{JournalError, Result, SegmentInfo};
 use rusqlite::{params, Connection};
 use std::path::Path;
@@ -41,7 +42,22 @@ CREATE TABLE IF NOT EXISTS segments (
 );
 CREATE INDEX IF NOT EXISTS segments_by_time ON segments(last_time_ns);
 CREATE INDEX IF NOT EXISTS segments_by_seq ON segments(last_seq);
+CREATE TABLE IF NOT EXISTS bookmarks (
+    uuid BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    time_ns INTEGER NOT NULL,
+    chunk_id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bookmarks_by_time ON bookmarks(time_ns);
+CREATE INDEX IF NOT EXISTS bookmarks_by_name ON bookmarks(name);
 ";
+
+/// Schema version (`PRAGMA user_version`). 1: segments; 2: + bookmarks.
+/// Another version is not migrated: the catalogue is derived data, so it is
+/// deleted and rebuilt from the segments and the bookmark log.
+pub(crate) const CATALOGUE_VERSION: i64 = 2;
 
 impl Catalogue {
     /// Open (or recreate, if unreadable) the catalogue at `path`.
@@ -62,8 +78,36 @@ impl Catalogue {
 
     fn try_open(path: &Path) -> Result<Catalogue> {
         let conn = Connection::open(path).map_err(cerr)?;
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(cerr)?;
+        let has_tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(cerr)?;
+        if has_tables > 0 && v != CATALOGUE_VERSION {
+            return Err(JournalError::Catalogue(format!(
+                "catalogue version {v}, expected {CATALOGUE_VERSION}"
+            )));
+        }
         conn.execute_batch(SCHEMA).map_err(cerr)?;
+        conn.execute_batch(&format!("PRAGMA user_version={CATALOGUE_VERSION};"))
+            .map_err(cerr)?;
         Ok(Catalogue { conn })
+    }
+
+    /// Replace all bookmark rows by `bms` in one transaction.
+    pub(crate) fn rebuild_bookmarks(&mut self, bms: &[StoredBookmark]) -> Result<()> {
+        let tx = self.conn.transaction().map_err(cerr)?;
+        tx.execute("DELETE FROM bookmarks", []).map_err(cerr)?;
+        for b in bms {
+            upsert_bookmark(&tx, b)?;
+        }
+        tx.commit().map_err(cerr)
+    }
+
+    /// Insert or replace one bookmark row.
+    pub(crate) fn upsert_bookmark(&mut self, b: &StoredBookmark) -> Result<()> {
+        upsert_bookmark(&self.conn, b)
     }
 
     /// Replace all rows by `segs` in one transaction.
@@ -116,6 +160,22 @@ fn upsert(c: &Connection, s: &SegmentInfo) -> Result<()> {
             s.undo_records as i64,
             s.bytes as i64,
             s.sealed as i64,
+        ],
+    )
+    .map_err(cerr)?;
+    Ok(())
+}
+
+fn upsert_bookmark(c: &Connection, b: &StoredBookmark) -> Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO bookmarks VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            &b.bookmark.uuid[..],
+            b.bookmark.name,
+            b.bookmark.kind.code() as i64,
+            b.bookmark.seq as i64,
+            b.bookmark.source_time_ns as i64,
+            b.chunk_id as i64,
         ],
     )
     .map_err(cerr)?;

@@ -76,6 +76,35 @@ pub enum JournalError {
     /// The SQLite catalogue failed (derived data: it is rebuilt at the next open).
     #[error("catalogue: {0}")]
     Catalogue(String),
+    /// No bookmark matches (unknown name, or none of that kind at or before the time).
+    #[error("unknown bookmark: {0}")]
+    UnknownBookmark(String),
+    /// The point is older than the oldest point still kept (retention pruned it).
+    #[error("point {requested} is before the retention window (oldest available: source time {oldest_time_ns} ns, seq {oldest_seq})")]
+    BeforeWindow {
+        /// The point asked for.
+        requested: String,
+        /// Source time of the oldest available point.
+        oldest_time_ns: u64,
+        /// Sequence number of the oldest available point.
+        oldest_seq: u64,
+    },
+    /// A time after the newest applied source time: the target cannot know the
+    /// source's state then (writes may still be on their way).
+    #[error("time {time_ns} ns is in the future of the replica (latest applied source time {latest_time_ns} ns)")]
+    InFuture {
+        /// The time asked for.
+        time_ns: u64,
+        /// Source time of the newest applied chunk.
+        latest_time_ns: u64,
+    },
+    /// The point falls inside a stretch that is not write-order consistent
+    /// (resync/bitmap data applied out of order, or a span merged by sparse retention).
+    #[error("point is not consistent: {0}")]
+    Inconsistent(String),
+    /// The operation conflicts with live state (open snapshot views, unapplied spool data).
+    #[error("busy: {0}")]
+    Busy(String),
     /// Another process (or handle) has the target directory open.
     #[error("{0} is locked by another target process")]
     Locked(PathBuf),

@@ -42,10 +42,30 @@ pub enum FaultPoint {
     ReclaimBeforeDelete,
     /// Spool files were deleted (directory not yet synced).
     ReclaimAfterDelete,
+    /// Rollback: the intent file (phase 1) is durable; nothing else changed.
+    RollbackAfterIntent,
+    /// Rollback: the newest undo record was written back to the replica, older ones not.
+    RollbackMidUndo,
+    /// Rollback: every undo record newer than the point is written back and the replica synced.
+    RollbackAfterUndo,
+    /// Rollback: the intent moved to phase 2 (replica done), journal not yet cut.
+    RollbackAfterPhase2,
+    /// Rollback: newer segments deleted and the last one truncated; no commit written yet.
+    RollbackAfterTruncate,
+    /// Rollback: the new commit record is durable; bookmarks and intent not yet cleaned.
+    RollbackAfterCommit,
+    /// Prune: the new retention base (oldest point) is durable; no segment deleted yet.
+    PruneAfterBase,
+    /// Prune: the first of the segments to reclaim was deleted.
+    PruneMidDelete,
+    /// Compaction: the rewritten segment is complete and synced under its temporary name.
+    CompactAfterWrite,
+    /// Compaction: the rewritten segment replaced the original (directory not yet synced).
+    CompactAfterRename,
 }
 
 impl FaultPoint {
-    /// Every fault point, in protocol order.
+    /// Every fault point of the spool/apply protocol, in protocol order.
     pub const ALL: [FaultPoint; 12] = [
         FaultPoint::SpoolFileAfterCreate,
         FaultPoint::SpoolAfterWrite,
@@ -59,6 +79,24 @@ impl FaultPoint {
         FaultPoint::CommitAfterAppend,
         FaultPoint::ReclaimBeforeDelete,
         FaultPoint::ReclaimAfterDelete,
+    ];
+
+    /// Every fault point of [`crate::TargetVolume::rollback_to`], in protocol order.
+    pub const ROLLBACK: [FaultPoint; 6] = [
+        FaultPoint::RollbackAfterIntent,
+        FaultPoint::RollbackMidUndo,
+        FaultPoint::RollbackAfterUndo,
+        FaultPoint::RollbackAfterPhase2,
+        FaultPoint::RollbackAfterTruncate,
+        FaultPoint::RollbackAfterCommit,
+    ];
+
+    /// Every fault point of [`crate::TargetVolume::prune`] (deletion and compaction).
+    pub const RETENTION: [FaultPoint; 4] = [
+        FaultPoint::PruneAfterBase,
+        FaultPoint::PruneMidDelete,
+        FaultPoint::CompactAfterWrite,
+        FaultPoint::CompactAfterRename,
     ];
 
     /// Stable name (used in the environment variable).
@@ -76,12 +114,26 @@ impl FaultPoint {
             FaultPoint::CommitAfterAppend => "commit-after-append",
             FaultPoint::ReclaimBeforeDelete => "reclaim-before-delete",
             FaultPoint::ReclaimAfterDelete => "reclaim-after-delete",
+            FaultPoint::RollbackAfterIntent => "rollback-after-intent",
+            FaultPoint::RollbackMidUndo => "rollback-mid-undo",
+            FaultPoint::RollbackAfterUndo => "rollback-after-undo",
+            FaultPoint::RollbackAfterPhase2 => "rollback-after-phase2",
+            FaultPoint::RollbackAfterTruncate => "rollback-after-truncate",
+            FaultPoint::RollbackAfterCommit => "rollback-after-commit",
+            FaultPoint::PruneAfterBase => "prune-after-base",
+            FaultPoint::PruneMidDelete => "prune-mid-delete",
+            FaultPoint::CompactAfterWrite => "compact-after-write",
+            FaultPoint::CompactAfterRename => "compact-after-rename",
         }
     }
 
     /// Parse a name produced by [`FaultPoint::name`].
     pub fn from_name(s: &str) -> Option<FaultPoint> {
-        FaultPoint::ALL.into_iter().find(|p| p.name() == s)
+        FaultPoint::ALL
+            .into_iter()
+            .chain(FaultPoint::ROLLBACK)
+            .chain(FaultPoint::RETENTION)
+            .find(|p| p.name() == s)
     }
 }
 

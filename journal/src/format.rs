@@ -17,6 +17,8 @@ pub const UNDO_ENTRY: usize = 64;
 pub const SPOOL_MAGIC: [u8; 8] = *b"RWSPOOL1";
 /// Journal segment magic.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"RWJSEGM1";
+/// Bookmark log magic.
+pub const BOOKMARK_MAGIC: [u8; 8] = *b"RWBKMRK1";
 /// Identity file magic.
 pub const IDENTITY_MAGIC: [u8; 8] = *b"RWTGTID1";
 
@@ -26,6 +28,9 @@ pub const REC_SPOOL: u32 = u32::from_le_bytes(*b"SPCH");
 pub const REC_UNDO: u32 = u32::from_le_bytes(*b"UNDO");
 /// Record magic: commit (all chunks up to `id` are applied and durable on the replica).
 pub const REC_COMMIT: u32 = u32::from_le_bytes(*b"CMIT");
+
+/// Record magic: bookmark (in `bookmarks.log`).
+pub const REC_BOOKMARK: u32 = u32::from_le_bytes(*b"BMRK");
 
 /// Spool record flag: last record of a group commit.
 pub const FLAG_GROUP_END: u8 = 1;
@@ -180,4 +185,22 @@ pub(crate) fn later_valid(b: &[u8], magic: u32, accept: impl Fn(&[u8]) -> bool) 
         p += 1;
     }
     false
+}
+
+/// A commit record: every chunk with id ≤ `id` is applied; `applied_seq`, source `time_ns`.
+pub fn encode_commit(id: u64, applied_seq: u64, time_ns: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(REC_HDR + TRAILER);
+    encode_rec_header(
+        &RecHeader {
+            magic: REC_COMMIT,
+            id,
+            last_seq: applied_seq,
+            time_ns,
+            ..RecHeader::default()
+        },
+        &mut b,
+    );
+    let h = hash32(&b);
+    b.extend_from_slice(&h);
+    b
 }

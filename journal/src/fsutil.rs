@@ -95,3 +95,23 @@ pub(crate) fn is_zero(b: &[u8]) -> bool {
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Bytes available to unprivileged users on the filesystem holding `p` (statvfs).
+pub(crate) fn fs_free_bytes(p: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| JournalError::Invalid(format!("path with NUL: {}", p.display())))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable
+    // memory of the right type; statvfs only writes into it.
+    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return Err(JournalError::Io {
+            context: format!("statvfs {}", p.display()),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: statvfs returned 0, so it initialised the struct.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}

@@ -54,6 +54,7 @@
 #![deny(missing_docs)]
 
 mod apply;
+mod bookmark;
 mod catalogue;
 mod error;
 pub mod fault;
@@ -61,26 +62,38 @@ mod format;
 mod fsutil;
 mod identity;
 mod point;
+mod retention;
+mod rollback;
 mod segment;
 mod spool;
+mod summary;
 mod types;
+mod view;
 
+pub use bookmark::{Bookmark, BookmarkKind, BookmarkOutcome};
 pub use error::{JournalError, Result};
 pub use fault::{FaultAction, FaultConfig, FaultPoint};
+pub use point::{BookmarkInfo, RecoveryPoint, RecoveryPoints, ResolvedPoint};
+pub use retention::{RetentionPolicy, RetentionStatus, SparseTier};
+pub use rollback::RollbackReport;
+pub use summary::Summary;
 pub use types::*;
+pub use view::{latest_common_bookmark, MaterializeStats, SnapshotView, VIEW_LOCK_PIECE};
 
 use error::ioe;
 use format::*;
 use fsutil::*;
 use identity::*;
-use segment::{Segment, UndoRec};
+use segment::Segment;
 use spool::{Pending, SpoolFile};
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tracing::warn;
+use view::Shared;
 
 /// Maximum length of one undo extent: larger writes are split so that a
 /// point-in-time read of a small range decodes at most this much.
@@ -116,13 +129,18 @@ pub struct TargetVolume {
     pub(crate) durable_seq: u64,
     // journal
     pub(crate) segments: Vec<Segment>,
-    pub(crate) records: Vec<UndoRec>,
+    /// Undo index, applied state and bookmarks, shared with snapshot views.
+    pub(crate) shared: Arc<Shared>,
     pub(crate) applied_through: u64,
     pub(crate) applied_seq: u64,
     pub(crate) applied_time_ns: u64,
     pub(crate) commit_written: u64,
     pub(crate) commit_synced: u64,
     pub(crate) counters: Counters,
+    // retention
+    pub(crate) retention: Option<RetentionPolicy>,
+    /// Set by the last prune when space forced it below the promised window.
+    pub(crate) retention_alert: Option<String>,
 }
 
 impl TargetVolume {
@@ -244,6 +262,18 @@ impl TargetVolume {
             }
             fsync_dir(&d)?;
         }
+        for f in [bookmark::BOOKMARK_FILE, rollback::ROLLBACK_FILE] {
+            match fs::remove_file(dir.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(JournalError::Io {
+                        context: format!("remove {}", dir.join(f).display()),
+                        source: e,
+                    })
+                }
+            }
+        }
         Self::init_journal(dir, &ident)?;
         write_identity(dir, &ident, &replica)?;
         warn!(dir = %dir.display(), identity = %ident.describe(), "target volume re-seeded: spool and journal discarded");
@@ -254,6 +284,11 @@ impl TargetVolume {
     /// [`TargetVolume::open`] with options.
     pub fn open_with(dir: &Path, opts: TargetOptions) -> Result<Self> {
         let lock = lock_dir(dir)?;
+        Self::open_locked(dir, opts, lock)
+    }
+
+    /// Open with the directory lock already held (`lock`).
+    pub(crate) fn open_locked(dir: &Path, opts: TargetOptions, lock: File) -> Result<Self> {
         let (ident, replica_path) = read_identity(dir)?;
         let replica = OpenOptions::new()
             .read(true)
@@ -271,6 +306,9 @@ impl TargetVolume {
             }
             None => None,
         };
+        let mut faults = fault::Faults::new(FaultConfig::from_env());
+        rollback::resume(dir, &ident, &replica, &mut faults)?;
+        let shared = Arc::new(Shared::new(&replica_path, ident.size)?);
         let mut v = TargetVolume {
             _lock: lock,
             dir: dir.to_path_buf(),
@@ -279,7 +317,7 @@ impl TargetVolume {
             replica,
             replica_is_file,
             opts,
-            faults: fault::Faults::new(FaultConfig::from_env()),
+            faults,
             poisoned: false,
             zstd,
             catalogue: None,
@@ -290,22 +328,41 @@ impl TargetVolume {
             next_chunk_id: 1,
             durable_seq: 0,
             segments: Vec::new(),
-            records: Vec::new(),
+            shared,
             applied_through: 0,
             applied_seq: 0,
             applied_time_ns: 0,
             commit_written: 0,
             commit_synced: 0,
             counters: Counters::default(),
+            retention: None,
+            retention_alert: None,
         };
-        let tail_start = v.load_journal()?;
+        let (records, tail_start) = v.load_journal()?;
+        let bookmarks = v.load_bookmarks()?;
+        {
+            let mut idx = v.index_mut();
+            idx.records = records.into();
+            idx.bookmarks = bookmarks;
+        }
+        v.publish_applied();
         v.load_spool()?;
         v.recover_tail(tail_start)?;
         v.reclaim()?;
         let mut cat = catalogue::Catalogue::open(&v.dir.join(CATALOGUE_FILE))?;
         cat.rebuild(&v.segments())?;
+        cat.rebuild_bookmarks(&v.index().bookmarks)?;
         v.catalogue = Some(cat);
         Ok(v)
+    }
+
+    /// Copy the applied state into the shared index (after a commit or at open).
+    pub(crate) fn publish_applied(&self) {
+        let mut idx = self.index_mut();
+        idx.applied_through = self.applied_through;
+        idx.applied_seq = self.applied_seq;
+        idx.applied_time_ns = self.applied_time_ns;
+        idx.size = self.ident.size;
     }
 
     /// Check the header of a spool file or segment being opened: magic, version,
@@ -439,6 +496,7 @@ impl TargetVolume {
             id.size = new_size;
             write_identity(&self.dir, &id, &self.replica_path)?;
             self.ident = id;
+            self.publish_applied();
             Ok(())
         })();
         self.guard(r)
@@ -491,14 +549,15 @@ impl TargetVolume {
 
     /// Metadata of all undo records, oldest first.
     pub fn undo_records(&self) -> Vec<UndoRecordInfo> {
-        self.records
+        self.index()
+            .records
             .iter()
             .map(|r| UndoRecordInfo {
                 chunk_id: r.chunk_id,
                 first_seq: r.first_seq,
                 last_seq: r.last_seq,
                 source_time_ns: r.time_ns,
-                segment: self.segments[r.seg].index,
+                segment: r.seg.index,
                 extents: r.extents.iter().map(|x| (x.offset, x.len)).collect(),
             })
             .collect()
@@ -512,14 +571,17 @@ impl TargetVolume {
             .iter()
             .enumerate()
             .map(|(i, s)| SegmentInfo {
-                index: s.index,
+                index: s.sf.index,
                 bytes: s.len,
                 sealed: i + 1 < n,
                 ..SegmentInfo::default()
             })
             .collect();
-        for r in &self.records {
-            let si = &mut v[r.seg];
+        let first = self.segments.first().map_or(0, |s| s.sf.index);
+        for r in &self.index().records {
+            let Some(si) = v.get_mut((r.seg.index - first) as usize) else {
+                continue;
+            };
             if si.undo_records == 0 {
                 si.first_chunk_id = r.chunk_id;
                 si.first_time_ns = r.time_ns;

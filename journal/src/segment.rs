@@ -10,13 +10,30 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tracing::warn;
 
-pub(crate) struct Segment {
+/// An open segment file, shared (read-only use) by the undo records it holds and
+/// by snapshot views: the descriptor stays valid while any of them lives.
+pub(crate) struct SegFile {
     pub(crate) index: u64,
     pub(crate) path: PathBuf,
     pub(crate) file: File,
+}
+
+/// A segment as the writer sees it: the shared file and its valid length.
+pub(crate) struct Segment {
+    pub(crate) sf: Arc<SegFile>,
     pub(crate) len: u64,
+}
+
+impl Segment {
+    pub(crate) fn new(index: u64, path: PathBuf, file: File, len: u64) -> Segment {
+        Segment {
+            sf: Arc::new(SegFile { index, path, file }),
+            len,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -34,7 +51,10 @@ pub(crate) struct UndoRec {
     pub(crate) first_seq: u64,
     pub(crate) last_seq: u64,
     pub(crate) time_ns: u64,
-    pub(crate) seg: usize,
+    pub(crate) seg: Arc<SegFile>,
+    /// 0 for a record of one chunk; for a record merged by sparse retention, the
+    /// first chunk id of the merged span (points inside the span are gone).
+    pub(crate) merged_from: u64,
     pub(crate) rec_off: u64,
     pub(crate) extents: Vec<UndoExtent>,
 }
@@ -122,12 +142,13 @@ impl TargetVolume {
         Ok((f, path))
     }
 
-    /// Scan segments; returns the index in `records` of the first uncommitted record.
-    pub(crate) fn load_journal(&mut self) -> Result<usize> {
+    /// Scan segments; returns the undo records and the index of the first uncommitted one.
+    pub(crate) fn load_journal(&mut self) -> Result<(Vec<UndoRec>, usize)> {
         let jd = self.dir.join(JOURNAL_DIR);
         let names = list_indexed(&jd, "seg")?;
         let nseg = names.len();
         let mut tail_start = 0usize;
+        let mut records: Vec<UndoRec> = Vec::new();
         for (i, (index, path)) in names.into_iter().enumerate() {
             let last = i + 1 == nseg;
             let file = OpenOptions::new()
@@ -149,24 +170,26 @@ impl TargetVolume {
             {
                 continue;
             }
-            let seg_no = self.segments.len();
+            let sf = Arc::new(SegFile { index, path, file });
+            let (path, file) = (&sf.path, &sf.file);
             let mut pos = FILE_HDR as u64;
             let mut bad: Option<(u64, String)> = None;
             while pos < flen {
-                match self.read_journal_record(&file, pos, flen) {
+                match Self::read_journal_record(file, pos, flen) {
                     Ok((h, exts, len)) => {
                         if h.magic == REC_COMMIT {
                             self.applied_through = h.id;
                             self.applied_seq = self.applied_seq.max(h.last_seq);
                             self.applied_time_ns = h.time_ns;
-                            tail_start = self.records.len();
+                            tail_start = records.len();
                         } else if let Some(extents) = exts {
-                            self.records.push(UndoRec {
+                            records.push(UndoRec {
                                 chunk_id: h.id,
                                 first_seq: h.first_seq,
                                 last_seq: h.last_seq,
                                 time_ns: h.time_ns,
-                                seg: seg_no,
+                                seg: sf.clone(),
+                                merged_from: 0,
                                 rec_off: pos,
                                 extents,
                             });
@@ -182,15 +205,15 @@ impl TargetVolume {
             }
             if let Some((bpos, reason)) = bad {
                 if !last {
-                    return Err(corrupt(&path, bpos, reason));
+                    return Err(corrupt(path, bpos, reason));
                 }
                 let mut rest = vec![0u8; (flen - bpos) as usize];
-                let n = read_fill(&file, &mut rest, bpos)
+                let n = read_fill(file, &mut rest, bpos)
                     .map_err(ioe(|| format!("read {}", path.display())))?;
                 rest.truncate(n);
                 if later_valid(&rest, REC_COMMIT, valid_commit) {
                     return Err(corrupt(
-                        &path,
+                        path,
                         bpos,
                         format!("{reason} (followed by committed records: not a torn tail)"),
                     ));
@@ -202,30 +225,21 @@ impl TargetVolume {
                 self.counters.torn_tails += 1;
                 pos = bpos;
             }
-            self.segments.push(Segment {
-                index,
-                path,
-                file,
-                len: pos,
-            });
+            self.segments.push(Segment { sf, len: pos });
         }
         if self.segments.is_empty() {
             let (file, path) = Self::write_segment_header(&jd, 0, &self.ident)?;
             fsync_dir(&jd)?;
-            self.segments.push(Segment {
-                index: 0,
-                path,
-                file,
-                len: FILE_HDR as u64,
-            });
+            self.segments
+                .push(Segment::new(0, path, file, FILE_HDR as u64));
         }
         // Uncommitted tail: verify payloads too (they may be torn although header+table are intact).
         let mut i = tail_start;
-        while i < self.records.len() {
-            let r = &self.records[i];
+        while i < records.len() {
+            let r = &records[i];
             let mut ok = true;
             for x in &r.extents {
-                match self.undo_bytes(r, x) {
+                match undo_bytes(r, x) {
                     Ok(_) => {}
                     Err(JournalError::Corrupt { .. }) => {
                         ok = false;
@@ -235,29 +249,35 @@ impl TargetVolume {
                 }
             }
             if !ok {
-                let seg = &mut self.segments[r.seg];
-                warn!(path = %seg.path.display(), offset = r.rec_off, "truncating torn journal tail (payload)");
-                seg.file
+                let Some(seg) = self
+                    .segments
+                    .iter_mut()
+                    .find(|s| Arc::ptr_eq(&s.sf, &r.seg))
+                else {
+                    return Err(JournalError::Poisoned);
+                };
+                warn!(path = %seg.sf.path.display(), offset = r.rec_off, "truncating torn journal tail (payload)");
+                seg.sf
+                    .file
                     .set_len(r.rec_off)
-                    .and_then(|_| seg.file.sync_all())
-                    .map_err(ioe(|| format!("truncate {}", seg.path.display())))?;
+                    .and_then(|_| seg.sf.file.sync_all())
+                    .map_err(ioe(|| format!("truncate {}", seg.sf.path.display())))?;
                 seg.len = r.rec_off;
                 self.counters.torn_tails += 1;
-                self.records.truncate(i);
+                records.truncate(i);
                 break;
             }
             i += 1;
         }
         self.commit_written = self.applied_through;
         self.commit_synced = self.applied_through;
-        self.counters.journal_records = self.records.len() as u64;
-        Ok(tail_start)
+        self.counters.journal_records = records.len() as u64;
+        Ok((records, tail_start))
     }
 
     /// Read and validate one journal record at `pos`. Corruption is reported as `Corrupt`.
     #[allow(clippy::type_complexity)]
     pub(crate) fn read_journal_record(
-        &self,
         file: &File,
         pos: u64,
         flen: u64,
@@ -314,7 +334,7 @@ impl TargetVolume {
     }
 
     pub(crate) fn sync_journal(&mut self) -> Result<()> {
-        let s = self.cur_seg();
+        let s = &self.cur_seg().sf;
         s.file
             .sync_data()
             .map_err(ioe(|| format!("fdatasync {}", s.path.display())))?;
@@ -325,19 +345,15 @@ impl TargetVolume {
 
     pub(crate) fn new_segment(&mut self) -> Result<()> {
         let jd = self.dir.join(JOURNAL_DIR);
-        let index = self.cur_seg().index + 1;
+        let index = self.cur_seg().sf.index + 1;
         // The previous segment's tail (commit record) must be durable before we move on.
         self.sync_journal()?;
         let (file, path) = Self::write_segment_header(&jd, index, &self.ident)?;
         self.counters.fsyncs += 1;
         self.faults.hit(FaultPoint::SegmentAfterCreate)?;
         fsync_dir(&jd)?;
-        self.segments.push(Segment {
-            index,
-            path,
-            file,
-            len: FILE_HDR as u64,
-        });
+        self.segments
+            .push(Segment::new(index, path, file, FILE_HDR as u64));
         let all = self.segments();
         let changed = &all[all.len().saturating_sub(2)..];
         if let Some(c) = self.catalogue.as_mut() {
@@ -348,43 +364,43 @@ impl TargetVolume {
         }
         Ok(())
     }
+}
 
-    /// Old bytes of one undo extent, verified against its blake3 and decoded.
-    pub(crate) fn undo_bytes(&self, r: &UndoRec, x: &UndoExtent) -> Result<Vec<u8>> {
-        let seg = &self.segments[r.seg];
-        if x.enc == ENC_ZERO {
-            return Ok(vec![0u8; x.len as usize]);
-        }
-        let mut stored = vec![0u8; x.stored_len as usize];
-        seg.file
-            .read_exact_at(&mut stored, x.file_off)
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    corrupt(&seg.path, x.file_off, "undo payload truncated")
-                } else {
-                    JournalError::Io {
-                        context: format!("read {}", seg.path.display()),
-                        source: e,
-                    }
+/// Old bytes of one undo extent, verified against its blake3 and decoded.
+pub(crate) fn undo_bytes(r: &UndoRec, x: &UndoExtent) -> Result<Vec<u8>> {
+    let seg = &r.seg;
+    if x.enc == ENC_ZERO {
+        return Ok(vec![0u8; x.len as usize]);
+    }
+    let mut stored = vec![0u8; x.stored_len as usize];
+    seg.file
+        .read_exact_at(&mut stored, x.file_off)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                corrupt(&seg.path, x.file_off, "undo payload truncated")
+            } else {
+                JournalError::Io {
+                    context: format!("read {}", seg.path.display()),
+                    source: e,
                 }
-            })?;
-        if hash32(&stored) != x.hash {
-            return Err(corrupt(
-                &seg.path,
-                x.file_off,
-                "undo payload checksum mismatch",
-            ));
-        }
-        match x.enc {
-            ENC_RAW => Ok(stored),
-            _ => {
-                let d = zstd::bulk::decompress(&stored, x.len as usize)
-                    .map_err(|e| corrupt(&seg.path, x.file_off, format!("zstd: {e}")))?;
-                if d.len() as u64 != x.len {
-                    return Err(corrupt(&seg.path, x.file_off, "zstd length mismatch"));
-                }
-                Ok(d)
             }
+        })?;
+    if hash32(&stored) != x.hash {
+        return Err(corrupt(
+            &seg.path,
+            x.file_off,
+            "undo payload checksum mismatch",
+        ));
+    }
+    match x.enc {
+        ENC_RAW => Ok(stored),
+        _ => {
+            let d = zstd::bulk::decompress(&stored, x.len as usize)
+                .map_err(|e| corrupt(&seg.path, x.file_off, format!("zstd: {e}")))?;
+            if d.len() as u64 != x.len {
+                return Err(corrupt(&seg.path, x.file_off, "zstd length mismatch"));
+            }
+            Ok(d)
         }
     }
 }

@@ -128,7 +128,8 @@ impl TargetVolume {
         let names = list_indexed(&sd, "spl")?;
         let n = names.len();
         let mut max_id = self.applied_through;
-        for r in &self.records {
+        let shared = self.shared.clone();
+        for r in &shared.read().records {
             max_id = max_id.max(r.chunk_id);
             if r.last_seq != 0 {
                 self.durable_seq = self.durable_seq.max(r.last_seq);

@@ -1,0 +1,406 @@
+//! Virtual snapshots: read views of the volume at a recovery point, and
+//! materialization of a view to a file or device.
+//!
+//! # The shared index and why views stay correct while apply continues
+//!
+//! The undo records, the applied state and the bookmarks live in an [`Index`]
+//! behind an `RwLock`, shared (`Arc`) by the [`TargetVolume`] and its views.
+//! A view at point P reads the replica and overlays the undo records of chunks
+//! newer than P, oldest winning per byte. Apply does, per batch: (1) append the
+//! undo records to the segment and fdatasync, (2) **insert them into the index
+//! under the write lock**, (3) write the replica. A view read takes the **read
+//! lock, then reads the replica, then overlays, then releases**. So for any
+//! batch B, either B's records were inserted before the view took the lock (then
+//! they are overlaid, and they hold the bytes from before B whatever the replica
+//! read saw), or the view's lock is held across the whole read, and B's step (2),
+//! hence step (3), has not started: the replica read cannot see B's data. In both
+//! cases every byte equals the state at P. A read is split into pieces of at
+//! most [`VIEW_LOCK_PIECE`] bytes so apply is never blocked for long.
+//!
+//! A live view **pins** its point: retention never prunes records a view needs
+//! (newer than its point, see `retention.rs`), and rollback refuses while views
+//! exist.
+
+use crate::error::{ioe, JournalError, Result};
+use crate::point::{RecoveryPoint, RecoveryPoints, ResolvedPoint};
+use crate::segment::{undo_bytes, UndoRec};
+use crate::{bookmark::StoredBookmark, Bookmark, Point, TargetVolume};
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+/// Largest piece of a view read done under one hold of the index read lock.
+pub const VIEW_LOCK_PIECE: usize = 1 << 20;
+
+/// The oldest point still available: the state after chunk `chunk_id`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BasePoint {
+    pub(crate) chunk_id: u64,
+    pub(crate) seq: u64,
+    pub(crate) time_ns: u64,
+    pub(crate) consistent: bool,
+}
+
+/// Everything a point resolution or a view read needs.
+pub(crate) struct Index {
+    /// Undo records in chunk id order (= apply order).
+    pub(crate) records: VecDeque<UndoRec>,
+    pub(crate) applied_through: u64,
+    pub(crate) applied_seq: u64,
+    pub(crate) applied_time_ns: u64,
+    pub(crate) base: BasePoint,
+    /// Bookmarks ordered by position.
+    pub(crate) bookmarks: Vec<StoredBookmark>,
+    pub(crate) size: u64,
+}
+
+/// State shared by a [`TargetVolume`] and its [`SnapshotView`]s.
+pub(crate) struct Shared {
+    pub(crate) index: RwLock<Index>,
+    /// A read-only descriptor of the replica.
+    pub(crate) replica: File,
+    pub(crate) replica_path: PathBuf,
+    /// Live views: pin id → chunk id of the view's point.
+    pub(crate) pins: Mutex<BTreeMap<u64, u64>>,
+    pub(crate) next_pin: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(replica_path: &Path, size: u64) -> Result<Shared> {
+        let replica = File::open(replica_path)
+            .map_err(ioe(|| format!("open replica {}", replica_path.display())))?;
+        Ok(Shared {
+            index: RwLock::new(Index {
+                records: VecDeque::new(),
+                applied_through: 0,
+                applied_seq: 0,
+                applied_time_ns: 0,
+                base: BasePoint {
+                    consistent: true,
+                    ..BasePoint::default()
+                },
+                bookmarks: Vec::new(),
+                size,
+            }),
+            replica,
+            replica_path: replica_path.to_path_buf(),
+            pins: Mutex::new(BTreeMap::new()),
+            next_pin: AtomicU64::new(1),
+        })
+    }
+
+    /// The index for reading. A panic elsewhere never leaves it half-updated
+    /// (updates are plain pushes/assignments), so a poisoned lock is recovered.
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The index for updating (see [`Shared::read`]).
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn live_views(&self) -> Result<usize> {
+        Ok(self.pins.lock().map_err(|_| JournalError::Poisoned)?.len())
+    }
+
+    /// Read `buf.len()` bytes at `offset` as of the state after chunk `cut`
+    /// (see the module documentation for the locking argument).
+    pub(crate) fn read_point(&self, cut: u64, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(VIEW_LOCK_PIECE);
+            let o = offset + done as u64;
+            let piece = &mut buf[done..done + n];
+            let idx = self.read();
+            self.replica.read_exact_at(piece, o).map_err(ioe(|| {
+                format!("read replica {}", self.replica_path.display())
+            }))?;
+            overlay(&idx, cut, piece, o)?;
+            drop(idx);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Overlay onto `buf` (volume bytes at `offset`) the undo data of every record
+/// newer than chunk `cut`, newest first, so the oldest newer record wins: it
+/// holds the bytes as they were at the point. Within a record extents are walked
+/// last to first (a chunk's extents may overlap; the first one holds the bytes
+/// from before the chunk). Every payload used is blake3-verified.
+fn overlay(idx: &Index, cut: u64, buf: &mut [u8], offset: u64) -> Result<()> {
+    let end = offset + buf.len() as u64;
+    let first = idx.after(cut);
+    for r in idx.records.range(first..).rev() {
+        for x in r.extents.iter().rev() {
+            let (xs, xe) = (x.offset, x.offset + x.len);
+            let (s, e) = (xs.max(offset), xe.min(end));
+            if s >= e {
+                continue;
+            }
+            let old = undo_bytes(r, x)?;
+            buf[(s - offset) as usize..(e - offset) as usize]
+                .copy_from_slice(&old[(s - xs) as usize..(e - xs) as usize]);
+        }
+    }
+    Ok(())
+}
+
+/// A read-only view of the volume at a recovery point ("virtual snapshot").
+///
+/// Creating one is an index lookup (no data is copied). It is `Send + Sync`:
+/// serve reads from many threads while replication keeps applying to the same
+/// replica; every read returns exactly the bytes of the volume at the point
+/// (module docs). While it lives, retention keeps what it needs and rollback is
+/// refused. Dropping it releases the pin.
+pub struct SnapshotView {
+    shared: Arc<Shared>,
+    point: ResolvedPoint,
+    pin: u64,
+}
+
+/// Statistics of a materialization.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaterializeStats {
+    /// Volume bytes produced.
+    pub bytes: u64,
+    /// Bytes actually written (non-zero data, or everything on a device).
+    pub written_bytes: u64,
+    /// Bytes left as holes (all-zero blocks of a regular-file destination).
+    pub sparse_bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Unit of materialization reads and of hole detection.
+const MAT_BLOCK: usize = 4 << 20;
+const HOLE_GRAIN: usize = 64 << 10;
+
+impl SnapshotView {
+    fn new(shared: Arc<Shared>, point: ResolvedPoint) -> Result<SnapshotView> {
+        let pin = shared.next_pin.fetch_add(1, Ordering::Relaxed);
+        shared
+            .pins
+            .lock()
+            .map_err(|_| JournalError::Poisoned)?
+            .insert(pin, point.chunk_id);
+        Ok(SnapshotView { shared, point, pin })
+    }
+
+    /// The point this view shows.
+    pub fn point(&self) -> &ResolvedPoint {
+        &self.point
+    }
+
+    /// Volume size of the view in bytes.
+    pub fn size(&self) -> u64 {
+        self.point.size
+    }
+
+    /// Fill `buf` with the volume's bytes at `offset` as they were at the point.
+    /// Errors (never wrong data): `OutOfRange`, `Corrupt` undo data, I/O.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > self.point.size) {
+            return Err(JournalError::OutOfRange {
+                offset,
+                len,
+                size: self.point.size,
+            });
+        }
+        self.shared.read_point(self.point.chunk_id, buf, offset)
+    }
+
+    /// Write the whole volume at the point to `dest` (created if missing). A
+    /// regular file is truncated and written sparsely (all-zero 64 KiB blocks
+    /// become holes); a block device gets every byte. fsync'ed before `Ok`.
+    /// `progress(done, total)` is called after every 4 MiB.
+    pub fn materialize(
+        &self,
+        dest: &Path,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<MaterializeStats> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dest)
+            .map_err(ioe(|| format!("open {}", dest.display())))?;
+        self.materialize_to(&f, progress)
+    }
+
+    /// [`SnapshotView::materialize`] into an open file or device.
+    pub fn materialize_to(
+        &self,
+        dest: &File,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<MaterializeStats> {
+        let t0 = Instant::now();
+        let md = dest.metadata().map_err(ioe(|| "stat destination".into()))?;
+        let is_dev = md.file_type().is_block_device();
+        let size = self.point.size;
+        if !is_dev {
+            dest.set_len(0)
+                .and_then(|_| dest.set_len(size))
+                .map_err(ioe(|| "size destination".into()))?;
+        }
+        let mut st = MaterializeStats {
+            bytes: size,
+            ..MaterializeStats::default()
+        };
+        let mut buf = vec![0u8; MAT_BLOCK.min(size as usize).max(1)];
+        let mut o = 0u64;
+        while o < size {
+            let n = (size - o).min(buf.len() as u64) as usize;
+            self.read_at(&mut buf[..n], o)?;
+            if is_dev {
+                dest.write_all_at(&buf[..n], o)
+                    .map_err(ioe(|| "write destination".into()))?;
+                st.written_bytes += n as u64;
+            } else {
+                let mut k = 0;
+                while k < n {
+                    let m = (n - k).min(HOLE_GRAIN);
+                    let piece = &buf[k..k + m];
+                    if crate::fsutil::is_zero(piece) {
+                        st.sparse_bytes += m as u64;
+                    } else {
+                        dest.write_all_at(piece, o + k as u64)
+                            .map_err(ioe(|| "write destination".into()))?;
+                        st.written_bytes += m as u64;
+                    }
+                    k += m;
+                }
+            }
+            o += n as u64;
+            progress(o, size);
+        }
+        dest.sync_all()
+            .map_err(ioe(|| "fsync destination".into()))?;
+        st.elapsed = t0.elapsed();
+        Ok(st)
+    }
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.shared.pins.lock() {
+            p.remove(&self.pin);
+        }
+    }
+}
+
+/// The newest bookmark present (by uuid) and recoverable on every volume, e.g.
+/// a group bookmark; `None` if there is none. Errors only on a poisoned handle.
+pub fn latest_common_bookmark(volumes: &[&TargetVolume]) -> Result<Option<Bookmark>> {
+    let Some((first, rest)) = volumes.split_first() else {
+        return Ok(None);
+    };
+    let mut sets = Vec::new();
+    for v in rest {
+        let s: std::collections::HashSet<[u8; 16]> = v
+            .bookmarks()?
+            .into_iter()
+            .filter(|b| b.available)
+            .map(|b| b.bookmark.uuid)
+            .collect();
+        sets.push(s);
+    }
+    let mut best: Option<Bookmark> = None;
+    for b in first.bookmarks()?.into_iter().filter(|b| b.available) {
+        if sets.iter().all(|s| s.contains(&b.bookmark.uuid))
+            && best
+                .as_ref()
+                .is_none_or(|x| b.bookmark.source_time_ns >= x.source_time_ns)
+        {
+            best = Some(b.bookmark);
+        }
+    }
+    Ok(best)
+}
+
+impl TargetVolume {
+    pub(crate) fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.shared.read()
+    }
+
+    pub(crate) fn index_mut(&self) -> RwLockWriteGuard<'_, Index> {
+        self.shared.write()
+    }
+
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.ident.size) {
+            return Err(JournalError::OutOfRange {
+                offset,
+                len,
+                size: self.ident.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Resolve a recovery point (an index lookup). Errors: `UnknownBookmark`,
+    /// `BeforeWindow`, `InFuture`, `Inconsistent`, `PointNotAvailable` (not yet applied).
+    pub fn resolve(&self, rp: &RecoveryPoint) -> Result<ResolvedPoint> {
+        let front = self.pending.front().map(|p| p.time_ns);
+        self.index().resolve(rp, front)
+    }
+
+    /// Summary of the available points (latest, window, consistent ranges, bookmarks).
+    pub fn recovery_points(&self) -> Result<RecoveryPoints> {
+        self.index().recovery_points()
+    }
+
+    /// Open a virtual snapshot at `rp` (see [`SnapshotView`]).
+    pub fn snapshot(&self, rp: &RecoveryPoint) -> Result<SnapshotView> {
+        let p = self.resolve(rp)?;
+        SnapshotView::new(self.shared.clone(), p)
+    }
+
+    /// Open a virtual snapshot at an already resolved point (from [`TargetVolume::resolve`]);
+    /// fails with `BeforeWindow` if pruning removed it meanwhile.
+    pub fn snapshot_at(&self, p: &ResolvedPoint) -> Result<SnapshotView> {
+        let idx = self.index();
+        if p.chunk_id < idx.base.chunk_id || p.chunk_id > idx.applied_through {
+            return Err(JournalError::BeforeWindow {
+                requested: format!("chunk {}", p.chunk_id),
+                oldest_time_ns: idx.base.time_ns,
+                oldest_seq: idx.base.seq,
+            });
+        }
+        drop(idx);
+        SnapshotView::new(self.shared.clone(), p.clone())
+    }
+
+    /// Read `len` bytes at `offset` as they were at `point` (see [`SnapshotView::read_at`]).
+    pub fn read_at_point(&self, point: Point, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.check_range(offset, len)?;
+        let rp = match point {
+            Point::Latest => RecoveryPoint::Latest,
+            Point::Seq(s) => RecoveryPoint::Seq(s),
+            Point::Time(t) => RecoveryPoint::Time(t),
+        };
+        let p = self.resolve(&rp)?;
+        let mut buf = vec![0u8; len as usize];
+        self.shared.read_point(p.chunk_id, &mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Verify every undo payload of the journal (scrub). Returns the number of extents checked.
+    pub fn verify_journal(&self) -> Result<u64> {
+        let idx = self.index();
+        let mut n = 0;
+        for r in &idx.records {
+            for x in &r.extents {
+                undo_bytes(r, x)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
