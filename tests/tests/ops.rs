@@ -646,3 +646,35 @@ fn ops_install_script_into_temp_root() {
     );
     assert!(text(&o).contains("absolute path"), "{}", text(&o));
 }
+
+/// `rewind demo` (what `scripts/demo`, the README's main command, runs):
+/// completes, verifies the recovered filesystem, and leaves no process,
+/// mount, loop device or file behind.
+#[test]
+fn ops_demo_completes_and_verifies() {
+    let s = Scratch::new("ops-demo");
+    let o = run_ok(
+        rewind()
+            .args(["demo", "--size", "64M", "--data-mb", "8", "--dir"])
+            .arg(s.path()),
+        Duration::from_secs(300),
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("DEMO OK"), "{}", text(&o));
+    assert!(out.contains("e2fsck -fn on the replica: clean"), "{out}");
+    assert!(
+        out.contains("read back with the blake3 they were written with"),
+        "{out}"
+    );
+    assert!(out.contains("Differential Sync"), "{out}");
+    let left: Vec<_> = std::fs::read_dir(s.path()).unwrap().flatten().collect();
+    assert!(left.is_empty(), "demo left {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(s.path().to_str().unwrap()), "{mounts}");
+    let loops = run_ok(Command::new("losetup").arg("-a"), T);
+    assert!(
+        !String::from_utf8_lossy(&loops.stdout).contains(s.path().to_str().unwrap()),
+        "{}",
+        text(&loops)
+    );
+}

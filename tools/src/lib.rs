@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cdpcli;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod drvutil;
 pub mod export;
 pub mod health;

@@ -44,6 +44,8 @@ enum Command {
     Resync(tools::protect::SelectArgs),
     /// Daily health report: changes, RPO, flow control, consistency points.
     HealthReport(tools::health::HealthArgs),
+    /// Protect a volume, write ext4 on it, recover it at a local recovery site, verify (needs root).
+    Demo(tools::demo::DemoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
             tools::protect::run_select(tools::protect::PairCommand::Resync, args)
         }
         Command::HealthReport(args) => tools::health::run(args),
+        Command::Demo(args) => tools::demo::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
