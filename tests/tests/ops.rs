@@ -510,9 +510,48 @@ fn ops_stopped_target_and_flow_control_in_status_and_health() {
     let d = health(&state, "vol0");
     assert!(d["health"].to_string().contains("flow controlled"), "{d}");
 
-    // Stop the target: RPO grows, the alert names the connection problem.
+    // The target's write pattern: the writer's 4..64 KiB writes at random
+    // offsets (coalesced where adjacent) are counted by size.
     let mut target = target;
     wait_drained_dir(&state, &target);
+    let cdpcli = |args: &[&str]| {
+        run_ok(
+            Command::new(rewind_bin("cdpcli"))
+                .args(args)
+                .arg("--state-dir")
+                .arg(&target.state_dir),
+            T,
+        )
+    };
+    let o = cdpcli(&["--iopattern", "--vol=vol0", "--json"]);
+    let io: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let sum = |k: &str| -> u64 {
+        io["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b[k].as_u64().unwrap())
+            .sum()
+    };
+    assert!(io["writes"].as_u64() > Some(0), "{io}");
+    assert_eq!(
+        sum("random") + sum("sequential"),
+        io["writes"].as_u64().unwrap()
+    );
+    let small: u64 = io["buckets"].as_array().unwrap()[..3]
+        .iter()
+        .map(|b| b["random"].as_u64().unwrap() + b["sequential"].as_u64().unwrap())
+        .sum();
+    assert_eq!(small, 0, "no write under 4 KiB was made: {io}");
+    assert!(sum("random") > 0, "{io}");
+    let o = cdpcli(&["--iopattern", "--vol=vol0"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("Write Random") && out.contains("64 KiB"),
+        "{out}"
+    );
+
+    // Stop the target: RPO grows, the alert names the connection problem.
     target.daemon.stop();
     run_ok(
         tool("qemu-io").args(["-f", "raw", &export.uri(), "-c", "write -P 0x5a 0 1M"]),

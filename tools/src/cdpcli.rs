@@ -21,12 +21,16 @@ use crate::status::{liveness, read_status, TargetStatusFile, TargetVolumeReport}
     after_help = "Examples:\n  \
     cdpcli --listtargetvolumes\n  \
     cdpcli --displaystatistics --vol=vol0\n  \
-    cdpcli --displaystatistics --vol=vol0 --json --state-dir /var/lib/rewind/target\n\n\
+    cdpcli --displaystatistics --vol=vol0 --json --state-dir /var/lib/rewind/target\n  \
+    cdpcli --iopattern --vol=vol0\n\n\
 Fields of --displaystatistics: Diffs pending in CX = bytes received by the target and not yet durable \
 in its spool (rewind has no relay; normally 0), Diffs pending in Target = bytes spooled and not yet \
 applied to the replica, Current RPO (secs) = now - source time of the oldest change not applied \
 (0 when everything received is applied), Apply rate (Bytes/sec) = bytes applied per second of apply \
-work, Apply time (secs) = time spent applying since the target started."
+work, Apply time (secs) = time spent applying since the target started. \
+--iopattern: writes received since the target started, by size (512 B .. 4 MiB and larger) and \
+random/sequential (sizes as shipped: adjacent writes are coalesced by the replicator; reads never \
+reach the target)."
 )]
 pub struct CdpcliArgs {
     /// List the target volumes, one per line.
@@ -35,6 +39,9 @@ pub struct CdpcliArgs {
     /// Replication statistics of the volume given with --vol.
     #[arg(long)]
     pub displaystatistics: bool,
+    /// Write-size histogram (random/sequential) of the volume given with --vol.
+    #[arg(long)]
+    pub iopattern: bool,
     /// Volume name.
     #[arg(long, value_name = "V")]
     pub vol: Option<String>,
@@ -93,8 +100,15 @@ pub fn statistics(v: &TargetVolumeReport) -> Statistics {
 
 /// Runs `cdpcli`.
 pub fn run(args: CdpcliArgs) -> Result<()> {
-    if args.listtargetvolumes == args.displaystatistics {
-        bail!("give exactly one of --listtargetvolumes or --displaystatistics --vol=V");
+    let modes = [
+        args.listtargetvolumes,
+        args.displaystatistics,
+        args.iopattern,
+    ];
+    if modes.iter().filter(|m| **m).count() != 1 {
+        bail!(
+            "give exactly one of --listtargetvolumes, --displaystatistics --vol=V or --iopattern --vol=V"
+        );
     }
     let st: TargetStatusFile = read_status(&args.state_dir)?;
     let state = liveness(st.pid, st.running, st.updated_ns);
@@ -115,12 +129,37 @@ pub fn run(args: CdpcliArgs) -> Result<()> {
         return Ok(());
     }
     let Some(vol) = &args.vol else {
-        bail!("--displaystatistics needs --vol=V (see --listtargetvolumes)");
+        bail!("--displaystatistics and --iopattern need --vol=V (see --listtargetvolumes)");
     };
     let Some(v) = st.volumes.iter().find(|v| &v.name == vol) else {
         let names: Vec<&str> = st.volumes.iter().map(|v| v.name.as_str()).collect();
         bail!("no target volume {vol:?} (known: {})", names.join(", "));
     };
+    if args.iopattern {
+        let p = v.io_pattern.clone().unwrap_or_default();
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+            return Ok(());
+        }
+        println!("Target Volume Name       : {}", v.name);
+        println!(
+            "Writes since start       : {} ({} bytes; reads are not seen at the target)",
+            p.writes, p.bytes
+        );
+        println!(
+            "{:>12}  {:>14}  {:>14}",
+            "IO size", "Write Random", "Write Seq"
+        );
+        for b in &p.buckets {
+            println!(
+                "{:>12}  {:>14}  {:>14}",
+                crate::iopattern::size_label(b.up_to),
+                b.random,
+                b.sequential
+            );
+        }
+        return Ok(());
+    }
     let s = statistics(v);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod drvutil;
 pub mod export;
 pub mod health;
+pub mod iopattern;
 pub mod kernel_info;
 pub mod listen;
 pub mod logging;

@@ -169,6 +169,9 @@ pub struct TargetVolumeReport {
     pub resync_passes: u64,
     /// Active alerts.
     pub alerts: Vec<String>,
+    /// Write sizes received since the target started (`cdpcli --iopattern`).
+    #[serde(default)]
+    pub io_pattern: Option<crate::iopattern::IoPattern>,
 }
 
 /// `<target state_dir>/status.json`.

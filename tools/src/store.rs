@@ -131,6 +131,7 @@ impl TargetStore for JournalStore {
         let r = self.vol.spool_many_owned(owned).map_err(store_err);
         self.publish();
         r?;
+        crate::iopattern::record_chunks(&self.name, chunks);
         Ok(self.vol.durable_seq())
     }
 

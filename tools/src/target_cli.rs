@@ -197,6 +197,7 @@ pub fn run(args: TargetArgs) -> Result<()> {
                         .is_some_and(|p| p.journal_dir.join(NEEDS_SYNC).exists()),
                     resync_passes: place.as_ref().map_or(0, |p| resync_passes(&p.journal_dir)),
                     alerts,
+                    io_pattern: crate::iopattern::get(&name),
                     name,
                 }
             })
