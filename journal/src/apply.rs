@@ -5,7 +5,7 @@ use crate::error::{corrupt, ioe, JournalError, Result};
 use crate::fault::FaultPoint;
 use crate::format::*;
 use crate::fsutil::is_zero;
-use crate::segment::{UndoExtent, UndoRec};
+use crate::segment::{encode_undo_record, UndoRec};
 use crate::spool::Pending;
 use crate::{Applied, ChunkExtent, ExtentData, TargetVolume, UNDO_PIECE};
 use std::collections::BTreeMap;
@@ -228,44 +228,18 @@ impl TargetVolume {
                     o += pl;
                 }
             }
-            let nx = entries.len();
-            let payload: u64 = entries.iter().map(|e| e.3.len() as u64).sum();
-            let h = RecHeader {
-                magic: REC_UNDO,
-                flags: 0,
-                body_len: (nx * UNDO_ENTRY) as u64 + payload,
-                id: p.chunk_id,
-                first_seq: p.first_seq,
-                last_seq: p.last_seq,
-                time_ns: p.time_ns,
-                n_extents: nx as u32,
-                aux: 0,
-            };
-            encode_rec_header(&h, &mut jbuf);
-            let mut ux = Vec::with_capacity(nx);
-            let mut cur = (rec_start + REC_HDR + nx * UNDO_ENTRY) as u64;
-            for (o, l, enc, stored) in &entries {
-                let hash = hash32(stored);
-                jbuf.extend_from_slice(&o.to_le_bytes());
-                jbuf.extend_from_slice(&l.to_le_bytes());
-                jbuf.extend_from_slice(&[*enc, 0, 0, 0, 0, 0, 0, 0]);
-                jbuf.extend_from_slice(&(stored.len() as u64).to_le_bytes());
-                jbuf.extend_from_slice(&hash);
-                ux.push(UndoExtent {
-                    offset: *o,
-                    len: *l,
-                    enc: *enc,
-                    stored_len: stored.len() as u64,
-                    hash,
-                    file_off: cur,
-                });
-                cur += stored.len() as u64;
-            }
-            let th = hash32(&jbuf[rec_start..]);
-            for e in &entries {
-                jbuf.extend_from_slice(&e.3);
-            }
-            jbuf.extend_from_slice(&th);
+            let ux = encode_undo_record(
+                &mut jbuf,
+                &RecHeader {
+                    magic: REC_UNDO,
+                    id: p.chunk_id,
+                    first_seq: p.first_seq,
+                    last_seq: p.last_seq,
+                    time_ns: p.time_ns,
+                    ..RecHeader::default()
+                },
+                &entries,
+            );
             recs.push((rec_start as u64, ux));
         }
         // 2. append + fdatasync (rotate first if the segment is full).

@@ -2,6 +2,13 @@
 
 /// Version of the spool file, segment file and identity file layouts.
 pub const FORMAT_VERSION: u32 = 1;
+/// Segment version of a segment rewritten by sparse-retention compaction: its
+/// undo records may be merged (flag [`FLAG_MERGED`], `aux` = first chunk id of
+/// the merged span). Version-1 readers refuse it ("unsupported format version 2")
+/// instead of offering the points inside merged spans.
+pub const SEGMENT_VERSION_MERGED: u32 = 2;
+/// Undo record flag: the record merges the chunks `aux..=id` (oldest data kept per byte).
+pub const FLAG_MERGED: u8 = 1;
 /// Length of a spool file / segment file header.
 pub const FILE_HDR: usize = 96;
 /// Length of a record header.
@@ -80,9 +87,15 @@ pub struct FileHeader {
 }
 
 pub fn encode_file_header(magic: &[u8; 8], h: &FileHeader) -> [u8; FILE_HDR] {
+    encode_file_header_v(magic, h, FORMAT_VERSION)
+}
+
+/// [`encode_file_header`] with an explicit version (segments rewritten by
+/// compaction carry [`SEGMENT_VERSION_MERGED`]).
+pub fn encode_file_header_v(magic: &[u8; 8], h: &FileHeader, version: u32) -> [u8; FILE_HDR] {
     let mut b = [0u8; FILE_HDR];
     b[0..8].copy_from_slice(magic);
-    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[8..12].copy_from_slice(&version.to_le_bytes());
     b[12..16].copy_from_slice(&(FILE_HDR as u32).to_le_bytes());
     b[16..32].copy_from_slice(&h.uuid);
     b[32..40].copy_from_slice(&h.generation.to_le_bytes());
@@ -104,7 +117,8 @@ pub fn decode_file_header(b: &[u8], magic: &[u8; 8]) -> Result<FileHeader, Strin
         return Err("header checksum mismatch".into());
     }
     let v = rd32(b, 8);
-    if v != FORMAT_VERSION {
+    let ok = v == FORMAT_VERSION || (magic == &SEGMENT_MAGIC && v == SEGMENT_VERSION_MERGED);
+    if !ok {
         return Err(format!("unsupported format version {v}"));
     }
     if rd32(b, 12) as usize != FILE_HDR {

@@ -262,6 +262,7 @@ impl TargetVolume {
             }
             fsync_dir(&d)?;
         }
+        retention::remove_base(dir)?;
         for f in [bookmark::BOOKMARK_FILE, rollback::ROLLBACK_FILE] {
             match fs::remove_file(dir.join(f)) {
                 Ok(()) => {}
@@ -344,6 +345,10 @@ impl TargetVolume {
             let mut idx = v.index_mut();
             idx.records = records.into();
             idx.bookmarks = bookmarks;
+        }
+        if let Some(base) = retention::load_base(dir)? {
+            // Finishes a prune interrupted after its new base became durable.
+            v.apply_base(base, false)?;
         }
         v.publish_applied();
         v.load_spool()?;

@@ -81,6 +81,12 @@ pub struct RecoveryPoints {
     pub bookmarks: Vec<BookmarkInfo>,
 }
 
+fn merged_away(what: &str, first: u64, last: u64) -> JournalError {
+    JournalError::Inconsistent(format!(
+        "{what} falls in a span merged by sparse retention (seqs {first}..={last} kept as one; only the point after it is exact)"
+    ))
+}
+
 fn before_window(idx: &Index, requested: String) -> JournalError {
     JournalError::BeforeWindow {
         requested,
@@ -180,6 +186,11 @@ impl Index {
                     None if s >= self.base.seq => self.base.chunk_id,
                     None => return Err(before_window(self, format!("seq {s}"))),
                 };
+                if let Some(m) = self.records.get(self.after(cut)) {
+                    if m.merged_from != 0 && m.first_seq != 0 && m.first_seq <= s {
+                        return Err(merged_away(&format!("seq {s}"), m.first_seq, m.last_seq));
+                    }
+                }
                 Self::consistent_or_err(self.point_at(cut, None)?, &format!("seq {s}"))
             }
             RecoveryPoint::Time(t) => {
@@ -201,10 +212,21 @@ impl Index {
                     });
                 }
                 let end = self.after(self.applied_through);
-                let cut = match self.records.range(..end).rposition(|r| r.time_ns <= t) {
-                    Some(k) => self.records[k].chunk_id,
-                    None => self.base.chunk_id,
+                let (cut, cut_time) = match self.records.range(..end).rposition(|r| r.time_ns <= t)
+                {
+                    Some(k) => (self.records[k].chunk_id, self.records[k].time_ns),
+                    None => (self.base.chunk_id, self.base.time_ns),
                 };
+                // The chunks of a merged span have times in (cut_time, m.time_ns]; their
+                // individual times are gone, so only the kept point itself is exact.
+                if let Some(m) = self.records.get(self.after(cut)) {
+                    if m.merged_from != 0 && t > cut_time {
+                        return Err(JournalError::Inconsistent(format!(
+                            "time {t} falls in a span merged by sparse retention; the nearest kept points are at source times {cut_time} and {}",
+                            m.time_ns
+                        )));
+                    }
+                }
                 Self::consistent_or_err(self.point_at(cut, None)?, &format!("time {t}"))
             }
             RecoveryPoint::Bookmark(name) => {

@@ -145,6 +145,11 @@ impl TargetVolume {
     /// Scan segments; returns the undo records and the index of the first uncommitted one.
     pub(crate) fn load_journal(&mut self) -> Result<(Vec<UndoRec>, usize)> {
         let jd = self.dir.join(JOURNAL_DIR);
+        // A compaction interrupted before its rename left `<idx>.seg.tmp`: the original is intact.
+        for (_, p) in list_indexed(&jd, "seg.tmp")? {
+            warn!(path = %p.display(), "removing unfinished compaction output");
+            std::fs::remove_file(&p).map_err(ioe(|| format!("remove {}", p.display())))?;
+        }
         let names = list_indexed(&jd, "seg")?;
         let nseg = names.len();
         let mut tail_start = 0usize;
@@ -189,7 +194,7 @@ impl TargetVolume {
                                 last_seq: h.last_seq,
                                 time_ns: h.time_ns,
                                 seg: sf.clone(),
-                                merged_from: 0,
+                                merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
                                 rec_off: pos,
                                 extents,
                             });
@@ -403,4 +408,51 @@ pub(crate) fn undo_bytes(r: &UndoRec, x: &UndoExtent) -> Result<Vec<u8>> {
             Ok(d)
         }
     }
+}
+
+/// One undo extent before encoding into a record: `(offset, len, enc, stored bytes)`.
+pub(crate) type UndoEntry = (u64, u64, u8, Vec<u8>);
+
+/// Append an undo record (`h` gives magic, flags, id, seqs, time, aux; lengths are
+/// computed) with `entries` to `out`. Returns the extents with `file_off`
+/// relative to the start of `out`.
+pub(crate) fn encode_undo_record(
+    out: &mut Vec<u8>,
+    h: &RecHeader,
+    entries: &[UndoEntry],
+) -> Vec<UndoExtent> {
+    let rec_start = out.len();
+    let nx = entries.len();
+    let payload: u64 = entries.iter().map(|e| e.3.len() as u64).sum();
+    let h = RecHeader {
+        body_len: (nx * UNDO_ENTRY) as u64 + payload,
+        n_extents: nx as u32,
+        ..*h
+    };
+    encode_rec_header(&h, out);
+    let mut ux = Vec::with_capacity(nx);
+    let mut cur = (rec_start + REC_HDR + nx * UNDO_ENTRY) as u64;
+    for (o, l, enc, stored) in entries {
+        let hash = hash32(stored);
+        out.extend_from_slice(&o.to_le_bytes());
+        out.extend_from_slice(&l.to_le_bytes());
+        out.extend_from_slice(&[*enc, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&(stored.len() as u64).to_le_bytes());
+        out.extend_from_slice(&hash);
+        ux.push(UndoExtent {
+            offset: *o,
+            len: *l,
+            enc: *enc,
+            stored_len: stored.len() as u64,
+            hash,
+            file_off: cur,
+        });
+        cur += stored.len() as u64;
+    }
+    let th = hash32(&out[rec_start..]);
+    for e in entries {
+        out.extend_from_slice(&e.3);
+    }
+    out.extend_from_slice(&th);
+    ux
 }
