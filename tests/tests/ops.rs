@@ -717,3 +717,162 @@ fn ops_demo_completes_and_verifies() {
         text(&loops)
     );
 }
+
+/// Configuration files: SIGHUP applies `[[pair]]` tables added and removed
+/// (a broken file changes nothing), a pair from the file cannot be
+/// unprotected at run time, and the target's metrics endpoint (from its
+/// configuration) serves its figures while a non-loopback one is refused.
+#[test]
+fn ops_config_reload_and_target_metrics() {
+    let s = Scratch::new("ops-reload");
+    let pki = Pki::new(&s, "pki");
+    let p = pki.dir.display();
+    let mut exports = Vec::new();
+    for (i, name) in ["vol0", "vol1"].iter().enumerate() {
+        let b = s.join(&format!("{name}.img"));
+        create_random(&b, 8 * MIB, 20 + i as u64);
+        exports.push((
+            b.clone(),
+            Export::start(
+                &s,
+                &b,
+                ExportOpts {
+                    volume: Some((*name).into()),
+                    export_name: Some((*name).into()),
+                    ..Default::default()
+                },
+            ),
+        ));
+    }
+    let tstate = s.join("tstate");
+    let ttoml = s.join("target.toml");
+    let tbody = |metrics: &str| {
+        let mut t = format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nmetrics = \"{metrics}\"\n[tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/127.0.0.1.pem\"\nkey = \"{p}/127.0.0.1.key\"\n",
+            tstate.display()
+        );
+        for v in ["vol0", "vol1"] {
+            t += &format!(
+                "[[volume]]\nname = \"{v}\"\nreplica = \"{}\"\njournal_dir = \"{}\"\n",
+                s.join(&format!("replica-{v}.img")).display(),
+                s.join(&format!("journal-{v}")).display()
+            );
+        }
+        t
+    };
+    std::fs::write(&ttoml, tbody("0.0.0.0:0")).unwrap();
+    let o = run_fails(rewind().arg("target").arg("--config").arg(&ttoml), T);
+    assert!(
+        text(&o).contains("metrics") && text(&o).contains("not a loopback address"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(&ttoml, tbody("127.0.0.1:0")).unwrap();
+    let mut target = Daemon::spawn(
+        {
+            let mut c = rewind();
+            c.arg("target").arg("--config").arg(&ttoml);
+            c
+        },
+        s.join("target.log"),
+    );
+    let mut addr = String::new();
+    wait_for("the target", T, || {
+        target.assert_alive();
+        read_status_file(&tstate)
+            .and_then(|v| v["listen"].as_str().map(|a| addr = a.to_owned()))
+            .is_some()
+    });
+    let rstate = s.join("rstate");
+    let rtoml = s.join("replicator.toml");
+    let rbody = |vols: &[&str]| {
+        let mut t = format!(
+            "state_dir = \"{}\"\n[target]\naddress = \"{addr}\"\nserver_name = \"127.0.0.1\"\n[tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/replicator.pem\"\nkey = \"{p}/replicator.key\"\n",
+            rstate.display()
+        );
+        for (i, v) in ["vol0", "vol1"].iter().enumerate() {
+            if vols.contains(v) {
+                t += &format!(
+                    "[[pair]]\nvolume = \"{v}\"\nshm_dir = \"{}\"\ndevice = \"{}\"\n",
+                    exports[i].1.shm_dir.display(),
+                    exports[i].0.display()
+                );
+            }
+        }
+        t
+    };
+    std::fs::write(&rtoml, rbody(&["vol0"])).unwrap();
+    let mut repl = Daemon::spawn(
+        {
+            let mut c = rewind();
+            c.arg("replicator").arg("--config").arg(&rtoml);
+            c
+        },
+        s.join("replicator.log"),
+    );
+    let synced = |v: &str| {
+        let d = status(&rstate);
+        let p = pair(&d, v);
+        p["status"]["state"] == "DifferentialSync" && p["status"]["drained"] == true
+    };
+    wait_for("vol0 in sync", T, || {
+        repl.assert_alive();
+        rstate.join("control.sock").exists() && synced("vol0")
+    });
+    assert_eq!(pair(&status(&rstate), "vol0")["origin"], "config");
+    let o = admin(&["unprotect", "--volume", "vol0"], &rstate);
+    assert!(
+        !o.status.success() && text(&o).contains("configuration file"),
+        "{}",
+        text(&o)
+    );
+
+    let hup = |d: &Daemon| {
+        run_ok(Command::new("kill").args(["-HUP", &d.pid().to_string()]), T);
+    };
+    std::fs::write(&rtoml, rbody(&["vol0", "vol1"])).unwrap();
+    hup(&repl);
+    wait_for("vol1 added by the reload, in sync", T, || synced("vol1"));
+    std::fs::write(
+        &rtoml,
+        rbody(&["vol1"]).replace("[target]", "bogus_key = 1\n[target]"),
+    )
+    .unwrap();
+    hup(&repl);
+    wait_for("the refused reload in the log", T, || {
+        repl.log_text().contains("reload refused")
+    });
+    assert_eq!(
+        status(&rstate)["source"]["pairs"].as_array().map(Vec::len),
+        Some(2)
+    );
+    std::fs::write(&rtoml, rbody(&["vol1"])).unwrap();
+    hup(&repl);
+    wait_for("vol0 removed by the reload", T, || {
+        let d = status(&rstate);
+        d["source"]["pairs"].as_array().map(Vec::len) == Some(1) && pair(&d, "vol1") != Value::Null
+    });
+    repl.assert_alive();
+    assert_same(
+        &exports[1].0,
+        &s.join("replica-vol1.img"),
+        "vol1 after reload",
+    );
+
+    let metrics = read_status_file(&tstate).unwrap()["metrics"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m = http_get(&metrics, "/metrics");
+    assert!(m.contains("rewind_target_up 1"), "{m}");
+    assert!(
+        m.contains("rewind_target_applied_seq{volume=\"vol1\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("rewind_target_spool_bytes{volume=\"vol0\"}"),
+        "{m}"
+    );
+    repl.stop();
+    target.stop();
+}

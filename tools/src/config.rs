@@ -444,6 +444,13 @@ pub struct TargetConfig {
     /// Volumes.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// Prometheus text endpoint, `IP:PORT` (loopback unless
+    /// `metrics_allow_remote`); none by default.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// Allow `metrics` on a non-loopback address (no authentication).
+    #[serde(default)]
+    pub metrics_allow_remote: bool,
 }
 
 fn yes() -> bool {
@@ -471,6 +478,10 @@ impl TargetConfig {
     /// Semantic checks; every error names its key.
     pub fn validate(&self) -> Result<()> {
         let addr = self.listen_addr()?;
+        if let Some(m) = &self.metrics {
+            crate::metrics::check_bind(m, self.metrics_allow_remote)
+                .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+        }
         if self.tls.files("tls")?.is_none() && !addr.ip().is_loopback() {
             bail!(
                 "tls.insecure = true is refused for listen = {:?}: plaintext is for loopback only",

@@ -193,6 +193,9 @@ pub struct TargetStatusFile {
     pub last_refusal: Option<String>,
     /// Volumes.
     pub volumes: Vec<TargetVolumeReport>,
+    /// Bound metrics endpoint, if any.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// Writes `value` as JSON to `dir/status.json` atomically, mode 0600.

@@ -60,6 +60,12 @@ pub struct TargetArgs {
     /// State directory (status file).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on IP:PORT (loopback only unless --metrics-allow-remote).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics: Option<String>,
+    /// Allow --metrics on a non-loopback address (the endpoint has no authentication).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
 }
 
 fn server_tls(tls: &TlsConfig) -> Result<ServerTls> {
@@ -84,6 +90,11 @@ pub fn effective(args: &TargetArgs) -> Result<(TargetConfig, Layout)> {
         if let Some(s) = &args.state_dir {
             cfg.state_dir = s.clone();
         }
+        if args.metrics.is_some() {
+            cfg.metrics = args.metrics.clone();
+        }
+        cfg.metrics_allow_remote |= args.metrics_allow_remote;
+        cfg.validate()?;
         let mut volumes = HashMap::new();
         for (i, v) in cfg.volumes.iter().enumerate() {
             volumes.insert(
@@ -120,6 +131,8 @@ pub fn effective(args: &TargetArgs) -> Result<(TargetConfig, Layout)> {
         tls,
         auto_create: true,
         volumes: Vec::new(),
+        metrics: args.metrics.clone(),
+        metrics_allow_remote: args.metrics_allow_remote,
     };
     cfg.validate()?;
     let layout = Layout::Dir {
@@ -149,6 +162,22 @@ pub fn run(args: TargetArgs) -> Result<()> {
     });
     let server = TargetServer::from_listener(listener, tls, provider, TargetOptions::default())
         .context("starting the target server")?;
+    let latest: Arc<Mutex<Option<TargetStatusFile>>> = Arc::new(Mutex::new(None));
+    let metrics = match &cfg.metrics {
+        Some(a) => {
+            let l = latest.clone();
+            Some(crate::metrics::MetricsServer::start(
+                a,
+                cfg.metrics_allow_remote,
+                move || {
+                    let st = l.lock().map(|g| g.clone()).unwrap_or_default();
+                    st.map(|s| render_metrics(&s)).unwrap_or_default()
+                },
+            )?)
+        }
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().map(|m| m.addr().to_string());
     info!(listen = %bound, state_dir = %cfg.state_dir.display(), "target ready");
     let started_ns = now_ns();
     let snapshot = |running: bool| -> TargetStatusFile {
@@ -211,10 +240,15 @@ pub fn run(args: TargetArgs) -> Result<()> {
             refused: refusals.count.load(Ordering::Relaxed),
             last_refusal: refusals.last.lock().ok().and_then(|l| l.clone()),
             volumes,
+            metrics: metrics_addr.clone(),
         }
     };
     while !stop.load(Ordering::SeqCst) {
-        if let Err(e) = write_status(&cfg.state_dir, &snapshot(true)) {
+        let st = snapshot(true);
+        if let Ok(mut l) = latest.lock() {
+            *l = Some(st.clone());
+        }
+        if let Err(e) = write_status(&cfg.state_dir, &st) {
             tracing::warn!(error = %format!("{e:#}"), "cannot write the status file");
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -224,4 +258,98 @@ pub fn run(args: TargetArgs) -> Result<()> {
     write_status(&cfg.state_dir, &last)?;
     info!("target stopped cleanly");
     Ok(())
+}
+
+/// Prometheus text of a target status (refreshed with the status file,
+/// five times a second).
+pub fn render_metrics(st: &TargetStatusFile) -> String {
+    let mut m = crate::metrics::PromText::new();
+    m.sample(
+        "rewind_target_up",
+        "gauge",
+        "1 while the target daemon runs",
+        &[],
+        1.0,
+    );
+    m.sample(
+        "rewind_target_refused_total",
+        "counter",
+        "Connections refused (TLS, handshake)",
+        &[],
+        st.refused as f64,
+    );
+    for v in &st.volumes {
+        let l = [("volume", v.name.as_str())];
+        if let Some(s) = &v.status {
+            let g = |m: &mut crate::metrics::PromText, n: &str, h: &str, x: f64| {
+                m.sample(n, "gauge", h, &l, x)
+            };
+            g(
+                &mut m,
+                "rewind_target_connected",
+                "1 when a source is connected",
+                f64::from(u8::from(s.connected)),
+            );
+            g(
+                &mut m,
+                "rewind_target_durable_seq",
+                "Highest sequence durable in the spool",
+                s.durable_seq as f64,
+            );
+            g(
+                &mut m,
+                "rewind_target_applied_seq",
+                "Highest sequence applied to the replica",
+                s.applied_seq as f64,
+            );
+            g(
+                &mut m,
+                "rewind_target_spool_bytes",
+                "Spooled bytes not yet applied",
+                s.spool_bytes as f64,
+            );
+            g(
+                &mut m,
+                "rewind_target_spool_budget_bytes",
+                "Spool budget",
+                s.spool_budget as f64,
+            );
+            g(
+                &mut m,
+                "rewind_target_flow_controlled",
+                "1 while the spool is over budget",
+                f64::from(u8::from(s.flow_controlled)),
+            );
+            g(
+                &mut m,
+                "rewind_target_apply_rate_bytes_per_second",
+                "Apply rate over the last second",
+                s.apply_rate_bps,
+            );
+            m.sample(
+                "rewind_target_applied_bytes_total",
+                "counter",
+                "Volume bytes applied",
+                &l,
+                s.applied_bytes as f64,
+            );
+        }
+        if let Some(j) = &v.journal {
+            m.sample(
+                "rewind_target_journal_bytes",
+                "gauge",
+                "Undo journal bytes",
+                &l,
+                j.journal_bytes as f64,
+            );
+        }
+        m.sample(
+            "rewind_target_alerts",
+            "gauge",
+            "Active alerts",
+            &l,
+            v.alerts.len() as f64,
+        );
+    }
+    m.finish()
 }
