@@ -57,6 +57,8 @@
 #![warn(missing_docs)]
 
 pub mod attach;
+pub mod client;
+pub mod observe;
 pub mod proto;
 mod range;
 mod server;
@@ -64,6 +66,7 @@ mod source;
 mod uring;
 
 pub use attach::{attach, AttachError, AttachOptions, Attached};
+pub use observe::{RequestObserver, RequestOp};
 pub use range::RangeLocks;
 pub use server::{Export, Server, ServerError, ServerOptions, ShutdownHandle, Stream};
 pub use source::{Backing, BlockSource, TrimOutcome};

@@ -45,6 +45,8 @@ pub struct Export {
     pub read_only: bool,
     /// Change recording (None = tracking off).
     pub sink: Option<Arc<dyn ChangeSink>>,
+    /// Sees every request first (trace capture); None = off.
+    pub observer: Option<Arc<dyn crate::RequestObserver>>,
 }
 
 impl std::fmt::Debug for Export {
@@ -68,6 +70,7 @@ impl Export {
             source,
             read_only: false,
             sink: None,
+            observer: None,
         }
     }
     /// An export of the file or block device at `path` (opened read-only if
@@ -93,6 +96,11 @@ impl Export {
     /// Sets the change sink.
     pub fn with_sink(mut self, sink: Option<Arc<dyn ChangeSink>>) -> Self {
         self.sink = sink;
+        self
+    }
+    /// Sets the request observer (trace capture).
+    pub fn with_observer(mut self, o: Option<Arc<dyn crate::RequestObserver>>) -> Self {
+        self.observer = o;
         self
     }
     /// Whether writes are refused (forced, or the source is read-only).
@@ -1313,6 +1321,12 @@ impl Conn<'_> {
         };
         if self.inner.shutting_down.load(Ordering::Relaxed) && req.kind != CMD_DISC {
             return reject_payload(proto::ESHUTDOWN, r);
+        }
+        if let (Some(o), Some(op)) = (
+            &self.export().observer,
+            crate::RequestOp::from_cmd(req.kind),
+        ) {
+            o.observe(op, off, req.len, req.flags & CMD_FLAG_FUA != 0);
         }
         match req.kind {
             CMD_WRITE => {

@@ -99,6 +99,10 @@ pub struct ExportArgs {
     /// Serve backing I/O with plain pread/pwrite instead of io_uring.
     #[arg(long)]
     pub no_io_uring: bool,
+    /// Record every request (read, write, trim, flush) as a fio v3 iolog in FILE,
+    /// replayable with `rewind replay` or `fio --read_iolog`.
+    #[arg(long, value_name = "FILE")]
+    pub trace_out: Option<PathBuf>,
 }
 
 /// Parses a byte count with an optional K/M/G/T suffix (binary units).
@@ -223,10 +227,22 @@ pub fn run(args: ExportArgs) -> Result<()> {
     };
     let sink = change_log.clone().map(|l| l as Arc<dyn ChangeSink>);
 
+    let tracer = match &args.trace_out {
+        Some(p) => Some(
+            crate::replay::capture::IologWriter::create(p, &volume, size)
+                .with_context(|| format!("creating the trace file {}", p.display()))?,
+        ),
+        None => None,
+    };
     let export = Export::new(export_name.clone(), Arc::new(backing))
         .with_description(format!("rewind volume {volume}"))
         .with_read_only(args.read_only)
-        .with_sink(sink);
+        .with_sink(sink)
+        .with_observer(
+            tracer
+                .clone()
+                .map(|t| t as Arc<dyn filter_nbd::RequestObserver>),
+        );
     let opts = ServerOptions {
         io_uring: !args.no_io_uring,
         ..ServerOptions::default()
@@ -312,6 +328,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
     drop(server);
     if let Some(log) = change_log {
         log.close().context("closing the change log")?;
+    }
+    if let Some(t) = tracer {
+        t.close().context("closing the trace file")?;
     }
     served.context("serving NBD")?;
     Ok(())

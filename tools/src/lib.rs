@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pki_cli;
 pub mod protect;
+pub mod replay;
 pub mod replicate;
 pub mod status;
 pub mod store;

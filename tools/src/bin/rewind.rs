@@ -46,6 +46,8 @@ enum Command {
     HealthReport(tools::health::HealthArgs),
     /// Protect a volume, write ext4 on it, recover it at a local recovery site, verify (needs root).
     Demo(tools::demo::DemoArgs),
+    /// Replay a block trace against an export with self-verifying blocks, then verify.
+    Replay(tools::replay::ReplayArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +74,11 @@ fn main() -> std::process::ExitCode {
         }
         Command::HealthReport(args) => tools::health::run(args),
         Command::Demo(args) => tools::demo::run(args),
+        Command::Replay(args) => match tools::replay::run(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
