@@ -43,13 +43,18 @@ pub(crate) fn list_indexed(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>>
 
 /// Take an exclusive `flock` on `<dir>/lock` (released by the kernel when the process dies).
 pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
-    let p = dir.join("lock");
+    flock_path(&dir.join("lock"))?.ok_or_else(|| JournalError::Locked(dir.to_path_buf()))
+}
+
+/// Open (create) `p` and take a non-blocking exclusive `flock`; `None` if another
+/// descriptor holds it. The lock lives as long as the returned file.
+pub(crate) fn flock_path(p: &Path) -> Result<Option<File>> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&p)
+        .open(p)
         .map_err(ioe(|| format!("open {}", p.display())))?;
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a valid, open file descriptor owned by `f`; no memory is passed.
@@ -57,14 +62,14 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     if r != 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::WouldBlock {
-            return Err(JournalError::Locked(dir.to_path_buf()));
+            return Ok(None);
         }
         return Err(JournalError::Io {
             context: format!("flock {}", p.display()),
             source: e,
         });
     }
-    Ok(f)
+    Ok(Some(f))
 }
 
 /// Read as many bytes as available at `off` (short at EOF).

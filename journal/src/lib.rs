@@ -56,6 +56,7 @@
 mod apply;
 mod bookmark;
 mod catalogue;
+mod dirview;
 mod error;
 pub mod fault;
 mod format;

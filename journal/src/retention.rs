@@ -151,8 +151,13 @@ fn encode_base(b: &BasePoint) -> [u8; 96] {
 
 /// The persisted oldest point (`None` if never pruned).
 pub(crate) fn load_base(dir: &Path) -> Result<Option<BasePoint>> {
-    let p = dir.join(RETENTION_FILE);
     let _ = fs::remove_file(dir.join(RETENTION_TMP));
+    read_base(dir)
+}
+
+/// The persisted oldest point, read-only.
+pub(crate) fn read_base(dir: &Path) -> Result<Option<BasePoint>> {
+    let p = dir.join(RETENTION_FILE);
     let b = match fs::read(&p) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -307,7 +312,8 @@ impl TargetVolume {
         self.segments[last].len += c.len() as u64;
         self.commit_written = self.applied_through;
         self.sync_journal()?;
-        let pins: Vec<u64> = self
+        // live views: in this process, and pin files of directory views of other processes
+        let mut pins: Vec<u64> = self
             .shared
             .pins
             .lock()
@@ -315,6 +321,7 @@ impl TargetVolume {
             .values()
             .copied()
             .collect();
+        pins.extend(crate::dirview::live_pin_files(&self.dir)?);
         // 1. compaction
         if !pol.tiers.is_empty() {
             let (kept, full_from) = kept_points(&self.index(), &pol, now, &pins);

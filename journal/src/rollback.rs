@@ -288,7 +288,7 @@ impl TargetVolume {
         discard_spool: bool,
     ) -> Result<RollbackReport> {
         self.check()?;
-        let views = self.shared.live_views()?;
+        let views = self.shared.live_views()? + crate::dirview::live_pin_files(&self.dir)?.len();
         if views > 0 {
             return Err(JournalError::Busy(format!(
                 "{views} snapshot view(s) open; close them before a rollback"

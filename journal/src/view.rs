@@ -161,7 +161,11 @@ fn overlay(idx: &Index, cut: u64, buf: &mut [u8], offset: u64) -> Result<()> {
 pub struct SnapshotView {
     shared: Arc<Shared>,
     point: ResolvedPoint,
+    /// In-process pin id (0: a directory view, pinned by `pin_file`).
     pin: u64,
+    /// Directory views: the scan position for refreshing the private index.
+    tail: Option<Mutex<crate::dirview::Tail>>,
+    _pin_file: Option<crate::dirview::PinFile>,
 }
 
 /// Statistics of a materialization.
@@ -189,7 +193,58 @@ impl SnapshotView {
             .lock()
             .map_err(|_| JournalError::Poisoned)?
             .insert(pin, point.chunk_id);
-        Ok(SnapshotView { shared, point, pin })
+        Ok(SnapshotView {
+            shared,
+            point,
+            pin,
+            tail: None,
+            _pin_file: None,
+        })
+    }
+
+    pub(crate) fn with_tail(
+        shared: Arc<Shared>,
+        point: ResolvedPoint,
+        tail: Mutex<crate::dirview::Tail>,
+        pin_file: crate::dirview::PinFile,
+    ) -> Result<SnapshotView> {
+        Ok(SnapshotView {
+            shared,
+            point,
+            pin: 0,
+            tail: Some(tail),
+            _pin_file: Some(pin_file),
+        })
+    }
+
+    /// Directory view read: replica first, then refresh the index, then overlay
+    /// (see `dirview.rs` for why this order is exact).
+    fn read_dir_view(
+        &self,
+        tail: &Mutex<crate::dirview::Tail>,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(VIEW_LOCK_PIECE);
+            let o = offset + done as u64;
+            let piece = &mut buf[done..done + n];
+            self.shared
+                .replica
+                .read_exact_at(piece, o)
+                .map_err(ioe(|| {
+                    format!("read replica {}", self.shared.replica_path.display())
+                }))?;
+            {
+                let mut t = tail.lock().map_err(|_| JournalError::Poisoned)?;
+                let mut idx = self.shared.write();
+                t.refresh(&mut idx)?;
+            }
+            overlay(&self.shared.read(), self.point.chunk_id, piece, o)?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// The point this view shows.
@@ -213,7 +268,10 @@ impl SnapshotView {
                 size: self.point.size,
             });
         }
-        self.shared.read_point(self.point.chunk_id, buf, offset)
+        match &self.tail {
+            Some(t) => self.read_dir_view(t, buf, offset),
+            None => self.shared.read_point(self.point.chunk_id, buf, offset),
+        }
     }
 
     /// Write the whole volume at the point to `dest` (created if missing). A
@@ -289,6 +347,9 @@ impl SnapshotView {
 
 impl Drop for SnapshotView {
     fn drop(&mut self) {
+        if self.pin == 0 {
+            return;
+        }
         if let Ok(mut p) = self.shared.pins.lock() {
             p.remove(&self.pin);
         }

@@ -492,3 +492,187 @@ fn rollback_crash_at_every_step_finishes_on_open() {
         v.verify_journal().unwrap();
     }
 }
+
+/// Views opened from the directory (as another process would, without the
+/// lock) stay exact while the owner keeps spooling, applying and pruning, and
+/// they block a rollback while open.
+#[test]
+fn directory_views_stay_exact_while_the_owner_applies_and_prunes() {
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("t");
+    let mut v = create(d.path(), *b"uuid-recovery-04");
+    let mut r = StdRng::seed_from_u64(4);
+    let mut img = vec![0u8; VOL as usize];
+    let mut chunks = Vec::new();
+    for k in 1..=240u64 {
+        chunks.push(chunk(&mut r, k));
+    }
+    let mut at = BTreeMap::new();
+    for (i, c) in chunks[..60].iter().enumerate() {
+        apply_model(&mut img, c);
+        v.spool(c).unwrap();
+        at.insert(i as u64 + 1, h(&img));
+    }
+    v.apply_all().unwrap();
+    let views: Vec<_> = [20u64, 40, 60]
+        .iter()
+        .map(|s| {
+            (
+                Arc::new(SnapshotView::open_dir(&t, &RecoveryPoint::Seq(*s)).unwrap()),
+                at[s],
+            )
+        })
+        .collect();
+    assert!(matches!(
+        SnapshotView::open_dir(&t, &RecoveryPoint::Seq(61)),
+        Err(JournalError::PointNotAvailable(_))
+    ));
+    let writer = std::thread::spawn(move || {
+        v.set_retention(Some(RetentionPolicy {
+            keep_all_ns: Some(30_000),
+            ..RetentionPolicy::default()
+        }));
+        for (i, c) in chunks[60..].iter().enumerate() {
+            v.spool(c).unwrap();
+            v.apply_next().unwrap();
+            if i % 40 == 39 {
+                v.prune(c.source_time_ns).unwrap();
+            }
+        }
+        v
+    });
+    let readers: Vec<_> = views
+        .iter()
+        .map(|(s, want)| {
+            let s = s.clone();
+            let want = *want;
+            std::thread::spawn(move || {
+                for _ in 0..6 {
+                    assert!(h(&view_bytes(&s)) == want, "dir view at {:?}", s.point());
+                }
+            })
+        })
+        .collect();
+    let mut v = writer.join().unwrap();
+    for th in readers {
+        th.join().unwrap();
+    }
+    // the views' pin files kept the owner's prune from removing their points
+    assert!(v.resolve(&RecoveryPoint::Seq(20)).is_ok());
+    for (s, want) in &views {
+        let got = view_bytes(s);
+        if h(&got) != *want {
+            let again = view_bytes(s);
+            let fresh = SnapshotView::open_dir(&t, &RecoveryPoint::Seq(s.point().seq));
+            panic!(
+                "view {:?} wrong; again equal: {}; fresh: {:?}",
+                s.point(),
+                h(&again) == *want,
+                fresh.map(|f| h(&view_bytes(&f)) == *want)
+            );
+        }
+    }
+    assert!(matches!(
+        v.rollback_to(&RecoveryPoint::Seq(230), false),
+        Err(JournalError::Busy(_))
+    ));
+    drop(views);
+    assert!(v.prune(240_000).unwrap().deleted_segments > 0);
+    assert!(matches!(
+        v.resolve(&RecoveryPoint::Seq(20)),
+        Err(JournalError::BeforeWindow { .. })
+    ));
+    v.rollback_to(&RecoveryPoint::Seq(230), false).unwrap();
+    assert_eq!(v.applied_seq(), 230);
+}
+
+/// Damaged undo data is an error through every read path, never wrong bytes;
+/// a missing catalogue row is rebuilt at open.
+#[test]
+fn corrupt_undo_data_and_missing_catalogue_rows() {
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("t");
+    let mut v = create(d.path(), *b"uuid-recovery-05");
+    let mut r = StdRng::seed_from_u64(5);
+    for k in 1..=20u64 {
+        v.spool(&chunk(&mut r, k)).unwrap();
+        if k == 10 {
+            v.record_bookmark(bm("ten", BookmarkKind::User, 11, 10))
+                .unwrap();
+        }
+    }
+    v.apply_all().unwrap();
+    // flip one byte of a stored (non-zero) undo payload of the newest record
+    let rec = v.undo_records().pop().unwrap();
+    drop(v);
+    let seg = t.join(format!("journal/{:016x}.seg", rec.segment));
+    let bytes = std::fs::read(&seg).unwrap();
+    // walk the records (docs/journal-format.md) to the last UNDO record with stored payload
+    let rd = |o: usize, n: usize| {
+        let mut a = [0u8; 8];
+        a[..n].copy_from_slice(&bytes[o..o + n]);
+        u64::from_le_bytes(a)
+    };
+    let mut pos = 96usize;
+    let mut flip_at = 0usize;
+    while pos + 64 <= bytes.len() {
+        let body = rd(pos + 8, 8) as usize;
+        let n = rd(pos + 48, 4) as usize;
+        if &bytes[pos..pos + 4] == b"UNDO" {
+            let mut p = pos + 64 + n * 64;
+            for i in 0..n {
+                let stored = rd(pos + 64 + i * 64 + 24, 8) as usize;
+                if stored > 0 {
+                    flip_at = p;
+                    break;
+                }
+                p += stored;
+            }
+        }
+        pos += 64 + body + 32;
+    }
+    assert!(flip_at > 0);
+    let mut b = bytes.clone();
+    b[flip_at] ^= 0x55;
+    std::fs::write(&seg, &b).unwrap();
+    let v = TargetVolume::open_with(&t, opts()).unwrap();
+    let s = v.snapshot(&RecoveryPoint::Seq(1)).unwrap();
+    let mut buf = vec![0u8; VOL as usize];
+    let e = s.read_at(&mut buf, 0);
+    assert!(matches!(e, Err(JournalError::Corrupt { .. })), "{e:?}");
+    let out = d.path().join("m.img");
+    assert!(matches!(
+        s.materialize(&out, |_, _| {}),
+        Err(JournalError::Corrupt { .. })
+    ));
+    let ds = SnapshotView::open_dir(&t, &RecoveryPoint::Seq(1)).unwrap();
+    assert!(matches!(
+        ds.read_at(&mut buf, 0),
+        Err(JournalError::Corrupt { .. })
+    ));
+    assert!(v.verify_journal().is_err());
+    // the newest state does not need the damaged record
+    let s = v.snapshot(&RecoveryPoint::Latest).unwrap();
+    s.read_at(&mut buf, 0).unwrap();
+    drop((s, ds, v));
+    std::fs::write(&seg, &bytes).unwrap();
+    // catalogue rows deleted behind our back come back at open
+    let db = rusqlite::Connection::open(t.join("catalogue.sqlite")).unwrap();
+    db.execute("DELETE FROM bookmarks", []).unwrap();
+    db.execute("DELETE FROM segments WHERE idx = 0", [])
+        .unwrap();
+    drop(db);
+    let v = TargetVolume::open_with(&t, opts()).unwrap();
+    drop(v);
+    let db = rusqlite::Connection::open(t.join("catalogue.sqlite")).unwrap();
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM bookmarks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM segments WHERE idx = 0", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(n, 1);
+}
