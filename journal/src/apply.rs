@@ -271,7 +271,7 @@ impl TargetVolume {
             for x in &mut ux {
                 x.file_off += base;
             }
-            idx.records.push_back(UndoRec {
+            idx.push(UndoRec {
                 chunk_id: p.chunk_id,
                 first_seq: p.first_seq,
                 last_seq: p.last_seq,

@@ -176,7 +176,7 @@ fn take_record(
     if h.id <= idx.base.chunk_id || idx.records.back().is_some_and(|r| r.chunk_id >= h.id) {
         return;
     }
-    idx.records.push_back(UndoRec {
+    idx.push(UndoRec {
         chunk_id: h.id,
         first_seq: h.first_seq,
         last_seq: h.last_seq,

@@ -345,6 +345,7 @@ impl TargetVolume {
         {
             let mut idx = v.index_mut();
             idx.records = records.into();
+            idx.reindex();
             idx.bookmarks = bookmarks;
         }
         if let Some(base) = retention::load_base(dir)? {

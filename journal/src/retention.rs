@@ -470,7 +470,7 @@ impl TargetVolume {
             .front()
             .is_some_and(|r| r.chunk_id <= base.chunk_id)
         {
-            idx.records.pop_front();
+            idx.pop_front();
         }
         let nb = idx.bookmarks.len();
         idx.bookmarks.retain(|b| b.chunk_id >= base.chunk_id);
@@ -658,6 +658,7 @@ impl TargetVolume {
             let tail: Vec<UndoRec> = idx.records.drain(s..).skip(end - s).collect();
             idx.records.extend(recs);
             idx.records.extend(tail);
+            idx.reindex();
         }
         self.counters.journal_records = idx.records.len() as u64;
         drop(idx);

@@ -25,7 +25,7 @@ use crate::error::{ioe, JournalError, Result};
 use crate::point::{RecoveryPoint, RecoveryPoints, ResolvedPoint};
 use crate::segment::{undo_bytes, UndoRec};
 use crate::{bookmark::StoredBookmark, Bookmark, Point, TargetVolume};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -56,6 +56,44 @@ pub(crate) struct Index {
     /// Bookmarks ordered by position.
     pub(crate) bookmarks: Vec<StoredBookmark>,
     pub(crate) size: u64,
+    /// Spatial index of every undo extent: (volume offset, chunk id, extent
+    /// number). Extents are at most [`crate::UNDO_PIECE`] long, so the extents
+    /// overlapping `[o, e)` start in `[o − UNDO_PIECE, e)`.
+    pub(crate) by_offset: BTreeSet<(u64, u64, u32)>,
+}
+
+impl Index {
+    /// Append a record (chunk ids increase) and index its extents.
+    pub(crate) fn push(&mut self, r: UndoRec) {
+        for (i, x) in r.extents.iter().enumerate() {
+            self.by_offset.insert((x.offset, r.chunk_id, i as u32));
+        }
+        self.records.push_back(r);
+    }
+
+    /// Remove the oldest record.
+    pub(crate) fn pop_front(&mut self) -> Option<UndoRec> {
+        let r = self.records.pop_front()?;
+        for (i, x) in r.extents.iter().enumerate() {
+            self.by_offset.remove(&(x.offset, r.chunk_id, i as u32));
+        }
+        Some(r)
+    }
+
+    /// Rebuild the spatial index from `records` (after a bulk change).
+    pub(crate) fn reindex(&mut self) {
+        self.by_offset.clear();
+        for r in &self.records {
+            for (i, x) in r.extents.iter().enumerate() {
+                self.by_offset.insert((x.offset, r.chunk_id, i as u32));
+            }
+        }
+    }
+
+    fn record(&self, chunk_id: u64) -> Option<&UndoRec> {
+        let i = self.records.partition_point(|r| r.chunk_id < chunk_id);
+        self.records.get(i).filter(|r| r.chunk_id == chunk_id)
+    }
 }
 
 /// State shared by a [`TargetVolume`] and its [`SnapshotView`]s.
@@ -85,6 +123,7 @@ impl Shared {
                 },
                 bookmarks: Vec::new(),
                 size,
+                by_offset: BTreeSet::new(),
             }),
             replica,
             replica_path: replica_path.to_path_buf(),
@@ -135,18 +174,29 @@ impl Shared {
 /// from before the chunk). Every payload used is blake3-verified.
 fn overlay(idx: &Index, cut: u64, buf: &mut [u8], offset: u64) -> Result<()> {
     let end = offset + buf.len() as u64;
-    let first = idx.after(cut);
-    for r in idx.records.range(first..).rev() {
-        for x in r.extents.iter().rev() {
-            let (xs, xe) = (x.offset, x.offset + x.len);
-            let (s, e) = (xs.max(offset), xe.min(end));
-            if s >= e {
-                continue;
-            }
-            let old = undo_bytes(r, x)?;
-            buf[(s - offset) as usize..(e - offset) as usize]
-                .copy_from_slice(&old[(s - xs) as usize..(e - xs) as usize]);
+    // extents overlapping [offset, end) of records newer than the point, found
+    // through the spatial index; applied newest record first, last extent first
+    let lo = offset.saturating_sub(crate::UNDO_PIECE);
+    let mut hits: Vec<(u64, u32)> = idx
+        .by_offset
+        .range((lo, 0, 0)..(end, 0, 0))
+        .filter(|(_, c, _)| *c > cut)
+        .map(|(_, c, i)| (*c, *i))
+        .collect();
+    hits.sort_unstable_by(|a, b| b.cmp(a));
+    for (c, i) in hits {
+        let Some(r) = idx.record(c) else { continue };
+        let Some(x) = r.extents.get(i as usize) else {
+            continue;
+        };
+        let (xs, xe) = (x.offset, x.offset + x.len);
+        let (s, e) = (xs.max(offset), xe.min(end));
+        if s >= e {
+            continue;
         }
+        let old = undo_bytes(r, x)?;
+        buf[(s - offset) as usize..(e - offset) as usize]
+            .copy_from_slice(&old[(s - xs) as usize..(e - xs) as usize]);
     }
     Ok(())
 }
