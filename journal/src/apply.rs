@@ -232,6 +232,7 @@ impl TargetVolume {
                 &mut jbuf,
                 &RecHeader {
                     magic: REC_UNDO,
+                    flags: if p.direct { FLAG_DIRECT } else { 0 },
                     id: p.chunk_id,
                     first_seq: p.first_seq,
                     last_seq: p.last_seq,

@@ -7,6 +7,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// the merged span). Version-1 readers refuse it ("unsupported format version 2")
 /// instead of offering the points inside merged spans.
 pub const SEGMENT_VERSION_MERGED: u32 = 2;
+/// Undo record flag: the chunk was applied straight from memory (`direct_apply`),
+/// its new data is in no spool file; uncommitted at open means "undo it".
+pub const FLAG_DIRECT: u8 = 2;
 /// Undo record flag: the record merges the chunks `aux..=id` (oldest data kept per byte).
 pub const FLAG_MERGED: u8 = 1;
 /// Length of a spool file / segment file header.

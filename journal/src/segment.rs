@@ -154,6 +154,8 @@ impl TargetVolume {
         let nseg = names.len();
         let mut tail_start = 0usize;
         let mut records: Vec<UndoRec> = Vec::new();
+        // FLAG_DIRECT of the records after the last commit
+        let mut direct: Vec<bool> = Vec::new();
         for (i, (index, path)) in names.into_iter().enumerate() {
             let last = i + 1 == nseg;
             let file = OpenOptions::new()
@@ -187,7 +189,9 @@ impl TargetVolume {
                             self.applied_seq = self.applied_seq.max(h.last_seq);
                             self.applied_time_ns = h.time_ns;
                             tail_start = records.len();
+                            direct.clear();
                         } else if let Some(extents) = exts {
+                            direct.push(h.flags & FLAG_DIRECT != 0);
                             records.push(UndoRec {
                                 chunk_id: h.id,
                                 first_seq: h.first_seq,
@@ -274,10 +278,66 @@ impl TargetVolume {
             }
             i += 1;
         }
+        direct.truncate(records.len().saturating_sub(tail_start));
+        if direct.iter().any(|d| *d) {
+            if !direct.iter().all(|d| *d) {
+                return Err(corrupt(
+                    &jd,
+                    0,
+                    "uncommitted tail mixes direct and spooled chunks",
+                ));
+            }
+            self.undo_direct_tail(&mut records, tail_start)?;
+        }
         self.commit_written = self.applied_through;
         self.commit_synced = self.applied_through;
         self.counters.journal_records = records.len() as u64;
         Ok((records, tail_start))
+    }
+
+    /// Direct-applied chunks without a durable commit were never acknowledged and
+    /// their data is in no spool: write their old data back (newest first, so the
+    /// oldest wins), fdatasync the replica, then cut them from the journal.
+    /// Idempotent until the cut, so a crash here is recovered by the next open.
+    fn undo_direct_tail(&mut self, records: &mut Vec<UndoRec>, tail_start: usize) -> Result<()> {
+        let tail = &records[tail_start..];
+        warn!(
+            chunks = tail.len(),
+            "undoing direct-applied chunks whose commit was not durable (never acknowledged)"
+        );
+        for r in tail.iter().rev() {
+            for x in r.extents.iter().rev() {
+                let old = undo_bytes(r, x)?;
+                self.replica.write_all_at(&old, x.offset).map_err(ioe(|| {
+                    format!("write replica {}", self.replica_path.display())
+                }))?;
+            }
+        }
+        self.replica.sync_data().map_err(ioe(|| {
+            format!("fdatasync replica {}", self.replica_path.display())
+        }))?;
+        let first = &tail[0];
+        let (cut_seg, cut_off) = (first.seg.index, first.rec_off);
+        while self.segments.len() > 1 && self.segments.last().is_some_and(|s| s.sf.index > cut_seg)
+        {
+            if let Some(s) = self.segments.pop() {
+                std::fs::remove_file(&s.sf.path)
+                    .map_err(ioe(|| format!("remove {}", s.sf.path.display())))?;
+            }
+        }
+        fsync_dir(&self.dir.join(JOURNAL_DIR))?;
+        let Some(seg) = self.segments.last_mut() else {
+            return Err(JournalError::Poisoned);
+        };
+        seg.sf
+            .file
+            .set_len(cut_off)
+            .and_then(|_| seg.sf.file.sync_all())
+            .map_err(ioe(|| format!("truncate {}", seg.sf.path.display())))?;
+        seg.len = cut_off;
+        self.counters.torn_tails += 1;
+        records.truncate(tail_start);
+        Ok(())
     }
 
     /// Read and validate one journal record at `pos`. Corruption is reported as `Corrupt`.

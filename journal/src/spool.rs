@@ -32,6 +32,8 @@ pub(crate) struct Pending {
     pub(crate) rec_len: u64,
     pub(crate) ranges: Vec<(u64, u64)>,
     pub(crate) data: Option<Vec<ChunkExtent>>,
+    /// Applied straight from memory, never written to the spool (`direct_apply`).
+    pub(crate) direct: bool,
 }
 
 /// Parse one spool record at the start of `b`; returns header, extents and record length.
@@ -181,6 +183,7 @@ impl TargetVolume {
                                 rec_len: total as u64,
                                 ranges: exts.iter().map(|e| (e.offset, e.data.len())).collect(),
                                 data: keep.then_some(exts),
+                                direct: false,
                             });
                         }
                         if !(h.first_seq == 0 && h.last_seq == 0) {
@@ -294,6 +297,11 @@ impl TargetVolume {
     /// [`TargetVolume::spool_many`] taking ownership: the payload is moved into the
     /// apply cache instead of copied (one memcpy per byte less).
     pub fn spool_many_owned(&mut self, mut chunks: Vec<ChunkIn>) -> Result<Vec<SpoolOutcome>> {
+        if self.direct_ok() {
+            let (store, _) = self.classify(&chunks)?;
+            let r = self.spool_direct(chunks, &store);
+            return self.guard(r);
+        }
         let out = self.spool_many_impl(&chunks, false)?;
         let stored: Vec<usize> = out
             .iter()
@@ -317,6 +325,28 @@ impl TargetVolume {
         chunks: &[ChunkIn],
         cache: bool,
     ) -> Result<Vec<SpoolOutcome>> {
+        let (store, incoming) = self.classify(chunks)?;
+        if self.direct_ok() {
+            let r = self.spool_direct(chunks.to_vec(), &store);
+            return self.guard(r);
+        }
+        if incoming > 0
+            && self.pending_bytes > 0
+            && self.pending_bytes + incoming > self.opts.spool_budget_bytes
+        {
+            return Err(JournalError::SpoolFull {
+                pending: self.pending_bytes,
+                incoming,
+                budget: self.opts.spool_budget_bytes,
+            });
+        }
+        let r = self.spool_inner(chunks, &store, cache);
+        self.guard(r)
+    }
+
+    /// Validate `chunks` and mark which ones are stored (not duplicates); also
+    /// returns the payload bytes of the stored ones.
+    fn classify(&self, chunks: &[ChunkIn]) -> Result<(Vec<bool>, u64)> {
         self.check()?;
         for c in chunks {
             self.validate(c)?;
@@ -334,18 +364,85 @@ impl TargetVolume {
             }
             store.push(!dup);
         }
-        if incoming > 0
-            && self.pending_bytes > 0
-            && self.pending_bytes + incoming > self.opts.spool_budget_bytes
-        {
-            return Err(JournalError::SpoolFull {
-                pending: self.pending_bytes,
-                incoming,
-                budget: self.opts.spool_budget_bytes,
+        Ok((store, incoming))
+    }
+
+    /// Direct apply applies in place of spooling: only when enabled and nothing
+    /// is pending (chunks must be applied in arrival order).
+    fn direct_ok(&self) -> bool {
+        self.opts.direct_apply && self.pending.is_empty()
+    }
+
+    /// Apply the stored chunks straight from memory (no spool write): undo
+    /// records flagged `direct`, replica writes, commit, and an fdatasync of the
+    /// commit before returning, so `Ok` means durable exactly as for `spool_many`.
+    /// A crash before that fdatasync leaves direct records without a durable
+    /// commit: open writes their old data back and drops them (never acknowledged).
+    fn spool_direct(&mut self, chunks: Vec<ChunkIn>, store: &[bool]) -> Result<Vec<SpoolOutcome>> {
+        let metas: Vec<(u64, u64, u64, u64)> = chunks
+            .iter()
+            .map(|c| (c.first_seq, c.last_seq, c.source_time_ns, c.payload_bytes()))
+            .collect();
+        let ranges: Vec<Vec<(u64, u64)>> = chunks
+            .iter()
+            .map(|c| c.extents.iter().map(|e| (e.offset, e.data.len())).collect())
+            .collect();
+        let n_stored = store.iter().filter(|s| **s).count() as u64;
+        for (i, c) in chunks.into_iter().enumerate() {
+            if !store[i] {
+                continue;
+            }
+            let (first_seq, last_seq, time_ns, payload) = metas[i];
+            let span = ranges[i].iter().map(|r| r.1).sum();
+            self.pending.push_back(Pending {
+                chunk_id: self.next_chunk_id,
+                first_seq,
+                last_seq,
+                time_ns,
+                payload,
+                span,
+                file_id: u64::MAX,
+                rec_off: 0,
+                rec_len: 0,
+                ranges: ranges[i].clone(),
+                data: Some(c.extents),
+                direct: true,
             });
+            self.cached_bytes += payload;
+            self.pending_bytes += payload;
+            self.next_chunk_id += 1;
         }
-        let r = self.spool_inner(chunks, &store, cache);
-        self.guard(r)
+        let max = self.opts.apply_batch_chunks.max(1);
+        while !self.pending.is_empty() {
+            self.apply_batch_inner(max)?;
+        }
+        if n_stored > 0 {
+            self.sync_journal()?;
+        }
+        // outcomes, as spool_inner reports them
+        let mut out = Vec::with_capacity(store.len());
+        let mut ids = self.next_chunk_id - n_stored;
+        for (i, (first_seq, last_seq, _, _)) in metas.iter().enumerate() {
+            if store[i] {
+                if *last_seq != 0 {
+                    if *first_seq > self.durable_seq + 1 {
+                        self.counters.seq_gaps += 1;
+                    }
+                    self.durable_seq = *last_seq;
+                }
+                out.push(SpoolOutcome::Stored {
+                    chunk_id: ids,
+                    durable_seq: self.durable_seq,
+                });
+                ids += 1;
+            } else {
+                self.counters.duplicate_chunks += 1;
+                out.push(SpoolOutcome::Duplicate {
+                    durable_seq: self.durable_seq,
+                });
+            }
+        }
+        Ok(out)
     }
 
     pub(crate) fn spool_inner(
@@ -419,6 +516,7 @@ impl TargetVolume {
                     rec_len: len,
                     ranges: c.extents.iter().map(|e| (e.offset, e.data.len())).collect(),
                     data: keep.then(|| c.extents.clone()),
+                    direct: false,
                 });
                 self.counters.spooled_chunks += 1;
                 self.counters.spooled_bytes += payload;

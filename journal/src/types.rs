@@ -158,6 +158,11 @@ pub struct TargetOptions {
     pub apply_batch_bytes: u64,
     /// Payload bytes of spooled chunks kept in memory so apply does not re-read the spool.
     pub cache_bytes: u64,
+    /// When nothing is pending, apply received chunks straight from memory
+    /// instead of spooling them (`spool_many` returns after the apply is
+    /// durable): 1 replica read + 2 writes per changed byte instead of 3 writes,
+    /// at the cost of 3 fdatasyncs per call in the acknowledgement path.
+    pub direct_apply: bool,
 }
 
 impl Default for TargetOptions {
@@ -170,6 +175,7 @@ impl Default for TargetOptions {
             apply_batch_chunks: 1024,
             apply_batch_bytes: 64 << 20,
             cache_bytes: 256 << 20,
+            direct_apply: false,
         }
     }
 }
