@@ -61,8 +61,13 @@ pub struct HistorySample {
     pub bitmap_secs: f64,
     /// Seconds resynchronising (step 1, step 2, resized extent).
     pub resync_secs: f64,
-    /// Volume bytes shipped (uncompressed).
+    /// Volume bytes shipped (uncompressed) outside checksum resync passes:
+    /// the data changes.
     pub raw_bytes: u64,
+    /// Volume bytes shipped by checksum resync passes (Resync Step I,
+    /// resized extent): differing blocks, not new changes.
+    #[serde(default)]
+    pub resync_bytes: u64,
     /// Bytes on the wire (compressed, with framing).
     pub wire_bytes: u64,
     /// Bookmarks (tags) acknowledged by the target.
@@ -138,8 +143,13 @@ impl History {
             }
             let cur = (st.shipped_raw_bytes, st.wire_bytes, st.tags_acked);
             if let Some(prev) = a.prev {
-                s.raw_bytes += delta(cur.0, prev.0);
-                s.wire_bytes += delta(cur.1, prev.1);
+                let raw = delta(cur.0, prev.0);
+                if matches!(st.state, PairState::ResyncStep1 | PairState::VolumeResized) {
+                    s.resync_bytes += raw;
+                } else {
+                    s.raw_bytes += raw;
+                    s.wire_bytes += delta(cur.1, prev.1);
+                }
                 s.tags += delta(cur.2, prev.2);
             }
             a.prev = Some(cur);
@@ -264,6 +274,8 @@ pub struct DayHealth {
     pub change_bytes: u64,
     /// The same on the wire, compressed (bytes).
     pub change_bytes_compressed: u64,
+    /// Bytes shipped by checksum resync passes (not changes).
+    pub resync_bytes: u64,
     /// `change_bytes / change_bytes_compressed`.
     pub compression_ratio: f64,
     /// RPO threshold (s).
@@ -334,6 +346,7 @@ pub fn report(state_dir: &Path, dates: &[String], volume: Option<&str>) -> Healt
             d.hours_observed += s.secs / 3600.0;
             d.change_bytes += s.raw_bytes;
             d.change_bytes_compressed += s.wire_bytes;
+            d.resync_bytes += s.resync_bytes;
             d.rpo_threshold_secs = s.rpo_threshold_secs;
             d.rpo_max_secs = d.rpo_max_secs.max(s.rpo_max_secs);
             d.hours_rpo_not_met += s.rpo_over_secs / 3600.0;
@@ -470,6 +483,13 @@ pub fn render(rep: &HealthReport) -> String {
             hours(d.hours_bitmap_mode),
             hours(d.hours_resync)
         );
+        if d.resync_bytes > 0 {
+            let _ = writeln!(
+                o,
+                "  resync traffic      {} of differing blocks",
+                crate::status::human_bytes(d.resync_bytes)
+            );
+        }
         let _ = writeln!(o, "  consistency points  {}", d.consistency_points);
         let _ = writeln!(
             o,
