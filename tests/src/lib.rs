@@ -15,6 +15,7 @@
 //! - `REWIND_TEST_KEEP=1`: keep scratch directories for post-mortems.
 
 pub mod faultproxy;
+pub mod recovery;
 pub mod replication;
 
 use serde_json::Value;

@@ -143,9 +143,9 @@ fn default_volume_name(backing: &Path) -> Result<String> {
         })
 }
 
-/// Binds a unix socket at `path`, replacing a stale socket file left by a
-/// crashed server but refusing to steal the path from a live one.
-fn bind_unix(path: &Path) -> Result<UnixListener> {
+/// Binds a unix socket at `path` (mode 0600), replacing a stale socket file
+/// left by a crashed server but refusing to steal the path from a live one.
+pub fn bind_unix(path: &Path) -> Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             bail!(

@@ -10,17 +10,19 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use journal::{
-    ChunkExtent, ChunkIn, Counters, ExtentData, JournalError, TargetVolume, VolumeIdentity,
+    Bookmark, BookmarkKind, BookmarkOutcome, ChunkExtent, ChunkIn, Counters, ExtentData,
+    JournalError, TargetVolume, VolumeIdentity,
 };
 use replicator::handshake::Refusal;
 use replicator::target::{
     ApplyReport, StoreChunk, StoreData, StoreError, StoreIdentity, StoreProvider, TargetStore,
 };
-use replicator::wire::{ErrorCode, Hello, ResyncReason, Tag};
-use tracing::{info, warn};
+use replicator::wire::{ErrorCode, Hello, ResyncReason, Tag, TagKind};
+use tracing::{debug, info, warn};
 
 /// Marker of a replica that was never completely synchronised.
 pub const NEEDS_SYNC: &str = "needs-initial-sync";
@@ -39,22 +41,196 @@ pub fn resync_passes(dir: &Path) -> u64 {
 /// Journal counters of every open volume, for the status file.
 pub type CounterBoard = Arc<Mutex<HashMap<String, Counters>>>;
 
+/// Marker of a volume failed over at this target (`rewind failover`): while
+/// it exists the target refuses replication for the volume and never writes
+/// its replica (the replica belongs to whoever uses it after the failover).
+/// Holds a JSON [`FailoverMarker`]. Removed by `rewind reprotect`.
+pub const FAILED_OVER: &str = "failed-over";
+
+/// Contents of the [`FAILED_OVER`] marker.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FailoverMarker {
+    /// The recovery point the replica was rolled back to, as the admin gave it.
+    pub point: String,
+    /// When the failover happened (ns since the epoch).
+    pub at_ns: u64,
+    /// The replica handed over.
+    pub replica: String,
+}
+
+/// One volume's [`TargetVolume`] shared by the replication engine (through
+/// [`JournalStore`]) and the recovery commands of the same process (the admin
+/// socket: snapshots, failover). Every access holds its mutex for one call,
+/// so an NBD read of a snapshot waits for at most one apply step.
+pub struct SharedVolume {
+    /// Volume name.
+    pub name: String,
+    /// Journal directory.
+    pub dir: PathBuf,
+    vol: Mutex<Option<TargetVolume>>,
+    opts: journal::TargetOptions,
+    failed: AtomicBool,
+    fenced: AtomicBool,
+    epoch: AtomicU64,
+    views: AtomicU64,
+}
+
+impl SharedVolume {
+    /// Wraps an open volume.
+    pub fn new(vol: TargetVolume, dir: PathBuf, opts: journal::TargetOptions) -> Self {
+        let fenced = dir.join(FAILED_OVER).exists();
+        SharedVolume {
+            name: vol.identity().name.clone(),
+            dir,
+            vol: Mutex::new(Some(vol)),
+            opts,
+            failed: AtomicBool::new(false),
+            fenced: AtomicBool::new(fenced),
+            epoch: AtomicU64::new(0),
+            views: AtomicU64::new(0),
+        }
+    }
+
+    fn guard(&self) -> MutexGuard<'_, Option<TargetVolume>> {
+        self.vol.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the volume under its lock. A failure other than a refusal
+    /// of the input marks the handle for reopening ([`SharedVolume::reopen`]).
+    pub fn with<R>(
+        &self,
+        f: impl FnOnce(&mut TargetVolume) -> Result<R, JournalError>,
+    ) -> Result<R, JournalError> {
+        let mut g = self.guard();
+        let Some(v) = g.as_mut() else {
+            return Err(JournalError::Poisoned);
+        };
+        let r = f(v);
+        if let Err(e) = &r {
+            if !matches!(
+                e,
+                JournalError::SpoolFull { .. }
+                    | JournalError::InvalidChunk(_)
+                    | JournalError::OutOfRange { .. }
+                    | JournalError::Invalid(_)
+                    | JournalError::PointNotAvailable(_)
+                    | JournalError::UnknownBookmark(_)
+                    | JournalError::BeforeWindow { .. }
+                    | JournalError::InFuture { .. }
+                    | JournalError::Inconsistent(_)
+                    | JournalError::Busy(_)
+            ) {
+                self.failed.store(true, Ordering::SeqCst);
+            }
+        }
+        r
+    }
+
+    /// Whether an earlier call failed (the handle must be reopened).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Drops the handle (releasing the directory lock), runs `between` on the
+    /// unlocked directory, then opens it again (which runs journal recovery).
+    pub fn reopen_with<R>(
+        &self,
+        between: impl FnOnce(&Path) -> Result<R, JournalError>,
+    ) -> Result<R, JournalError> {
+        let mut g = self.guard();
+        *g = None;
+        let r = between(&self.dir);
+        let v = TargetVolume::open_with(&self.dir, self.opts.clone())?;
+        *g = Some(v);
+        self.failed.store(false, Ordering::SeqCst);
+        self.fenced
+            .store(self.dir.join(FAILED_OVER).exists(), Ordering::SeqCst);
+        r
+    }
+
+    /// Reopens a failed handle.
+    pub fn reopen(&self) -> Result<(), JournalError> {
+        self.reopen_with(|_| Ok(()))
+    }
+
+    /// Changes when the volume is failed over or re-seeded: a replication
+    /// store made before refuses further frames, so the source reconnects
+    /// and hears the new state (refusal, or the resync request) in `Welcome`.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Snapshot views open on the volume in this process.
+    pub fn live_views(&self) -> u64 {
+        self.views.load(Ordering::SeqCst)
+    }
+
+    /// Counts a view opened ([`crate::vsnap::PointView`]).
+    pub fn view_opened(&self) {
+        self.views.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts a view closed.
+    pub fn view_closed(&self) {
+        self.views.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Starts a new epoch (see [`SharedVolume::epoch`]).
+    pub fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether the volume is failed over here (replication refused, replica not written).
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Marks the volume failed over (persisted first, so a restart keeps it).
+    pub fn fence(&self, marker: &FailoverMarker) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!(".{FAILED_OVER}.tmp"));
+        let body = serde_json::to_vec_pretty(marker).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, body)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join(FAILED_OVER))?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        self.fenced.store(true, Ordering::SeqCst);
+        self.bump_epoch();
+        Ok(())
+    }
+
+    /// The failover marker, if the volume is failed over.
+    pub fn failover_marker(&self) -> Option<FailoverMarker> {
+        read_failover_marker(&self.dir)
+    }
+}
+
+/// Reads the [`FAILED_OVER`] marker of the journal in `dir`.
+pub fn read_failover_marker(dir: &Path) -> Option<FailoverMarker> {
+    let b = std::fs::read(dir.join(FAILED_OVER)).ok()?;
+    Some(serde_json::from_slice(&b).unwrap_or(FailoverMarker {
+        point: "(unreadable marker)".into(),
+        at_ns: 0,
+        replica: String::new(),
+    }))
+}
+
 /// One volume's journal behind the replication engine.
 pub struct JournalStore {
-    vol: TargetVolume,
+    vol: Arc<SharedVolume>,
+    epoch: u64,
     name: String,
     dir: PathBuf,
     board: CounterBoard,
 }
 
 impl JournalStore {
-    /// Wraps an open volume.
-    pub fn new(vol: TargetVolume, dir: PathBuf, board: CounterBoard) -> Self {
-        let name = vol.identity().name.clone();
+    /// Wraps a shared volume.
+    pub fn new(vol: Arc<SharedVolume>, board: CounterBoard) -> Self {
         let s = JournalStore {
+            epoch: vol.epoch(),
+            name: vol.name.clone(),
+            dir: vol.dir.clone(),
             vol,
-            name,
-            dir,
             board,
         };
         s.publish();
@@ -62,9 +238,31 @@ impl JournalStore {
     }
 
     fn publish(&self) {
-        if let Ok(mut b) = self.board.lock() {
-            b.insert(self.name.clone(), self.vol.counters());
+        if let Ok(c) = self.vol.with(|v| Ok(v.counters())) {
+            if let Ok(mut b) = self.board.lock() {
+                b.insert(self.name.clone(), c);
+            }
         }
+    }
+
+    fn fence_check(&self) -> Result<(), StoreError> {
+        if self.vol.epoch() != self.epoch {
+            return Err(StoreError::Failed(format!(
+                "volume {:?} was failed over or re-seeded at this target: reconnect",
+                self.name
+            )));
+        }
+        if self.vol.fenced() {
+            return Err(StoreError::Failed(format!(
+                "volume {:?} is failed over at this target: replication refused until `rewind reprotect`",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn get<R>(&self, f: impl FnOnce(&TargetVolume) -> R, default: R) -> R {
+        self.vol.with(|v| Ok(f(v))).unwrap_or(default)
     }
 }
 
@@ -100,43 +298,74 @@ fn to_chunk(c: &StoreChunk) -> ChunkIn {
 
 impl TargetStore for JournalStore {
     fn identity(&self) -> StoreIdentity {
-        let id = self.vol.identity();
-        StoreIdentity {
-            name: id.name.clone(),
-            uuid: id.uuid,
-            generation: id.generation,
-            size: id.size,
-            block_size: id.block_size,
+        let id = self.get(|v| Some(v.identity().clone()), None::<VolumeIdentity>);
+        match id {
+            Some(id) => StoreIdentity {
+                name: id.name,
+                uuid: id.uuid,
+                generation: id.generation,
+                size: id.size,
+                block_size: id.block_size,
+            },
+            None => StoreIdentity {
+                name: self.name.clone(),
+                uuid: [0; 16],
+                generation: u64::MAX,
+                size: 0,
+                block_size: 0,
+            },
         }
     }
 
     fn durable_seq(&self) -> u64 {
-        self.vol.durable_seq()
+        self.get(|v| v.durable_seq(), 0)
     }
 
     fn applied_seq(&self) -> u64 {
-        self.vol.applied_seq()
+        self.get(|v| v.applied_seq(), 0)
     }
 
     fn spool_bytes(&self) -> u64 {
-        self.vol.spool_bytes()
+        self.get(|v| v.spool_bytes(), 0)
     }
 
     fn spool_budget(&self) -> u64 {
-        self.vol.spool_budget()
+        self.get(|v| v.spool_budget(), 0)
     }
 
     fn spool(&mut self, chunks: &[StoreChunk]) -> Result<u64, StoreError> {
         let owned: Vec<ChunkIn> = chunks.iter().map(to_chunk).collect();
-        let r = self.vol.spool_many_owned(owned).map_err(store_err);
+        // The fence is checked under the volume lock (a failover fences, then locks).
+        let mut refused = None;
+        let r = self
+            .vol
+            .with(|v| {
+                if let Err(e) = self.fence_check() {
+                    refused = Some(e);
+                    return Ok(0);
+                }
+                v.spool_many_owned(owned)?;
+                Ok(v.durable_seq())
+            })
+            .map_err(store_err);
+        if let Some(e) = refused {
+            return Err(e);
+        }
         self.publish();
-        r?;
+        let d = r?;
         crate::iopattern::record_chunks(&self.name, chunks);
-        Ok(self.vol.durable_seq())
+        Ok(d)
     }
 
     fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError> {
-        let r = self.vol.apply_batch().map_err(store_err);
+        let fenced = || self.vol.fenced();
+        // Checked under the volume lock: a failover fences before it takes
+        // the lock, so no apply step starts after its rollback (the replica
+        // was handed over and is never written by the target again).
+        let r = self
+            .vol
+            .with(|v| if fenced() { Ok(None) } else { v.apply_batch() })
+            .map_err(store_err);
         self.publish();
         Ok(r?.map(|a| ApplyReport {
             chunks: a.chunks,
@@ -152,23 +381,47 @@ impl TargetStore for JournalStore {
         len: u64,
         hash_block: u64,
     ) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.fence_check()?;
         let r = self
             .vol
-            .block_hashes(offset, len, hash_block)
+            .with(|v| v.block_hashes(offset, len, hash_block))
             .map_err(store_err);
         self.publish();
         r
     }
 
     fn resize(&mut self, new_size: u64) -> Result<(), StoreError> {
-        let r = self.vol.resize(new_size).map_err(store_err);
+        self.fence_check()?;
+        let r = self.vol.with(|v| v.resize(new_size)).map_err(store_err);
         self.publish();
         r
     }
 
     fn tag(&mut self, tag: &Tag) -> Result<(), StoreError> {
-        // Bookmarks are the journal issue's: recorded in the log for now.
-        info!(volume = %self.name, seq = tag.seq, name = %tag.name, "tag received");
+        self.fence_check()?;
+        let kind = match tag.kind {
+            TagKind::App => BookmarkKind::App,
+            TagKind::Fs => BookmarkKind::Fs,
+            TagKind::User => BookmarkKind::User,
+        };
+        let b = Bookmark {
+            name: tag.name.clone(),
+            kind,
+            uuid: tag.uuid,
+            seq: tag.seq,
+            source_time_ns: tag.source_time_ns,
+        };
+        // Durable (fdatasync'ed) before Ok, so before the engine acknowledges the tag.
+        let r = self.vol.with(|v| v.record_bookmark(b)).map_err(store_err);
+        self.publish();
+        match r? {
+            BookmarkOutcome::Recorded => {
+                info!(volume = %self.name, seq = tag.seq, name = %tag.name, "bookmark recorded")
+            }
+            BookmarkOutcome::Duplicate => {
+                debug!(volume = %self.name, seq = tag.seq, name = %tag.name, "bookmark already recorded")
+            }
+        }
         Ok(())
     }
 
@@ -285,24 +538,80 @@ impl Layout {
     }
 }
 
-/// Opens (or creates) [`JournalStore`]s for the target server.
-pub struct JournalProvider {
-    /// Volume placement.
-    pub layout: Layout,
-    /// Counters of open volumes.
-    pub board: CounterBoard,
+/// The volumes of one target process, opened on demand and shared between
+/// the replication engine and the recovery commands (admin socket). At most
+/// one [`TargetVolume`] per journal directory exists in the process (the
+/// journal's directory lock enforces it across processes).
+pub struct Volumes {
+    layout: Layout,
+    open: Mutex<HashMap<String, Arc<SharedVolume>>>,
 }
 
-fn journal_opts(place: &VolumePlace) -> journal::TargetOptions {
-    let mut o = journal::TargetOptions::default();
-    if let Some(b) = place.spool_budget {
-        o.spool_budget_bytes = b;
+impl Volumes {
+    /// No volume open yet.
+    pub fn new(layout: Layout) -> Self {
+        Volumes {
+            layout,
+            open: Mutex::new(HashMap::new()),
+        }
     }
-    o
-}
 
-impl JournalProvider {
-    fn open_or_create(&self, hello: &Hello) -> Result<JournalStore, Refusal> {
+    /// Where volumes live.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<SharedVolume>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The open volume `name`, opening an existing journal if needed (never creates one).
+    pub fn get(&self, name: &str) -> anyhow::Result<Arc<SharedVolume>> {
+        let mut m = self.map();
+        if let Some(v) = m.get(name) {
+            if v.failed() {
+                v.reopen()
+                    .map_err(|e| anyhow::anyhow!("reopening volume {name:?}: {e}"))?;
+            }
+            return Ok(v.clone());
+        }
+        let Some((place, _)) = self.layout.place(name) else {
+            let known: Vec<String> = self.layout.known().into_iter().map(|k| k.0).collect();
+            anyhow::bail!(
+                "no volume {name:?} at this target (known: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        if !place.journal_dir.join("identity").exists() {
+            anyhow::bail!(
+                "volume {name:?} has no journal in {} (never replicated here)",
+                place.journal_dir.display()
+            );
+        }
+        let opts = journal_opts(&place);
+        let vol = TargetVolume::open_with(&place.journal_dir, opts.clone()).map_err(|e| {
+            anyhow::anyhow!(
+                "opening the journal of {name:?} in {}: {e}",
+                place.journal_dir.display()
+            )
+        })?;
+        let v = Arc::new(SharedVolume::new(vol, place.journal_dir.clone(), opts));
+        m.insert(name.to_string(), v.clone());
+        Ok(v)
+    }
+
+    /// Names of the volumes open in this process.
+    pub fn open_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.map().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn open_or_create(&self, hello: &Hello) -> Result<Arc<SharedVolume>, Refusal> {
         let name = &hello.volume_name;
         let Some((place, may_create)) = self.layout.place(name) else {
             return Err(Refusal::new(
@@ -310,7 +619,34 @@ impl JournalProvider {
                 format!("volume {name:?} is not configured on this target"),
             ));
         };
+        let fenced = |dir: &Path| {
+            read_failover_marker(dir).map(|m| {
+                Refusal::new(
+                    ErrorCode::Unauthorized,
+                    format!(
+                        "volume {name:?} is failed over at this target (point {}); run `rewind reprotect` there to protect it again",
+                        m.point
+                    ),
+                )
+            })
+        };
+        let mut m = self.map();
+        if let Some(v) = m.get(name) {
+            if let Some(r) = fenced(&v.dir) {
+                return Err(r);
+            }
+            if v.failed() {
+                warn!(volume = %name, "reopening a failed volume");
+                v.reopen().map_err(|e| {
+                    Refusal::new(ErrorCode::Internal, format!("volume {name:?}: {e}"))
+                })?;
+            }
+            return Ok(v.clone());
+        }
         let dir = &place.journal_dir;
+        if let Some(r) = fenced(dir) {
+            return Err(r);
+        }
         let internal = |e: JournalError| {
             warn!(volume = %name, error = %e, "cannot open the target volume");
             match e {
@@ -318,8 +654,9 @@ impl JournalProvider {
                 _ => Refusal::new(ErrorCode::Internal, format!("volume {name:?}: {e}")),
             }
         };
+        let opts = journal_opts(&place);
         let vol = if dir.join("identity").exists() {
-            TargetVolume::open_with(dir, journal_opts(&place)).map_err(internal)?
+            TargetVolume::open_with(dir, opts.clone()).map_err(internal)?
         } else if may_create {
             if let Some(parent) = place.replica.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| {
@@ -341,8 +678,7 @@ impl JournalProvider {
                 block_size: hello.block_size,
             };
             info!(volume = %name, replica = %place.replica.display(), journal = %dir.display(), size = hello.size, "creating the replica");
-            TargetVolume::create_with(dir, ident, &place.replica, journal_opts(&place))
-                .map_err(internal)?
+            TargetVolume::create_with(dir, ident, &place.replica, opts.clone()).map_err(internal)?
         } else {
             return Err(Refusal::new(
                 ErrorCode::Unauthorized,
@@ -352,15 +688,33 @@ impl JournalProvider {
                 ),
             ));
         };
-        Ok(JournalStore::new(vol, dir.clone(), self.board.clone()))
+        let v = Arc::new(SharedVolume::new(vol, dir.clone(), opts));
+        m.insert(name.clone(), v.clone());
+        Ok(v)
     }
+}
+
+/// Opens (or creates) [`JournalStore`]s for the target server.
+pub struct JournalProvider {
+    /// The volumes of this target process.
+    pub volumes: Arc<Volumes>,
+    /// Counters of open volumes.
+    pub board: CounterBoard,
+}
+
+fn journal_opts(place: &VolumePlace) -> journal::TargetOptions {
+    let mut o = journal::TargetOptions::default();
+    if let Some(b) = place.spool_budget {
+        o.spool_budget_bytes = b;
+    }
+    o
 }
 
 impl StoreProvider for JournalProvider {
     fn open(&self, hello: &Hello, peer: Option<&str>) -> Result<Box<dyn TargetStore>, Refusal> {
         info!(volume = %hello.volume_name, peer = peer.unwrap_or("(insecure)"), "opening the target volume");
-        self.open_or_create(hello)
-            .map(|s| Box::new(s) as Box<dyn TargetStore>)
+        let v = self.volumes.open_or_create(hello)?;
+        Ok(Box::new(JournalStore::new(v, self.board.clone())) as Box<dyn TargetStore>)
     }
 }
 

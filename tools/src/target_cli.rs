@@ -21,7 +21,10 @@ use crate::config::{TargetConfig, TlsConfig, DEFAULT_TARGET_STATE};
 use crate::daemon;
 use crate::export::parse_size;
 use crate::status::{write_status, JournalFigures, TargetStatusFile, TargetVolumeReport};
-use crate::store::{resync_passes, CounterBoard, JournalProvider, Layout, VolumePlace, NEEDS_SYNC};
+use crate::store::{
+    resync_passes, CounterBoard, JournalProvider, Layout, VolumePlace, Volumes, NEEDS_SYNC,
+};
+use crate::target_admin::AdminServer;
 
 /// Arguments of `rewind target`.
 #[derive(Debug, Args)]
@@ -147,6 +150,18 @@ pub fn run(args: TargetArgs) -> Result<()> {
     let refusals = daemon::init_logging();
     let stop = daemon::stop_flag()?;
     let (cfg, layout) = effective(&args)?;
+    serve(cfg, layout, refusals, stop)
+}
+
+/// Runs a target daemon on a validated configuration until `stop` is raised:
+/// the replication listener, the apply threads, the admin socket
+/// (`<state_dir>/admin.sock`, see [`crate::target_admin`]) and the status file.
+pub fn serve(
+    cfg: TargetConfig,
+    layout: Layout,
+    refusals: Arc<daemon::Refusals>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
     let tls = server_tls(&cfg.tls)?;
     let addr = cfg.listen_addr()?;
     if cfg.tls.insecure {
@@ -156,8 +171,9 @@ pub fn run(args: TargetArgs) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     let bound = listener.local_addr()?;
     let board: CounterBoard = Arc::new(Mutex::new(HashMap::new()));
+    let volumes = Arc::new(Volumes::new(layout.clone()));
     let provider = Arc::new(JournalProvider {
-        layout: layout.clone(),
+        volumes: volumes.clone(),
         board: board.clone(),
     });
     let server = TargetServer::from_listener(listener, tls, provider, TargetOptions::default())
@@ -178,6 +194,8 @@ pub fn run(args: TargetArgs) -> Result<()> {
         None => None,
     };
     let metrics_addr = metrics.as_ref().map(|m| m.addr().to_string());
+    let admin =
+        AdminServer::start(&cfg.state_dir, volumes.clone()).context("starting the admin socket")?;
     info!(listen = %bound, state_dir = %cfg.state_dir.display(), "target ready");
     let started_ns = now_ns();
     let snapshot = |running: bool| -> TargetStatusFile {
@@ -254,6 +272,7 @@ pub fn run(args: TargetArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let last = snapshot(false);
+    admin.shutdown();
     server.shutdown();
     write_status(&cfg.state_dir, &last)?;
     info!("target stopped cleanly");

@@ -48,11 +48,24 @@ enum Command {
     Demo(tools::demo::DemoArgs),
     /// Replay a block trace against an export with self-verifying blocks, then verify.
     Replay(tools::replay::ReplayArgs),
+    /// Recovery points of a replicated volume at the target.
+    Recover(tools::recover_cli::RecoverArgs),
+    /// Virtual (NBD) and physical snapshots of a replicated volume at a point in time.
+    Snapshot(tools::recover_cli::SnapshotArgs),
+    /// Roll a replica back to a point and hand it over (stops its replication).
+    Failover(tools::recover_cli::FailoverArgs),
+    /// Protect a failed-over volume again: discard the replica's divergence, resync by checksum.
+    Reprotect(tools::recover_cli::ReprotectArgs),
+    /// Receive a recovered volume back into the original source device (reverse replication).
+    Failback(tools::recover_cli::FailbackArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Target(_) | Command::Replicator(_)) {
+    if !matches!(
+        cli.command,
+        Command::Target(_) | Command::Replicator(_) | Command::Failback(_)
+    ) {
         tools::logging::init();
     }
     let result = match cli.command {
@@ -79,6 +92,11 @@ fn main() -> std::process::ExitCode {
             Ok(false) => return std::process::ExitCode::FAILURE,
             Err(e) => Err(e),
         },
+        Command::Recover(args) => tools::recover_cli::run_recover(args),
+        Command::Snapshot(args) => tools::recover_cli::run_snapshot(args),
+        Command::Failover(args) => tools::recover_cli::run_failover(args),
+        Command::Reprotect(args) => tools::recover_cli::run_reprotect(args),
+        Command::Failback(args) => tools::recover_cli::run_failback(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
