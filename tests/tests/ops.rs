@@ -881,3 +881,58 @@ fn ops_config_reload_and_target_metrics() {
     repl.stop();
     target.stop();
 }
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Measurement (not run in CI): how old the figures `rewind status` shows
+/// are under a write load, live from the admin socket vs. the status file.
+/// `cargo test -p rewind-tests --test ops -- --ignored --nocapture ops_measure`
+#[test]
+#[ignore]
+fn ops_measure_status_freshness_under_load() {
+    let s = Scratch::new("ops-fresh");
+    let backing = s.join("vol.img");
+    create_sparse(&backing, 64 * MIB);
+    let st = Setup::start(&s, &backing, "zstd:1");
+    let writer = Writer::start(st.export.uri(), 64 * MIB, 3);
+    writer.resume();
+    std::thread::sleep(Duration::from_secs(2));
+    let (mut live, mut file) = (Vec::new(), Vec::new());
+    for _ in 0..60 {
+        let o = run_ok(
+            rewind()
+                .args(["status", "--json", "--state-dir"])
+                .arg(&st.repl.state_dir),
+            T,
+        );
+        let got = now_ns();
+        let d: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(d["figures_from"], "live");
+        let p = &d["source"]["pairs"][0]["status"];
+        live.push(got.saturating_sub(p["updated_ns"].as_u64().unwrap()) as f64 / 1e6);
+        if let Some(f) = read_status_file(&st.repl.state_dir) {
+            file.push(now_ns().saturating_sub(f["updated_ns"].as_u64().unwrap()) as f64 / 1e6);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    writer.pause();
+    println!(
+        "status age under load, ms: live p50 {:.0} p99 {:.0} max {:.0} | status file p50 {:.0} p99 {:.0} max {:.0} (n={})",
+        percentile(&mut live, 0.5),
+        percentile(&mut live, 0.99),
+        percentile(&mut live, 1.0),
+        percentile(&mut file, 0.5),
+        percentile(&mut file, 0.99),
+        percentile(&mut file, 1.0),
+        live.len()
+    );
+}
