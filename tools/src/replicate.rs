@@ -494,8 +494,12 @@ impl Shared {
     }
 
     fn snapshot(&self, alive: bool) -> ReplicatorStatusFile {
-        let cfg = lock(&self.cfg);
-        let threshold = cfg.rpo_threshold_secs;
+        // Lock order everywhere: pairs, then runtime, then cfg; cfg is
+        // released before pairs is taken here.
+        let (threshold, target) = {
+            let cfg = lock(&self.cfg);
+            (cfg.rpo_threshold_secs, cfg.target.address.clone())
+        };
         let mut pairs = lock(&self.pairs);
         let reports = pairs
             .values_mut()
@@ -510,7 +514,7 @@ impl Shared {
             started_ns: self.started_ns,
             updated_ns: now_ns(),
             running: alive,
-            target: cfg.target.address.clone(),
+            target,
             rpo_threshold_secs: threshold,
             pairs: reports,
             control_socket: self.control_socket.display().to_string(),
