@@ -715,6 +715,11 @@ impl Export {
         ex
     }
 
+    /// The admin socket of this export (`rewind export`'s default path).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.shm_dir.join(format!("{}.admin.sock", self.volume))
+    }
+
     /// The NBD URI of this export.
     pub fn uri(&self) -> String {
         if let Some(p) = self.opts.tcp_port {

@@ -18,7 +18,7 @@ use serde::Serialize;
     name = "drvutil",
     version,
     about = "Inspect rewind's filter: capture mode, dirty blocks, ring fill and I/O statistics per volume",
-    after_help = "Examples:\n  drvutil --ps vol0\n  drvutil --pas --json\n  drvutil --dump vol0 --json   # also lists unconsumed ring records and dirty ranges\n  drvutil --kernel             # attached /dev/nbdN, dm tables in force, insertions, eras"
+    after_help = "Examples:\n  drvutil --ps vol0\n  drvutil --pas --json\n  drvutil --stop-filtering vol0   # keep serving, stop capturing, flag a resync\n  drvutil --start-filtering vol0\n  drvutil --dump vol0 --json   # also lists unconsumed ring records and dirty ranges\n  drvutil --kernel             # attached /dev/nbdN, dm tables in force, insertions, eras"
 )]
 pub struct DrvutilArgs {
     /// Print the statistics of one volume.
@@ -34,12 +34,27 @@ pub struct DrvutilArgs {
     /// their origin devices) and dm-era state.
     #[arg(long, conflicts_with_all = ["ps", "pas", "dump"])]
     pub kernel: bool,
+    /// Stop capturing writes of VOLUME (the agent keeps serving I/O; writes are
+    /// tracked in the dirty bitmap only and the volume is flagged for resync).
+    #[arg(long, value_name = "VOLUME", conflicts_with_all = ["ps", "pas", "dump", "kernel", "start_filtering"])]
+    pub stop_filtering: Option<String>,
+    /// Resume capturing writes of VOLUME (a resync flag set by --stop-filtering stays).
+    #[arg(long, value_name = "VOLUME", conflicts_with_all = ["ps", "pas", "dump", "kernel"])]
+    pub start_filtering: Option<String>,
+    /// Admin socket of the agent serving the volume, for --stop/--start-filtering
+    /// (default: $REWIND_ADMIN_SOCKET, else `<shm-dir>/<volume>.admin.sock` if
+    /// present, else /run/rewind/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
     /// Machine-readable JSON instead of text.
     #[arg(long)]
     pub json: bool,
     /// Directory of the shared-memory change logs.
     #[arg(long, value_name = "DIR", default_value = agent_core::config::DEFAULT_SHM_DIR)]
     pub shm_dir: PathBuf,
+    /// The agent's state directory (where a resync flag is kept).
+    #[arg(long, value_name = "DIR", default_value = agent_core::config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 /// Statistics of one volume as `drvutil` reports them.
@@ -72,8 +87,10 @@ pub struct ReportStats {
     pub ring_fill_percent: f64,
     /// Bytes of completed writes.
     pub bytes_written: u64,
-    /// Alerts an admin must see (bitmap mode, filtering stopped, crashed producer).
+    /// Alerts an admin must see (bitmap mode, filtering stopped, resync flagged, crashed producer).
     pub alerts: Vec<String>,
+    /// Set when a resync of the volume is flagged (filtering was stopped).
+    pub resync_required: Option<crate::volumes::ResyncMarker>,
     /// Write-size histogram, smallest bucket first.
     pub write_sizes: Vec<Bucket>,
     /// Read-size histogram, smallest bucket first.
@@ -168,8 +185,14 @@ fn agent_core_now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Builds the report of the change log at `path`.
-pub fn report(volume: &str, path: &Path, with_contents: bool) -> Result<VolumeReport> {
+/// Builds the report of the change log at `path` (`state_dir`: where a
+/// resync flag of the volume would be).
+pub fn report(
+    volume: &str,
+    path: &Path,
+    state_dir: &Path,
+    with_contents: bool,
+) -> Result<VolumeReport> {
     let view = ChangeLogView::open(path).with_context(|| {
         format!(
             "opening the change log of volume {volume} at {}",
@@ -177,6 +200,11 @@ pub fn report(volume: &str, path: &Path, with_contents: bool) -> Result<VolumeRe
         )
     })?;
     let raw = view.stats();
+    let resync_required = crate::volumes::read_resync_marker(state_dir, volume);
+    let mut alerts = alerts(&raw);
+    if let Some(m) = &resync_required {
+        alerts.push(format!("resync required: {}", m.reason));
+    }
     let stats = ReportStats {
         capture_mode: mode_name(raw.mode),
         dirty_blocks: raw.dirty_blocks_active + raw.dirty_blocks_pending,
@@ -187,7 +215,8 @@ pub fn report(volume: &str, path: &Path, with_contents: bool) -> Result<VolumeRe
             (raw.ring_used_bytes as f64 * 1000.0 / raw.ring_capacity as f64).round() / 10.0
         },
         bytes_written: raw.write_bytes,
-        alerts: alerts(&raw),
+        alerts,
+        resync_required,
         write_sizes: histogram(&raw.write_size_histogram),
         read_sizes: histogram(&raw.read_size_histogram),
         raw,
@@ -382,18 +411,27 @@ pub fn run(args: &DrvutilArgs) -> Result<String> {
             crate::kernel_info::render_text(&r)
         });
     }
+    if let Some((v, on)) = args
+        .stop_filtering
+        .as_ref()
+        .map(|v| (v, false))
+        .or(args.start_filtering.as_ref().map(|v| (v, true)))
+    {
+        return set_filtering(args, v, on);
+    }
     let path_of = |v: &str| args.shm_dir.join(format!("{v}.clog"));
+    let sd = &args.state_dir;
     let reports = if let Some(v) = &args.ps {
-        vec![report(v, &path_of(v), false)?]
+        vec![report(v, &path_of(v), sd, false)?]
     } else if let Some(v) = &args.dump {
-        vec![report(v, &path_of(v), true)?]
+        vec![report(v, &path_of(v), sd, true)?]
     } else if args.pas {
         list_volumes(&args.shm_dir)?
             .iter()
-            .map(|v| report(v, &path_of(v), false))
+            .map(|v| report(v, &path_of(v), sd, false))
             .collect::<Result<Vec<_>>>()?
     } else {
-        bail!("nothing to do: pass --ps VOLUME, --pas, --dump VOLUME or --kernel (see --help)");
+        bail!("nothing to do: pass --ps VOLUME, --pas, --dump VOLUME, --kernel, --stop-filtering VOLUME or --start-filtering VOLUME (see --help)");
     };
     if args.json {
         let text = if args.pas {
@@ -414,4 +452,40 @@ pub fn run(args: &DrvutilArgs) -> Result<String> {
         .map(render_text)
         .collect::<Vec<_>>()
         .join("\n"))
+}
+
+/// `--stop-filtering` / `--start-filtering`: asks the agent serving `volume`
+/// over its admin socket.
+fn set_filtering(args: &DrvutilArgs, volume: &str, on: bool) -> Result<String> {
+    let socket =
+        crate::volumes::resolve_socket(args.admin_socket.as_deref(), &args.shm_dir, Some(volume));
+    let req = crate::volumes::AgentRequest::SetFiltering {
+        volume: volume.to_owned(),
+        on,
+    };
+    let v: serde_json::Value =
+        crate::volumes::call(&socket, &req, std::time::Duration::from_secs(30)).with_context(
+            || {
+                format!(
+                    "{} filtering of {volume} via {}",
+                    if on { "starting" } else { "stopping" },
+                    socket.display()
+                )
+            },
+        )?;
+    if args.json {
+        return Ok(serde_json::to_string_pretty(&v).context("serialising")? + "\n");
+    }
+    let resync = if v["resync_required"].is_null() {
+        String::new()
+    } else {
+        format!(
+            "; resync required ({})",
+            v["resync_required"]["reason"].as_str().unwrap_or("flagged")
+        )
+    };
+    Ok(format!(
+        "{volume}: filtering {}{resync}\n",
+        if on { "started" } else { "stopped" }
+    ))
 }

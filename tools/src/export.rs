@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use agent_core::config::{DEFAULT_SHM_DIR, DEFAULT_STATE_DIR};
-use agent_core::{ChangeLog, ChangeLogConfig, ChangeSink};
+use agent_core::{ChangeLog, ChangeLogConfig};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use filter_nbd::{Backing, BlockSource, Export, Server, ServerOptions};
@@ -103,6 +103,10 @@ pub struct ExportArgs {
     /// replayable with `rewind replay` or `fio --read_iolog`.
     #[arg(long, value_name = "FILE")]
     pub trace_out: Option<PathBuf>,
+    /// Admin socket (bookmarks, `drvutil --stop-filtering`), mode 0600, root
+    /// or this user only; default `<shm-dir>/<volume>.admin.sock`.
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// Parses a byte count with an optional K/M/G/T suffix (binary units).
@@ -225,7 +229,14 @@ pub fn run(args: ExportArgs) -> Result<()> {
         log.start_persister();
         Some(log)
     };
-    let sink = change_log.clone().map(|l| l as Arc<dyn ChangeSink>);
+    let (volumes, sink) = crate::volumes::single(&volume, change_log.clone(), &args.state_dir);
+    let admin_path = args
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| crate::volumes::export_socket(&args.shm_dir, &volume));
+    let admin = volumes
+        .serve(&admin_path)
+        .with_context(|| format!("starting the admin socket {}", admin_path.display()))?;
 
     let tracer = match &args.trace_out {
         Some(p) => Some(
@@ -324,6 +335,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if args.listen.is_some() && served.is_ok() {
         let _ = stopped_rx.recv();
     }
+    drop(admin);
     drop(attached);
     drop(server);
     if let Some(log) = change_log {

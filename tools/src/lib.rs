@@ -3,12 +3,14 @@
 //! lives in one module and can be tested without spawning a process.
 
 pub mod admin;
+pub mod bookmark;
 pub mod cdpcli;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod drvutil;
 pub mod export;
+pub mod gate;
 pub mod health;
 pub mod iopattern;
 pub mod kernel_info;
@@ -25,4 +27,5 @@ pub mod status;
 pub mod store;
 pub mod target_admin;
 pub mod target_cli;
+pub mod volumes;
 pub mod vsnap;

@@ -12,6 +12,10 @@ fn args(dir: &std::path::Path) -> DrvutilArgs {
         kernel: false,
         json: true,
         shm_dir: dir.join("shm"),
+        state_dir: dir.join("state"),
+        stop_filtering: None,
+        start_filtering: None,
+        admin_socket: None,
     }
 }
 

@@ -299,6 +299,10 @@ fn drvutil_kernel() -> serde_json::Value {
         kernel: true,
         json: true,
         shm_dir: "/nonexistent".into(),
+        state_dir: "/nonexistent".into(),
+        stop_filtering: None,
+        start_filtering: None,
+        admin_socket: None,
     };
     serde_json::from_str(&tools::drvutil::run(&args).unwrap()).unwrap()
 }

@@ -58,6 +58,8 @@ enum Command {
     Reprotect(tools::recover_cli::ReprotectArgs),
     /// Receive a recovered volume back into the original source device (reverse replication).
     Failback(tools::recover_cli::FailbackArgs),
+    /// Take bookmarks (crash-, fs- or app-consistent points) through the agent's admin socket.
+    Bookmark(tools::bookmark::BookmarkArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,6 +99,7 @@ fn main() -> std::process::ExitCode {
         Command::Failover(args) => tools::recover_cli::run_failover(args),
         Command::Reprotect(args) => tools::recover_cli::run_reprotect(args),
         Command::Failback(args) => tools::recover_cli::run_failback(args),
+        Command::Bookmark(args) => tools::bookmark::run(args).map(|out| print!("{out}")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
