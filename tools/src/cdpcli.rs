@@ -1,6 +1,9 @@
 //! `cdpcli`: target inspection with the commands and field names admins of
-//! the seed product know (`--listtargetvolumes`, `--displaystatistics`).
-//! Reads the status file of `rewind target` (`<state_dir>/status.json`).
+//! the seed product know (`--listtargetvolumes`, `--displaystatistics`,
+//! `--iopattern`, `--showsummary`). Reads the status file of `rewind target`
+//! (`<state_dir>/status.json`); `--showsummary` asks the running target
+//! through its admin socket, or opens the journal with `--target-dir` when no
+//! target runs.
 
 use std::path::PathBuf;
 
@@ -22,7 +25,9 @@ use crate::status::{liveness, read_status, TargetStatusFile, TargetVolumeReport}
     cdpcli --listtargetvolumes\n  \
     cdpcli --displaystatistics --vol=vol0\n  \
     cdpcli --displaystatistics --vol=vol0 --json --state-dir /var/lib/rewind/target\n  \
-    cdpcli --iopattern --vol=vol0\n\n\
+    cdpcli --iopattern --vol=vol0\n  \
+    cdpcli --showsummary --vol=vol0 [--json]\n  \
+    cdpcli --showsummary --vol=vol0 --target-dir /srv/rewind      # no target running\n\n\
 Fields of --displaystatistics: Diffs pending in CX = bytes received by the target and not yet durable \
 in its spool (rewind has no relay; normally 0), Diffs pending in Target = bytes spooled and not yet \
 applied to the replica, Current RPO (secs) = now - source time of the oldest change not applied \
@@ -30,7 +35,11 @@ applied to the replica, Current RPO (secs) = now - source time of the oldest cha
 work, Apply time (secs) = time spent applying since the target started. \
 --iopattern: writes received since the target started, by size (512 B .. 4 MiB and larger) and \
 random/sequential (sizes as shipped: adjacent writes are coalesced by the replicator; reads never \
-reach the target)."
+reach the target). \
+--showsummary: the retention summary: Database (the catalogue), Version (its schema), Revision \
+(rewind release), Log Type (Roll-Backward: an undo journal), Disk Space (app) = bytes of journal, \
+spool, catalogue and bookmark log, Total Data Files = journal segments, Recovery Time Range(GMT) = \
+oldest to latest recoverable source time (UTC)."
 )]
 pub struct CdpcliArgs {
     /// List the target volumes, one per line.
@@ -42,6 +51,13 @@ pub struct CdpcliArgs {
     /// Write-size histogram (random/sequential) of the volume given with --vol.
     #[arg(long)]
     pub iopattern: bool,
+    /// Retention summary of the volume given with --vol: database, version, log type, disk space,
+    /// data files, recovery time range.
+    #[arg(long)]
+    pub showsummary: bool,
+    /// With --showsummary when no target runs: the target's --dir (DIR/<volume>/journal).
+    #[arg(long, value_name = "DIR")]
+    pub target_dir: Option<PathBuf>,
     /// Volume name.
     #[arg(long, value_name = "V")]
     pub vol: Option<String>,
@@ -104,11 +120,15 @@ pub fn run(args: CdpcliArgs) -> Result<()> {
         args.listtargetvolumes,
         args.displaystatistics,
         args.iopattern,
+        args.showsummary,
     ];
     if modes.iter().filter(|m| **m).count() != 1 {
         bail!(
-            "give exactly one of --listtargetvolumes, --displaystatistics --vol=V or --iopattern --vol=V"
+            "give exactly one of --listtargetvolumes, --displaystatistics --vol=V, --iopattern --vol=V or --showsummary --vol=V"
         );
+    }
+    if args.showsummary {
+        return show_summary(&args);
     }
     let st: TargetStatusFile = read_status(&args.state_dir)?;
     let state = liveness(st.pid, st.running, st.updated_ns);
@@ -170,6 +190,62 @@ pub fn run(args: CdpcliArgs) -> Result<()> {
         println!("Current RPO (secs)       : {}", s.rpo_secs);
         println!("Apply rate (Bytes/sec)   : {}", s.apply_rate);
         println!("Apply time (secs)        : {:.3}", s.apply_time_secs);
+    }
+    Ok(())
+}
+
+/// `--showsummary`: from the running target (admin socket), else from the
+/// journal directory under `--target-dir`.
+fn show_summary(args: &CdpcliArgs) -> Result<()> {
+    use crate::recover::SummaryDoc;
+    use crate::target_admin::{AdminClient, AdminRequest};
+    let Some(vol) = &args.vol else {
+        bail!("--showsummary needs --vol=V (see --listtargetvolumes)");
+    };
+    let doc: SummaryDoc = match AdminClient::connect(&args.state_dir)? {
+        Some(mut c) => {
+            c.send(&AdminRequest::Summary {
+                volume: vol.clone(),
+            })?;
+            serde_json::from_value(c.wait_done(&mut |_| {})?)?
+        }
+        None => {
+            let Some(dir) = &args.target_dir else {
+                bail!(
+                    "no target daemon answers in {} and no --target-dir was given",
+                    args.state_dir.display()
+                );
+            };
+            let vols = crate::store::Volumes::new(crate::store::Layout::Dir {
+                dir: dir.clone(),
+                spool_budget: None,
+                retention: None,
+            });
+            crate::recover::summary(&*vols.get(vol)?)?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("Target Volume Name       : {}", doc.volume);
+    println!("Database                 : {}", doc.database);
+    println!("Version                  : {}", doc.version);
+    println!("Revision                 : {}", doc.revision);
+    println!("Log Type                 : {}", doc.log_type);
+    println!("Disk Space (app)         : {} bytes", doc.disk_space);
+    println!("Free Space               : {} bytes", doc.free_space);
+    println!("Total Data Files         : {}", doc.total_data_files);
+    println!("Recovery Time Range(GMT) : {}", doc.recovery_time_range);
+    println!("Bookmarks                : {}", doc.bookmarks);
+    if let Some(a) = &doc.retention_alert {
+        println!("ALERT                    : {a}");
+    }
+    if let Some(m) = &doc.failed_over {
+        println!(
+            "FAILED OVER              : to {} (replica {})",
+            m.point, m.replica
+        );
     }
     Ok(())
 }

@@ -413,6 +413,137 @@ pub struct VolumeConfig {
     /// Spool budget in bytes (`512M`, `4G`); over it the source is flow controlled.
     #[serde(default)]
     pub spool_budget: Option<String>,
+    /// Retention of this volume (replaces the file's `[retention]`).
+    #[serde(default)]
+    pub retention: Option<RetentionConfig>,
+}
+
+/// Parses a duration: a number with `s`, `m`, `h`, `d` or `w` (`90s`, `24h`,
+/// `4w`). Returns nanoseconds.
+pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => return Err(format!("{s:?}: give a unit, e.g. 90s, 30m, 24h, 7d, 4w")),
+    };
+    let secs: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        'w' => 7 * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m, h, d or w)")),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 90s, 24h or 4w"))?;
+    n.checked_mul(secs)
+        .and_then(|x| x.checked_mul(1_000_000_000))
+        .filter(|&x| x > 0)
+        .ok_or_else(|| format!("{s:?}: must be > 0 and below 500 years"))
+}
+
+/// One sparse retention tier: up to age `until`, keep one point per `every`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Age up to which the tier applies (`48h`).
+    pub until: String,
+    /// One point per this interval (`4h`).
+    pub every: String,
+}
+
+/// Keep bookmarks of a kind for a time, whatever the tiers say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BookmarkKeepConfig {
+    /// `app`, `fs` or `user`.
+    pub kind: String,
+    /// How long (`4w`).
+    pub keep: String,
+}
+
+/// `[retention]` of `target.toml` (or `retention` of one `[[volume]]`):
+/// time-based (`keep_all`, `tiers`, `bookmarks`), space-based (`max_bytes`),
+/// or both — whichever triggers first. Without it everything is kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Keep every point younger than this (`24h`).
+    #[serde(default)]
+    pub keep_all: Option<String>,
+    /// Sparse tiers after `keep_all`, in increasing `until`.
+    #[serde(default)]
+    pub tiers: Vec<TierConfig>,
+    /// Bookmarks kept longer, by kind.
+    #[serde(default)]
+    pub bookmarks: Vec<BookmarkKeepConfig>,
+    /// Journal space limit (`100G`).
+    #[serde(default)]
+    pub max_bytes: Option<String>,
+}
+
+impl RetentionConfig {
+    /// The journal policy; errors name the key under `key` (e.g. `retention.tiers[1].every`).
+    pub fn policy(&self, key: &str) -> Result<journal::RetentionPolicy> {
+        let dur = |k: String, v: &str| parse_duration(v).map_err(|e| anyhow::anyhow!("{k}: {e}"));
+        let keep_all_ns = self
+            .keep_all
+            .as_deref()
+            .map(|v| dur(format!("{key}.keep_all"), v))
+            .transpose()?;
+        if keep_all_ns.is_none() && (!self.tiers.is_empty() || !self.bookmarks.is_empty()) {
+            bail!("{key}.keep_all: needed with tiers or bookmarks (the age before the first tier)");
+        }
+        let mut tiers = Vec::new();
+        let mut prev = keep_all_ns.unwrap_or(0);
+        for (i, t) in self.tiers.iter().enumerate() {
+            let until = dur(format!("{key}.tiers[{i}].until"), &t.until)?;
+            let every = dur(format!("{key}.tiers[{i}].every"), &t.every)?;
+            if until <= prev {
+                bail!(
+                    "{key}.tiers[{i}].until: {:?} must be longer than keep_all and the previous tier",
+                    t.until
+                );
+            }
+            if every > until - prev {
+                bail!(
+                    "{key}.tiers[{i}].every: {:?} is longer than the tier itself",
+                    t.every
+                );
+            }
+            prev = until;
+            tiers.push(journal::SparseTier {
+                until_age_ns: until,
+                every_ns: every,
+            });
+        }
+        let mut bookmarks = Vec::new();
+        for (i, b) in self.bookmarks.iter().enumerate() {
+            let kind = crate::vsnap::parse_kind(&b.kind)
+                .map_err(|e| anyhow::anyhow!("{key}.bookmarks[{i}].kind: {e}"))?;
+            bookmarks.push((kind, dur(format!("{key}.bookmarks[{i}].keep"), &b.keep)?));
+        }
+        let max_bytes = self
+            .max_bytes
+            .as_deref()
+            .map(|v| {
+                parse_size(v).ok().filter(|&b| b > 0).ok_or_else(|| {
+                    anyhow::anyhow!("{key}.max_bytes: {v:?} is not a size such as 512M or 100G")
+                })
+            })
+            .transpose()?;
+        if keep_all_ns.is_none() && max_bytes.is_none() {
+            bail!("{key}: give keep_all, max_bytes or both");
+        }
+        Ok(journal::RetentionPolicy {
+            keep_all_ns,
+            tiers,
+            bookmarks,
+            max_bytes,
+        })
+    }
 }
 
 impl VolumeConfig {
@@ -434,6 +565,12 @@ pub struct TargetConfig {
     /// State of the daemon (status file).
     #[serde(default = "default_target_state")]
     pub state_dir: PathBuf,
+    /// Retention of every volume (a volume's own `retention` replaces it).
+    #[serde(default)]
+    pub retention: Option<RetentionConfig>,
+    /// How often retention prunes each open volume (`5m`; default 60s).
+    #[serde(default)]
+    pub prune_interval: Option<String>,
     /// TLS (mutual by default).
     #[serde(default)]
     pub tls: TlsConfig,
@@ -507,8 +644,44 @@ impl TargetConfig {
                 bail!("{key}.journal_dir is empty");
             }
             v.spool_budget_bytes(&key)?;
+            if let Some(r) = &v.retention {
+                r.policy(&format!("{key}.retention"))?;
+            }
         }
+        if let Some(r) = &self.retention {
+            r.policy("retention")?;
+        }
+        self.prune_interval_ns()?;
         Ok(())
+    }
+
+    /// The prune interval (default 60 s).
+    pub fn prune_interval_ns(&self) -> Result<u64> {
+        match &self.prune_interval {
+            None => Ok(60_000_000_000),
+            Some(v) => parse_duration(v).map_err(|e| anyhow::anyhow!("prune_interval: {e}")),
+        }
+    }
+
+    /// The retention policy of volume `name` (its own, else the file's).
+    pub fn retention_of(&self, name: &str) -> Result<Option<journal::RetentionPolicy>> {
+        match self
+            .volumes
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.name == name)
+        {
+            Some((i, v)) if v.retention.is_some() => v
+                .retention
+                .as_ref()
+                .map(|r| r.policy(&format!("volume[{i}].retention")))
+                .transpose(),
+            _ => self
+                .retention
+                .as_ref()
+                .map(|r| r.policy("retention"))
+                .transpose(),
+        }
     }
 
     /// The configuration of volume `name`.

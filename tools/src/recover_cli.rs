@@ -49,6 +49,7 @@ impl TargetLocation {
             return Ok(Some(Layout::Dir {
                 dir: d.clone(),
                 spool_budget: None,
+                retention: None,
             }));
         }
         if let Some(c) = &self.config {
@@ -61,6 +62,7 @@ impl TargetLocation {
                         replica: v.replica.clone(),
                         journal_dir: v.journal_dir.clone(),
                         spool_budget: v.spool_budget_bytes(&format!("volume[{i}]"))?,
+                        retention: None,
                     },
                 );
             }
@@ -615,6 +617,8 @@ pub fn run_failback(args: FailbackArgs) -> Result<()> {
         tls,
         auto_create: true,
         volumes: Vec::new(),
+        retention: None,
+        prune_interval: None,
         metrics: None,
         metrics_allow_remote: false,
     };
@@ -626,6 +630,7 @@ pub fn run_failback(args: FailbackArgs) -> Result<()> {
             replica: args.device.clone(),
             journal_dir: args.journal_dir.clone(),
             spool_budget: None,
+            retention: None,
         },
     );
     tracing::info!(volume = %args.volume, device = %args.device.display(), "failback: waiting for the recovered side's replicator");

@@ -69,6 +69,7 @@ pub struct SharedVolume {
     pub dir: PathBuf,
     vol: Mutex<Option<TargetVolume>>,
     opts: journal::TargetOptions,
+    retention: Option<journal::RetentionPolicy>,
     failed: AtomicBool,
     fenced: AtomicBool,
     epoch: AtomicU64,
@@ -77,13 +78,19 @@ pub struct SharedVolume {
 
 impl SharedVolume {
     /// Wraps an open volume.
-    pub fn new(vol: TargetVolume, dir: PathBuf, opts: journal::TargetOptions) -> Self {
+    pub fn new(
+        vol: TargetVolume,
+        dir: PathBuf,
+        opts: journal::TargetOptions,
+        retention: Option<journal::RetentionPolicy>,
+    ) -> Self {
         let fenced = dir.join(FAILED_OVER).exists();
         SharedVolume {
             name: vol.identity().name.clone(),
             dir,
             vol: Mutex::new(Some(vol)),
             opts,
+            retention,
             failed: AtomicBool::new(false),
             fenced: AtomicBool::new(fenced),
             epoch: AtomicU64::new(0),
@@ -140,7 +147,8 @@ impl SharedVolume {
         let mut g = self.guard();
         *g = None;
         let r = between(&self.dir);
-        let v = TargetVolume::open_with(&self.dir, self.opts.clone())?;
+        let mut v = TargetVolume::open_with(&self.dir, self.opts.clone())?;
+        v.set_retention(self.retention.clone());
         *g = Some(v);
         self.failed.store(false, Ordering::SeqCst);
         self.fenced
@@ -158,6 +166,11 @@ impl SharedVolume {
     /// and hears the new state (refusal, or the resync request) in `Welcome`.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether a retention policy applies to the volume.
+    pub fn has_retention(&self) -> bool {
+        self.retention.is_some()
     }
 
     /// Snapshot views open on the volume in this process.
@@ -461,6 +474,8 @@ pub struct VolumePlace {
     pub journal_dir: PathBuf,
     /// Spool budget (bytes), `None` for the journal's default.
     pub spool_budget: Option<u64>,
+    /// Retention policy (`None`: keep everything).
+    pub retention: Option<journal::RetentionPolicy>,
 }
 
 /// How the provider finds volumes.
@@ -481,6 +496,8 @@ pub enum Layout {
         dir: PathBuf,
         /// Spool budget of every volume.
         spool_budget: Option<u64>,
+        /// Retention policy of every volume.
+        retention: Option<journal::RetentionPolicy>,
     },
 }
 
@@ -492,7 +509,11 @@ impl Layout {
                 volumes,
                 auto_create,
             } => volumes.get(name).map(|p| (p.clone(), *auto_create)),
-            Layout::Dir { dir, spool_budget } => {
+            Layout::Dir {
+                dir,
+                spool_budget,
+                retention,
+            } => {
                 crate::config::check_name(name).ok()?;
                 let d = dir.join(name);
                 Some((
@@ -500,6 +521,7 @@ impl Layout {
                         replica: d.join("replica.img"),
                         journal_dir: d.join("journal"),
                         spool_budget: *spool_budget,
+                        retention: retention.clone(),
                     },
                     true,
                 ))
@@ -593,13 +615,19 @@ impl Volumes {
             );
         }
         let opts = journal_opts(&place);
-        let vol = TargetVolume::open_with(&place.journal_dir, opts.clone()).map_err(|e| {
+        let mut vol = TargetVolume::open_with(&place.journal_dir, opts.clone()).map_err(|e| {
             anyhow::anyhow!(
                 "opening the journal of {name:?} in {}: {e}",
                 place.journal_dir.display()
             )
         })?;
-        let v = Arc::new(SharedVolume::new(vol, place.journal_dir.clone(), opts));
+        vol.set_retention(place.retention.clone());
+        let v = Arc::new(SharedVolume::new(
+            vol,
+            place.journal_dir.clone(),
+            opts,
+            place.retention.clone(),
+        ));
         m.insert(name.to_string(), v.clone());
         Ok(v)
     }
@@ -655,7 +683,7 @@ impl Volumes {
             }
         };
         let opts = journal_opts(&place);
-        let vol = if dir.join("identity").exists() {
+        let mut vol = if dir.join("identity").exists() {
             TargetVolume::open_with(dir, opts.clone()).map_err(internal)?
         } else if may_create {
             if let Some(parent) = place.replica.parent() {
@@ -688,7 +716,13 @@ impl Volumes {
                 ),
             ));
         };
-        let v = Arc::new(SharedVolume::new(vol, dir.clone(), opts));
+        vol.set_retention(place.retention.clone());
+        let v = Arc::new(SharedVolume::new(
+            vol,
+            dir.clone(),
+            opts,
+            place.retention.clone(),
+        ));
         m.insert(name.clone(), v.clone());
         Ok(v)
     }

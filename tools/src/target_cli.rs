@@ -17,7 +17,9 @@ use replicator::target::{TargetOptions, TargetServer};
 use replicator::tls::ServerTls;
 use tracing::info;
 
-use crate::config::{TargetConfig, TlsConfig, DEFAULT_TARGET_STATE};
+use crate::config::{
+    BookmarkKeepConfig, RetentionConfig, TargetConfig, TierConfig, TlsConfig, DEFAULT_TARGET_STATE,
+};
 use crate::daemon;
 use crate::export::parse_size;
 use crate::status::{write_status, JournalFigures, TargetStatusFile, TargetVolumeReport};
@@ -69,6 +71,61 @@ pub struct TargetArgs {
     /// Allow --metrics on a non-loopback address (the endpoint has no authentication).
     #[arg(long)]
     pub metrics_allow_remote: bool,
+    /// Retention: keep every point younger than this (e.g. 24h); with --dir.
+    #[arg(long, value_name = "AGE", conflicts_with = "config")]
+    pub keep_all: Option<String>,
+    /// Retention: after --keep-all, up to age UNTIL keep one point per EVERY (e.g. 48h:4h); repeatable, increasing.
+    #[arg(
+        long = "keep-tier",
+        value_name = "UNTIL:EVERY",
+        conflicts_with = "config"
+    )]
+    pub keep_tiers: Vec<String>,
+    /// Retention: keep bookmarks of KIND (app, fs, user) up to AGE (e.g. app:4w); repeatable.
+    #[arg(
+        long = "keep-bookmarks",
+        value_name = "KIND:AGE",
+        conflicts_with = "config"
+    )]
+    pub keep_bookmarks: Vec<String>,
+    /// Retention: journal space limit per volume (e.g. 100G).
+    #[arg(long, value_name = "BYTES", conflicts_with = "config")]
+    pub max_journal: Option<String>,
+    /// How often retention prunes each volume (e.g. 60s, 5m).
+    #[arg(long, value_name = "DURATION")]
+    pub prune_interval: Option<String>,
+}
+
+/// The `[retention]` equivalent of the retention flags (`None` without any).
+fn retention_flags(args: &TargetArgs) -> Result<Option<RetentionConfig>> {
+    if args.keep_all.is_none()
+        && args.max_journal.is_none()
+        && args.keep_tiers.is_empty()
+        && args.keep_bookmarks.is_empty()
+    {
+        return Ok(None);
+    }
+    let pair = |flag: &str, v: &str| -> Result<(String, String)> {
+        v.split_once(':')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .with_context(|| format!("{flag} {v:?}: expected A:B"))
+    };
+    let mut tiers = Vec::new();
+    for t in &args.keep_tiers {
+        let (until, every) = pair("--keep-tier", t)?;
+        tiers.push(TierConfig { until, every });
+    }
+    let mut bookmarks = Vec::new();
+    for b in &args.keep_bookmarks {
+        let (kind, keep) = pair("--keep-bookmarks", b)?;
+        bookmarks.push(BookmarkKeepConfig { kind, keep });
+    }
+    Ok(Some(RetentionConfig {
+        keep_all: args.keep_all.clone(),
+        tiers,
+        bookmarks,
+        max_bytes: args.max_journal.clone(),
+    }))
 }
 
 fn server_tls(tls: &TlsConfig) -> Result<ServerTls> {
@@ -97,6 +154,9 @@ pub fn effective(args: &TargetArgs) -> Result<(TargetConfig, Layout)> {
             cfg.metrics = args.metrics.clone();
         }
         cfg.metrics_allow_remote |= args.metrics_allow_remote;
+        if args.prune_interval.is_some() {
+            cfg.prune_interval = args.prune_interval.clone();
+        }
         cfg.validate()?;
         let mut volumes = HashMap::new();
         for (i, v) in cfg.volumes.iter().enumerate() {
@@ -106,6 +166,7 @@ pub fn effective(args: &TargetArgs) -> Result<(TargetConfig, Layout)> {
                     replica: v.replica.clone(),
                     journal_dir: v.journal_dir.clone(),
                     spool_budget: v.spool_budget_bytes(&format!("volume[{i}]"))?,
+                    retention: cfg.retention_of(&v.name)?,
                 },
             );
         }
@@ -134,6 +195,8 @@ pub fn effective(args: &TargetArgs) -> Result<(TargetConfig, Layout)> {
         tls,
         auto_create: true,
         volumes: Vec::new(),
+        retention: retention_flags(args)?,
+        prune_interval: args.prune_interval.clone(),
         metrics: args.metrics.clone(),
         metrics_allow_remote: args.metrics_allow_remote,
     };
@@ -141,6 +204,7 @@ pub fn effective(args: &TargetArgs) -> Result<(TargetConfig, Layout)> {
     let layout = Layout::Dir {
         dir,
         spool_budget: args.spool_budget,
+        retention: cfg.retention_of("")?,
     };
     Ok((cfg, layout))
 }
@@ -261,6 +325,7 @@ pub fn serve(
             metrics: metrics_addr.clone(),
         }
     };
+    let pruner = start_pruner(volumes.clone(), cfg.prune_interval_ns()?, stop.clone())?;
     while !stop.load(Ordering::SeqCst) {
         let st = snapshot(true);
         if let Ok(mut l) = latest.lock() {
@@ -273,6 +338,7 @@ pub fn serve(
     }
     let last = snapshot(false);
     admin.shutdown();
+    let _ = pruner.join();
     server.shutdown();
     write_status(&cfg.state_dir, &last)?;
     info!("target stopped cleanly");
@@ -371,4 +437,48 @@ pub fn render_metrics(st: &TargetStatusFile) -> String {
         );
     }
     m.finish()
+}
+
+/// Prunes every open volume that has a retention policy every `interval_ns`
+/// (journal `prune`: promised points, bookmarks kept by the policy and live
+/// snapshot views are never pruned), until `stop`. A failed-over volume is
+/// left alone (its journal describes the replica before the failover).
+fn start_pruner(
+    volumes: Arc<Volumes>,
+    interval_ns: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let every = Duration::from_nanos(interval_ns);
+    std::thread::Builder::new()
+        .name("rewind-prune".into())
+        .spawn(move || {
+            let mut last = std::time::Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                if last.elapsed() < every {
+                    continue;
+                }
+                last = std::time::Instant::now();
+                for name in volumes.open_names() {
+                    let Ok(v) = volumes.get(&name) else { continue };
+                    if v.fenced() || !v.has_retention() {
+                        continue;
+                    }
+                    match v.with(|t| t.prune(now_ns())) {
+                        Ok(r) => {
+                            if r.deleted_segments > 0 || r.compacted_segments > 0 {
+                                info!(volume = %name, deleted = r.deleted_segments, compacted = r.compacted_segments,
+                                    bytes_before = r.journal_bytes_before, bytes_after = r.journal_bytes_after,
+                                    oldest_seq = r.oldest_seq, "retention pruned the journal");
+                            }
+                            if let Some(a) = r.alert {
+                                tracing::warn!(volume = %name, alert = %a, "retention");
+                            }
+                        }
+                        Err(e) => tracing::warn!(volume = %name, error = %e, "retention prune failed"),
+                    }
+                }
+            }
+        })
+        .context("spawning the retention thread")
 }
