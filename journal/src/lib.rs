@@ -8,7 +8,18 @@
 //! <dir>/identity                 versioned identity (name, uuid, generation, size, block size, replica path)
 //! <dir>/spool/<16 hex>.spl       append-only spool files (chunks received, not yet applied)
 //! <dir>/journal/<16 hex>.seg     append-only undo-journal segments
+//! <dir>/bookmarks.log            bookmarks (tags), durable; mirrored in catalogue.sqlite
+//! <dir>/catalogue.sqlite         segments + bookmarks index (derived, rebuilt at open)
+//! <dir>/retention, rollback      oldest kept point; rollback intent (only mid-rollback)
+//! <dir>/pins/*.pin               live snapshot views of other processes
 //! ```
+//!
+//! Modules, one concept each: `spool` (receipt, group commit, reclaim),
+//! `apply` (copy-on-write apply, tail re-apply), `segment` (segment files,
+//! record scan, undo payload reads), `catalogue` (SQLite), `bookmark`,
+//! `point` (recovery point resolution), `view` (shared index, snapshot views,
+//! materialize), `dirview` (views from another process), `rollback`,
+//! `retention` (policy, prune, compaction), `summary`, `fault` (crash points).
 //!
 //! Byte layouts and the crash-recovery argument are in `docs/journal-format.md`.
 //!
@@ -22,7 +33,20 @@
 //!             flow control: spool_bytes() vs spool_budget(); SpoolFull = apply first, retry
 //! apply task: apply_batch() in a loop (or apply_all()); counters() for status
 //! resync:     block_hashes(offset, len, block) / resize(new_size)
-//! recovery:   read_at_point(Point::Seq|Time|Latest, offset, len)
+//! tags:       record_bookmark(Bookmark{..})                      // durable on return, idempotent by uuid
+//! ```
+//!
+//! # Recovery (CLI side)
+//!
+//! ```text
+//! list:       recovery_points() / bookmarks() / summary()
+//! resolve:    resolve(&RecoveryPoint::{Latest, Bookmark, BookmarkAtOrBefore, Time, Seq})
+//! vsnap:      snapshot(&rp) (same process) or SnapshotView::open_dir(dir, &rp) (other process)
+//!             -> view.read_at(buf, offset) from any thread; replication keeps applying
+//! physical:   view.materialize(path, |done, total| ..)
+//! failover:   rollback_to(&rp, discard_spool)                    // replica itself goes back
+//! retention:  set_retention(Some(policy)); prune(now_ns); retention_status()
+//! group:      latest_common_bookmark(&[&vol_a, &vol_b])
 //! ```
 //!
 //! # Guarantees

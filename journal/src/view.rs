@@ -57,16 +57,24 @@ pub(crate) struct Index {
     pub(crate) bookmarks: Vec<StoredBookmark>,
     pub(crate) size: u64,
     /// Spatial index of every undo extent: (volume offset, chunk id, extent
-    /// number). Extents are at most [`crate::UNDO_PIECE`] long, so the extents
-    /// overlapping `[o, e)` start in `[o − UNDO_PIECE, e)`.
-    pub(crate) by_offset: BTreeSet<(u64, u64, u32)>,
+    /// number), one set per length class ([`LEN_CLASSES`]): the extents of class
+    /// `c` overlapping `[o, e)` start in `[o − LEN_CLASSES[c], e)`, so a small
+    /// read scans only nearby entries even when large extents exist.
+    pub(crate) by_offset: [BTreeSet<(u64, u64, u32)>; 3],
+}
+
+/// Upper bounds of the extent length classes of the spatial index.
+pub(crate) const LEN_CLASSES: [u64; 3] = [4096, 64 << 10, crate::UNDO_PIECE];
+
+fn len_class(len: u64) -> usize {
+    LEN_CLASSES.iter().position(|m| len <= *m).unwrap_or(2)
 }
 
 impl Index {
     /// Append a record (chunk ids increase) and index its extents.
     pub(crate) fn push(&mut self, r: UndoRec) {
         for (i, x) in r.extents.iter().enumerate() {
-            self.by_offset.insert((x.offset, r.chunk_id, i as u32));
+            self.by_offset[len_class(x.len)].insert((x.offset, r.chunk_id, i as u32));
         }
         self.records.push_back(r);
     }
@@ -75,17 +83,19 @@ impl Index {
     pub(crate) fn pop_front(&mut self) -> Option<UndoRec> {
         let r = self.records.pop_front()?;
         for (i, x) in r.extents.iter().enumerate() {
-            self.by_offset.remove(&(x.offset, r.chunk_id, i as u32));
+            self.by_offset[len_class(x.len)].remove(&(x.offset, r.chunk_id, i as u32));
         }
         Some(r)
     }
 
     /// Rebuild the spatial index from `records` (after a bulk change).
     pub(crate) fn reindex(&mut self) {
-        self.by_offset.clear();
+        for s in &mut self.by_offset {
+            s.clear();
+        }
         for r in &self.records {
             for (i, x) in r.extents.iter().enumerate() {
-                self.by_offset.insert((x.offset, r.chunk_id, i as u32));
+                self.by_offset[len_class(x.len)].insert((x.offset, r.chunk_id, i as u32));
             }
         }
     }
@@ -123,7 +133,7 @@ impl Shared {
                 },
                 bookmarks: Vec::new(),
                 size,
-                by_offset: BTreeSet::new(),
+                by_offset: Default::default(),
             }),
             replica,
             replica_path: replica_path.to_path_buf(),
@@ -167,38 +177,83 @@ impl Shared {
     }
 }
 
-/// Overlay onto `buf` (volume bytes at `offset`) the undo data of every record
-/// newer than chunk `cut`, newest first, so the oldest newer record wins: it
-/// holds the bytes as they were at the point. Within a record extents are walked
-/// last to first (a chunk's extents may overlap; the first one holds the bytes
-/// from before the chunk). Every payload used is blake3-verified.
+/// Overlay onto `buf` (volume bytes at `offset`) the undo data of the records
+/// newer than chunk `cut`: for each byte, the **oldest** such record touching it
+/// holds the byte as it was at the point (within a record, the first extent
+/// touching it: a chunk's extents apply in order). Candidates come from the
+/// spatial index and are taken oldest first; an extent is decoded (and its
+/// blake3 verified) only if it still covers a byte no older extent has filled,
+/// so a read costs one decode per distinct old piece, not one per record.
 fn overlay(idx: &Index, cut: u64, buf: &mut [u8], offset: u64) -> Result<()> {
     let end = offset + buf.len() as u64;
-    // extents overlapping [offset, end) of records newer than the point, found
-    // through the spatial index; applied newest record first, last extent first
-    let lo = offset.saturating_sub(crate::UNDO_PIECE);
-    let mut hits: Vec<(u64, u32)> = idx
-        .by_offset
-        .range((lo, 0, 0)..(end, 0, 0))
-        .filter(|(_, c, _)| *c > cut)
-        .map(|(_, c, i)| (*c, *i))
-        .collect();
-    hits.sort_unstable_by(|a, b| b.cmp(a));
+    let mut hits: Vec<(u64, u32)> = Vec::new();
+    for (set, maxlen) in idx.by_offset.iter().zip(LEN_CLASSES) {
+        let lo = offset.saturating_sub(maxlen);
+        hits.extend(
+            set.range((lo, 0, 0)..(end, 0, 0))
+                .filter(|(_, c, _)| *c > cut)
+                .map(|(_, c, i)| (*c, *i)),
+        );
+    }
+    hits.sort_unstable();
+    // filled[k] = (start, end) of byte ranges already taken, sorted, disjoint
+    let mut filled: Vec<(u64, u64)> = Vec::new();
     for (c, i) in hits {
         let Some(r) = idx.record(c) else { continue };
         let Some(x) = r.extents.get(i as usize) else {
             continue;
         };
-        let (xs, xe) = (x.offset, x.offset + x.len);
-        let (s, e) = (xs.max(offset), xe.min(end));
-        if s >= e {
+        let (xs, xe) = (x.offset.max(offset), (x.offset + x.len).min(end));
+        if xs >= xe {
+            continue;
+        }
+        let gaps = gaps_in(&filled, xs, xe);
+        if gaps.is_empty() {
             continue;
         }
         let old = undo_bytes(r, x)?;
-        buf[(s - offset) as usize..(e - offset) as usize]
-            .copy_from_slice(&old[(s - xs) as usize..(e - xs) as usize]);
+        for (s, e) in gaps {
+            buf[(s - offset) as usize..(e - offset) as usize]
+                .copy_from_slice(&old[(s - x.offset) as usize..(e - x.offset) as usize]);
+        }
+        fill(&mut filled, xs, xe);
     }
     Ok(())
+}
+
+/// Sub-ranges of `[s, e)` not covered by `filled` (sorted, disjoint).
+fn gaps_in(filled: &[(u64, u64)], s: u64, e: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut cur = s;
+    let k = filled.partition_point(|f| f.1 <= s);
+    for &(a, b) in &filled[k..] {
+        if a >= e {
+            break;
+        }
+        if a > cur {
+            out.push((cur, a));
+        }
+        cur = cur.max(b);
+        if cur >= e {
+            break;
+        }
+    }
+    if cur < e {
+        out.push((cur, e));
+    }
+    out
+}
+
+/// Add `[s, e)` to `filled`, keeping it sorted and disjoint (merging touching ranges).
+fn fill(filled: &mut Vec<(u64, u64)>, s: u64, e: u64) {
+    let lo = filled.partition_point(|f| f.1 < s);
+    let hi = filled.partition_point(|f| f.0 <= e);
+    let (mut ns, mut ne) = (s, e);
+    if lo < hi {
+        ns = ns.min(filled[lo].0);
+        ne = ne.max(filled[hi - 1].1);
+    }
+    filled.splice(lo..hi, [(ns, ne)]);
 }
 
 /// A read-only view of the volume at a recovery point ("virtual snapshot").

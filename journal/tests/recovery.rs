@@ -286,6 +286,8 @@ fn point_errors_are_clear() {
 /// while another thread spools and applies more chunks to the same replica.
 #[test]
 fn views_stay_exact_while_apply_continues() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<SnapshotView>();
     let d = tempfile::tempdir().unwrap();
     let v = create(d.path(), *b"uuid-recovery-03");
     let v = Arc::new(Mutex::new(v));
