@@ -690,6 +690,317 @@ impl TargetConfig {
     }
 }
 
+// ---------------------------------------------------------------------------
+// agent.toml (`rewind agent`)
+// ---------------------------------------------------------------------------
+
+/// Default memory budget of all rings of an agent (split by `memory_share`).
+pub const DEFAULT_AGENT_MEMORY_BUDGET: &str = "256M";
+/// Default consistency interval (periodic crash-consistent bookmarks).
+pub const DEFAULT_CONSISTENCY_INTERVAL: &str = "15m";
+/// Smallest ring an agent gives a volume.
+pub const MIN_AGENT_RING: u64 = 1 << 20;
+
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from(crate::volumes::DEFAULT_AGENT_SOCKET)
+}
+fn default_memory_budget() -> String {
+    DEFAULT_AGENT_MEMORY_BUDGET.into()
+}
+fn default_interval() -> String {
+    DEFAULT_CONSISTENCY_INTERVAL.into()
+}
+fn default_block() -> String {
+    "4K".into()
+}
+fn default_share() -> u32 {
+    1
+}
+fn default_max_hold() -> u64 {
+    crate::bookmark::DEFAULT_MAX_HOLD_MS
+}
+
+/// `agent.toml`: the volumes one `rewind agent` serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Directory of the per-volume persisted state (bitmap, identity, resync flag).
+    #[serde(default = "default_agent_state_dir")]
+    pub state_dir: PathBuf,
+    /// Directory of the shared-memory change logs.
+    #[serde(default = "default_shm_dir")]
+    pub shm_dir: PathBuf,
+    /// The agent's admin socket.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// Memory for all rings together (`256M`), split by `memory_share`.
+    #[serde(default = "default_memory_budget")]
+    pub memory_budget: String,
+    /// Interval of periodic crash-consistent bookmarks per group and per
+    /// ungrouped volume (`15m`, `30s`; `off` disables).
+    #[serde(default = "default_interval")]
+    pub consistency_interval: String,
+    /// Bound of the write hold of every bookmark, ms.
+    #[serde(default = "default_max_hold")]
+    pub max_hold_ms: u64,
+    /// Consistency groups.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<AgentGroupConfig>,
+    /// Volumes.
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<AgentVolumeConfig>,
+}
+
+/// A consistency group in `agent.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentGroupConfig {
+    /// Group name.
+    pub name: String,
+    /// Overrides the agent's `consistency_interval` for this group.
+    #[serde(default)]
+    pub consistency_interval: Option<String>,
+    /// Type of the periodic bookmarks (`user` unless hooks make them `fs`/`app`).
+    #[serde(default)]
+    pub bookmark_type: crate::bookmark::BookmarkType,
+    /// Pre hook of periodic bookmarks (e.g. `fsfreeze -f /srv/db`).
+    #[serde(default)]
+    pub pre: Option<String>,
+    /// Post hook of periodic bookmarks (e.g. `fsfreeze -u /srv/db`).
+    #[serde(default)]
+    pub post: Option<String>,
+}
+
+/// A volume in `agent.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentVolumeConfig {
+    /// Volume name (names the change log).
+    pub name: String,
+    /// Backing file or block device (absolute path, must exist).
+    pub backing: PathBuf,
+    /// Where the NBD export listens: `unix:PATH` or `tcp:127.0.0.1:PORT`
+    /// (loopback only). Optional when `attach` is set.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Kernel device to connect to the filter (`/dev/nbdN`).
+    #[serde(default)]
+    pub attach: Option<PathBuf>,
+    /// NBD export name (default: the volume name).
+    #[serde(default)]
+    pub export_name: Option<String>,
+    /// Tracking block size (`4K`..`1M`, power of two).
+    #[serde(default = "default_block")]
+    pub block_size: String,
+    /// Weight of this volume in the memory budget (1..=1000).
+    #[serde(default = "default_share")]
+    pub memory_share: u32,
+    /// Consistency group (must be a `[[group]]`).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// A volume with its settings parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentVolumeSettings {
+    /// The configuration entry.
+    pub cfg: AgentVolumeConfig,
+    /// Parsed listen address.
+    pub listen: Option<crate::listen::ListenAddr>,
+    /// Tracking block size.
+    pub block_size: u32,
+    /// Ring bytes from the budget share.
+    pub ring_bytes: u64,
+}
+
+/// Parses a consistency interval: `None` for `off`.
+pub fn parse_interval(s: &str) -> std::result::Result<Option<std::time::Duration>, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let d = crate::replay::parse_duration(t)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s:?}: at least 1s (or \"off\")"));
+    }
+    Ok(Some(d))
+}
+
+impl AgentConfig {
+    /// Reads and validates a file; errors name the key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// The interval of group `g` (or of ungrouped volumes with `None`).
+    pub fn interval_of(&self, g: Option<&str>) -> Option<std::time::Duration> {
+        let own = g
+            .and_then(|g| self.groups.iter().find(|x| x.name == g))
+            .and_then(|x| x.consistency_interval.clone());
+        parse_interval(own.as_deref().unwrap_or(&self.consistency_interval))
+            .ok()
+            .flatten()
+    }
+
+    /// Semantic checks (every error names its key) and the parsed volumes.
+    pub fn validate(&self) -> Result<Vec<AgentVolumeSettings>> {
+        for (key, p) in [
+            ("state_dir", &self.state_dir),
+            ("shm_dir", &self.shm_dir),
+            ("admin_socket", &self.admin_socket),
+        ] {
+            if !p.is_absolute() {
+                bail!(
+                    "{key} = {:?}: must be an absolute path",
+                    p.display().to_string()
+                );
+            }
+        }
+        if self.admin_socket.as_os_str().len() > 100 {
+            bail!("admin_socket: path longer than 100 bytes (unix socket limit)");
+        }
+        let budget =
+            parse_size(&self.memory_budget).map_err(|e| anyhow::anyhow!("memory_budget: {e}"))?;
+        parse_interval(&self.consistency_interval)
+            .map_err(|e| anyhow::anyhow!("consistency_interval: {e}"))?;
+        if self.max_hold_ms == 0 || self.max_hold_ms > 60_000 {
+            bail!("max_hold_ms = {}: must be 1..=60000", self.max_hold_ms);
+        }
+        let mut groups = std::collections::HashSet::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            check_name(&g.name).map_err(|e| anyhow::anyhow!("group[{i}].name: {e}"))?;
+            if !groups.insert(g.name.as_str()) {
+                bail!("group[{i}].name: {:?} is configured twice", g.name);
+            }
+            if let Some(iv) = &g.consistency_interval {
+                parse_interval(iv).map_err(|e| {
+                    anyhow::anyhow!("group[{i}] ({:?}).consistency_interval: {e}", g.name)
+                })?;
+            }
+            for (k, c) in [("pre", &g.pre), ("post", &g.post)] {
+                if c.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                    bail!("group[{i}] ({:?}).{k} is empty", g.name);
+                }
+            }
+        }
+        let total_share: u64 = self.volumes.iter().map(|v| u64::from(v.memory_share)).sum();
+        let mut names = std::collections::HashSet::new();
+        let mut sockets = std::collections::HashSet::new();
+        let mut devices = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let key = format!("volume[{i}]");
+            check_name(&v.name).map_err(|e| anyhow::anyhow!("{key}.name: {e}"))?;
+            let key = format!("volume[{i}] ({:?})", v.name);
+            if !names.insert(v.name.as_str()) {
+                bail!("{key}.name: {:?} is configured twice", v.name);
+            }
+            if !v.backing.is_absolute() {
+                bail!(
+                    "{key}.backing = {:?}: must be an absolute path",
+                    v.backing.display().to_string()
+                );
+            }
+            let meta = std::fs::metadata(&v.backing).map_err(|e| {
+                anyhow::anyhow!("{key}.backing = {:?}: {e}", v.backing.display().to_string())
+            })?;
+            {
+                use std::os::unix::fs::FileTypeExt;
+                let ft = meta.file_type();
+                if !(ft.is_file() || ft.is_block_device()) {
+                    bail!(
+                        "{key}.backing = {:?}: not a regular file or block device",
+                        v.backing.display().to_string()
+                    );
+                }
+            }
+            let listen = match &v.listen {
+                None => None,
+                Some(l) => {
+                    let a: crate::listen::ListenAddr = l
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("{key}.listen: {e}"))?;
+                    match &a {
+                        crate::listen::ListenAddr::Tcp(addr) if !addr.ip().is_loopback() => {
+                            bail!("{key}.listen = {l:?}: NBD is unauthenticated and unencrypted; only loopback addresses are accepted")
+                        }
+                        crate::listen::ListenAddr::Unix(p) if !p.is_absolute() => {
+                            bail!("{key}.listen = {l:?}: the socket path must be absolute")
+                        }
+                        crate::listen::ListenAddr::Unix(p) if p.as_os_str().len() > 100 => {
+                            bail!("{key}.listen = {l:?}: path longer than 100 bytes (unix socket limit)")
+                        }
+                        _ => {}
+                    }
+                    if !sockets.insert(a.to_string()) {
+                        bail!("{key}.listen = {l:?}: used by another volume");
+                    }
+                    Some(a)
+                }
+            };
+            if let Some(d) = &v.attach {
+                let ok = d
+                    .to_str()
+                    .and_then(|s| s.strip_prefix("/dev/nbd"))
+                    .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+                if !ok {
+                    bail!(
+                        "{key}.attach = {:?}: expected /dev/nbdN",
+                        d.display().to_string()
+                    );
+                }
+                if !devices.insert(d.clone()) {
+                    bail!(
+                        "{key}.attach = {:?}: used by another volume",
+                        d.display().to_string()
+                    );
+                }
+            }
+            if listen.is_none() && v.attach.is_none() {
+                bail!("{key}: give listen (unix:PATH or tcp:127.0.0.1:PORT) or attach (/dev/nbdN), or both");
+            }
+            let bs =
+                parse_size(&v.block_size).map_err(|e| anyhow::anyhow!("{key}.block_size: {e}"))?;
+            let block_size = u32::try_from(bs)
+                .ok()
+                .filter(|b| b.is_power_of_two() && (4096..=1 << 20).contains(b))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{key}.block_size = {:?}: a power of two from 4K to 1M",
+                        v.block_size
+                    )
+                })?;
+            if !(1..=1000).contains(&v.memory_share) {
+                bail!("{key}.memory_share = {}: must be 1..=1000", v.memory_share);
+            }
+            if let Some(g) = &v.group {
+                if !groups.contains(g.as_str()) {
+                    bail!("{key}.group = {g:?}: no [[group]] with that name");
+                }
+            }
+            let ring_bytes = (budget / total_share.max(1) * u64::from(v.memory_share)) & !4095;
+            if ring_bytes < MIN_AGENT_RING {
+                bail!(
+                    "memory_budget = {:?}: {} bytes for volume {:?} (share {} of {total_share}); each volume needs at least 1M",
+                    self.memory_budget, ring_bytes, v.name, v.memory_share
+                );
+            }
+            out.push(AgentVolumeSettings {
+                cfg: v.clone(),
+                listen,
+                block_size,
+                ring_bytes,
+            });
+        }
+        Ok(out)
+    }
+}
+
 /// Volume names: 1..=64 of `[A-Za-z0-9._-]`, not starting with a dot.
 pub fn check_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.len() > 64 {

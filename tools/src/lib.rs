@@ -3,6 +3,7 @@
 //! lives in one module and can be tested without spawning a process.
 
 pub mod admin;
+pub mod agent;
 pub mod bookmark;
 pub mod cdpcli;
 pub mod config;

@@ -60,6 +60,8 @@ enum Command {
     Failback(tools::recover_cli::FailbackArgs),
     /// Take bookmarks (crash-, fs- or app-consistent points) through the agent's admin socket.
     Bookmark(tools::bookmark::BookmarkArgs),
+    /// Run the agent daemon: serve every volume of agent.toml through the filter.
+    Agent(tools::agent::AgentArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,6 +102,7 @@ fn main() -> std::process::ExitCode {
         Command::Reprotect(args) => tools::recover_cli::run_reprotect(args),
         Command::Failback(args) => tools::recover_cli::run_failback(args),
         Command::Bookmark(args) => tools::bookmark::run(args).map(|out| print!("{out}")),
+        Command::Agent(args) => tools::agent::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
