@@ -706,6 +706,11 @@ fn ops_demo_completes_and_verifies() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("DEMO OK"), "{}", text(&o));
     assert!(out.contains("e2fsck -fn on the replica: clean"), "{out}");
+    assert!(out.contains("e2fsck -fn on the snapshot: clean"), "{out}");
+    assert!(
+        out.contains("exactly the") && out.contains("files of the point in time"),
+        "{out}"
+    );
     assert!(
         out.contains("read back with the blake3 they were written with"),
         "{out}"

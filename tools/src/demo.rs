@@ -4,9 +4,12 @@
 //! site) and an export of a file-backed volume on loopback, starts the
 //! replicator and protects the volume with `rewind protect`, puts ext4 on the
 //! volume (nbdfuse + loop) and writes files with fsync while it replicates,
-//! shows `rewind status`, waits until the recovery site has everything, and
-//! verifies the recovery: replica equal to the source, `e2fsck -fn` clean,
-//! mounted read-only with every file's blake3 equal to what was written.
+//! takes a consistency point (filesystem frozen until the recovery site has
+//! every write before it), changes files after it, shows `rewind status`,
+//! waits until the recovery site has everything, and verifies the recovery:
+//! the replica equals the source and mounts with the latest files; a
+//! virtual snapshot of the earlier point (`rewind snapshot create`) checks
+//! clean with `e2fsck -fn` and mounts with exactly the files of that point.
 //! Every daemon is this same binary; all state lives in one temporary
 //! directory, removed at the end (unless `--keep`), also on failure.
 //! Runs are serialised machine-wide with `scripts/fs-over-nbd`'s lock file
@@ -209,6 +212,7 @@ fn check_prerequisites() -> Result<()> {
         "fusermount3",
         "losetup",
         "mkfs.ext4",
+        "fsfreeze",
         "e2fsck",
         "mount",
         "umount",
@@ -277,12 +281,98 @@ fn workload(mnt: &Path, data_mb: u64) -> Result<BTreeMap<String, String>> {
     Ok(sums)
 }
 
+/// Changes after the consistency point: overwrites the first big file,
+/// deletes a sixteenth of the small ones, adds new files; returns the new
+/// manifest.
+fn change_files(mnt: &Path, before: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let mut sums = before.clone();
+    let mut put = |rel: String, data: &[u8]| -> Result<()> {
+        let p = mnt.join(&rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let mut f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        f.write_all(data)?;
+        f.sync_all()
+            .with_context(|| format!("fsync {}", p.display()))?;
+        sums.insert(rel, blake3::hash(data).to_hex().to_string());
+        Ok(())
+    };
+    if let Some(len) = std::fs::metadata(mnt.join("big/file0.bin"))
+        .ok()
+        .map(|m| m.len())
+    {
+        put("big/file0.bin".into(), &file_bytes(777, len as usize))?;
+    }
+    for i in 0..64u64 {
+        put(
+            format!("after/new{i}.dat"),
+            &file_bytes(5000 + i, 4096 + (i as usize) * 512),
+        )?;
+    }
+    let gone: Vec<String> = sums
+        .keys()
+        .filter(|k| k.starts_with("small/d0/"))
+        .cloned()
+        .collect();
+    for k in &gone {
+        std::fs::remove_file(mnt.join(k)).with_context(|| format!("removing {k}"))?;
+        sums.remove(k);
+    }
+    File::open(mnt.join("small"))
+        .and_then(|d| d.sync_all())
+        .context("syncing the directory")?;
+    Ok(sums)
+}
+
+/// Files whose contents under `root` differ from `manifest` (or that are
+/// missing), and files present that the manifest does not have.
+fn check_files(root: &Path, manifest: &BTreeMap<String, String>) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (rel, sum) in manifest {
+        let got = std::fs::read(root.join(rel))
+            .map(|b| blake3::hash(&b).to_hex().to_string())
+            .unwrap_or_else(|e| format!("unreadable: {e}"));
+        if &got != sum {
+            bad.push(rel.clone());
+        }
+    }
+    for top in ["big", "small", "after"] {
+        let mut stack = vec![root.join(top)];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(root) {
+                    let rel = rel.to_string_lossy().into_owned();
+                    if !manifest.contains_key(&rel) {
+                        bad.push(format!("{rel} (should not exist)"));
+                    }
+                }
+            }
+        }
+    }
+    bad
+}
+
 fn attach_fs(w: &mut Work, uri: &str, tag: &str) -> Result<String> {
+    attach(w, uri, tag, false)
+}
+
+fn attach(w: &mut Work, uri: &str, tag: &str, read_only: bool) -> Result<String> {
     let fusedir = w.dir.join(format!("fuse-{tag}"));
     std::fs::create_dir_all(&fusedir)?;
     let disk = fusedir.join("disk");
     let log = File::create(w.dir.join(format!("nbdfuse-{tag}.log")))?;
-    let child = Command::new("nbdfuse")
+    let mut nbdfuse = Command::new("nbdfuse");
+    if read_only {
+        nbdfuse.arg("-r");
+    }
+    let child = nbdfuse
         .arg(&disk)
         .arg(uri)
         .stdin(Stdio::null())
@@ -298,14 +388,12 @@ fn attach_fs(w: &mut Work, uri: &str, tag: &str) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let dev = sh(
-        Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(&disk),
-        "losetup",
-    )?
-    .trim()
-    .to_owned();
+    let mut losetup = Command::new("losetup");
+    losetup.args(["-f", "--show", "--direct-io=on"]);
+    if read_only {
+        losetup.arg("--read-only");
+    }
+    let dev = sh(losetup.arg(&disk), "losetup")?.trim().to_owned();
     w.loops.push(dev.clone());
     Ok(dev)
 }
@@ -547,15 +635,48 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
     let mnt = d.join("mnt");
     mount(w, &dev, &mnt, "rw")?;
     let t0 = Instant::now();
-    let sums = workload(&mnt, args.data_mb)?;
+    let at_point = workload(&mnt, args.data_mb)?;
     println!(
         "   wrote {} files in {:.1} s; the filesystem is mounted on {}",
-        sums.len(),
+        at_point.len(),
         t0.elapsed().as_secs_f64(),
         mnt.display()
     );
 
-    say("6. Status while it replicates (`rewind status`)");
+    say("6. A consistency point: freeze the filesystem, wait until the recovery site has every write before it, thaw");
+    show(&format!("fsfreeze -f {}", p(&mnt)));
+    sh(Command::new("fsfreeze").arg("-f").arg(&mnt), "fsfreeze -f")?;
+    let frozen = replicator::pair::now_ns();
+    let drained = wait_drained(w, &addr, &tstate, frozen);
+    let point_ns = replicator::pair::now_ns();
+    let thawed = sh(Command::new("fsfreeze").arg("-u").arg(&mnt), "fsfreeze -u");
+    drained?;
+    thawed?;
+    show(&format!("fsfreeze -u {}", p(&mnt)));
+    let point = format!(
+        "{}.{:09}",
+        point_ns / 1_000_000_000,
+        point_ns % 1_000_000_000
+    );
+    println!(
+        "   point in time {} (unix {point}): {} files, ext4 clean",
+        crate::vsnap::format_time(point_ns),
+        at_point.len()
+    );
+
+    say("7. More changes after the point: a big file overwritten, 64 files added, some deleted");
+    let latest = change_files(&mnt, &at_point)?;
+    println!(
+        "   now {} files ({} differ from the point in time)",
+        latest.len(),
+        latest
+            .iter()
+            .filter(|(k, v)| at_point.get(*k) != Some(v))
+            .count()
+            + at_point.keys().filter(|k| !latest.contains_key(*k)).count()
+    );
+
+    say("8. Status while it replicates (`rewind status`)");
     indent(&rewind_out(&[
         "status",
         "--state-dir",
@@ -568,40 +689,9 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
     detach_last(w)?;
     println!("   unmounted the filesystem (every write is now on the source volume)");
 
-    say("7. Waiting until the recovery site has applied everything (RPO 0, nothing pending anywhere)");
+    say("9. Waiting until the recovery site has applied everything (RPO 0, nothing pending anywhere)");
     let t0 = Instant::now();
-    let mut hits = 0;
-    wait_until(
-        "the replica to catch up",
-        Duration::from_secs(600),
-        w,
-        || {
-            let ok = crate::protect::call::<ReplicatorStatusFile>(
-                &addr,
-                &crate::replicate::ControlRequest::Status,
-            )
-            .ok()
-            .and_then(|s| s.pairs.into_iter().find(|p| p.status.volume == "demo"))
-            .is_some_and(|p| {
-                let s = p.status;
-                s.state == PairState::DifferentialSync
-                    && s.connected
-                    && s.drained
-                    && s.rpo_ns == 0
-                    && s.pending_source_bytes == 0
-                    && s.in_flight_frames == 0
-            }) && read_status::<TargetStatusFile>(&tstate).is_ok_and(|t| {
-                t.volumes.iter().any(|v| {
-                    v.name == "demo"
-                        && v.status
-                            .as_ref()
-                            .is_some_and(|s| s.spool_bytes == 0 && s.applied_seq == s.durable_seq)
-                })
-            });
-            hits = if ok { hits + 1 } else { 0 };
-            hits >= 3
-        },
-    )?;
+    wait_drained(w, &addr, &tstate, replicator::pair::now_ns())?;
     println!("   caught up in {:.1} s", t0.elapsed().as_secs_f64());
     indent(&rewind_out(&[
         "status",
@@ -611,7 +701,7 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
         p(&tstate),
     ])?);
 
-    say("8. Recovery check at the recovery site");
+    say("10. Recovery check: the replica (latest state) at the recovery site");
     let replica = tdir.join("demo").join("replica.img");
     let (a, b) = (blake3_file(&img)?, blake3_file(&replica)?);
     println!("   source  blake3 {}…", &a[..32]);
@@ -619,6 +709,61 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
     if a != b {
         bail!("the replica differs from the source");
     }
+    println!("   the replica equals the source, byte for byte");
+
+    say("11. Recovery of the point in time: a virtual snapshot at the recovery site (no copy), checked with e2fsck and mounted");
+    indent(&rewind_out(&[
+        "recover",
+        "list",
+        "--volume",
+        "demo",
+        "--state-dir",
+        p(&tstate),
+    ])?);
+    let snap_sock = d.join("snap.sock");
+    let sargs = [
+        "snapshot",
+        "create",
+        "--volume",
+        "demo",
+        "--at",
+        &point,
+        "--listen",
+        &format!("unix:{}", p(&snap_sock)),
+        "--state-dir",
+        p(&tstate),
+    ];
+    show(&format!("rewind {}", sargs.join(" ")));
+    w.spawn("snapshot", &sargs)?;
+    wait_until("the virtual snapshot", Duration::from_secs(60), w, || {
+        snap_sock.exists()
+    })?;
+    let snap_uri = format!("nbd+unix:///demo?socket={}", p(&snap_sock));
+    println!("   serving {snap_uri} (read-only)");
+    let sdev = attach(w, &snap_uri, "snap", true)?;
+    sh(
+        Command::new("e2fsck").arg("-fn").arg(&sdev),
+        "e2fsck -fn on the snapshot",
+    )?;
+    println!("   e2fsck -fn on the snapshot: clean");
+    let smnt = d.join("snap-mnt");
+    mount(w, &sdev, &smnt, "ro,noload")?;
+    let bad = check_files(&smnt, &at_point);
+    unmount_last(w)?;
+    detach_last(w)?;
+    if !bad.is_empty() {
+        bail!(
+            "{} file(s) differ in the snapshot from the point in time, e.g. {}",
+            bad.len(),
+            bad[0]
+        );
+    }
+    println!(
+        "   mounted read-only: exactly the {} files of the point in time, each with the blake3 it had then",
+        at_point.len()
+    );
+
+    say("12. And the latest state: the replica itself, checked and mounted read-only");
     sh(
         Command::new("e2fsck").arg("-fn").arg(&replica),
         "e2fsck -fn on the replica",
@@ -634,16 +779,8 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
     .to_owned();
     w.loops.push(rdev.clone());
     let rmnt = d.join("replica-mnt");
-    mount(w, &rdev, &rmnt, "ro")?;
-    let mut bad = Vec::new();
-    for (rel, sum) in &sums {
-        let got = std::fs::read(rmnt.join(rel))
-            .map(|b| blake3::hash(&b).to_hex().to_string())
-            .unwrap_or_else(|e| format!("unreadable: {e}"));
-        if &got != sum {
-            bad.push(rel.clone());
-        }
-    }
+    mount(w, &rdev, &rmnt, "ro,noload")?;
+    let bad = check_files(&rmnt, &latest);
     unmount_last(w)?;
     if let Some(l) = w.loops.pop() {
         sh(Command::new("losetup").args(["-d", &l]), "losetup -d")?;
@@ -656,11 +793,51 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
         );
     }
     println!(
-        "   mounted the replica read-only: all {} files read back with the blake3 they were written with",
-        sums.len()
+        "   mounted read-only: all {} files read back with the blake3 they were written with",
+        latest.len()
     );
-    println!("\nDEMO OK: every write acknowledged to the filesystem is at the recovery site, and it mounts there.");
+    println!(
+        "\nDEMO OK: every write acknowledged to the filesystem is at the recovery site, and the"
+    );
+    println!("earlier point in time recovers exactly, as a virtual snapshot that mounts and checks clean.");
     Ok(())
+}
+
+/// Waits until the pair is drained as of a time after `since_ns` and the
+/// target has applied everything it holds.
+fn wait_drained(w: &mut Work, addr: &DaemonAddr, tstate: &Path, since_ns: u64) -> Result<()> {
+    let mut hits = 0;
+    wait_until(
+        "the recovery site to catch up",
+        Duration::from_secs(600),
+        w,
+        || {
+            let ok = crate::protect::call::<ReplicatorStatusFile>(
+                addr,
+                &crate::replicate::ControlRequest::Status,
+            )
+            .ok()
+            .and_then(|s| s.pairs.into_iter().find(|p| p.status.volume == "demo"))
+            .is_some_and(|p| {
+                let s = p.status;
+                s.state == PairState::DifferentialSync
+                    && s.connected
+                    && s.drained
+                    && s.drained_as_of_ns > since_ns
+                    && s.pending_source_bytes == 0
+                    && s.in_flight_frames == 0
+            }) && read_status::<TargetStatusFile>(tstate).is_ok_and(|t| {
+                t.volumes.iter().any(|v| {
+                    v.name == "demo"
+                        && v.status
+                            .as_ref()
+                            .is_some_and(|s| s.spool_bytes == 0 && s.applied_seq == s.durable_seq)
+                })
+            });
+            hits = if ok { hits + 1 } else { 0 };
+            hits >= 3
+        },
+    )
 }
 
 fn blake3_file(path: &Path) -> Result<String> {
