@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::listen::ListenAddr;
-use crate::store::{FailoverMarker, SharedVolume, Volumes, FAILED_OVER, NEEDS_SYNC};
+use crate::store::{
+    FailoverMarker, SharedVolume, Volumes, ADOPT_IDENTITY, FAILED_OVER, NEEDS_SYNC,
+};
 use crate::vsnap::{self, format_time, Overlay, PointSpec, PointView, VsnapSource};
 
 /// One bookmark as listed.
@@ -400,7 +402,8 @@ pub struct ReprotectReport {
 /// Protects a failed-over volume again: discards its journal and spool (the
 /// replica diverged, so their points are void), keeps the replica, and asks
 /// the next source connection for a checksum resync so only differing
-/// blocks travel. Without `force`, refuses a volume that is not failed over.
+/// blocks travel. That source may bring a new identity (a fresh change log,
+/// as after a failback): it is adopted once ([`ADOPT_IDENTITY`]). Without `force`, refuses a volume that is not failed over.
 pub fn reprotect(volumes: &Volumes, name: &str, force: bool) -> Result<ReprotectReport> {
     let vol = volumes.get(name)?;
     if vol.live_views() > 0 {
@@ -426,6 +429,8 @@ pub fn reprotect(volumes: &Volumes, name: &str, force: bool) -> Result<Reprotect
             }
         };
         std::fs::write(dir.join(NEEDS_SYNC), b"").map_err(io("write", &dir.join(NEEDS_SYNC)))?;
+        std::fs::write(dir.join(ADOPT_IDENTITY), b"")
+            .map_err(io("write", &dir.join(ADOPT_IDENTITY)))?;
         match std::fs::remove_file(dir.join(FAILED_OVER)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(io("remove", &dir.join(FAILED_OVER))(e))

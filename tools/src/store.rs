@@ -47,6 +47,12 @@ pub type CounterBoard = Arc<Mutex<HashMap<String, Counters>>>;
 /// Holds a JSON [`FailoverMarker`]. Removed by `rewind reprotect`.
 pub const FAILED_OVER: &str = "failed-over";
 
+/// Marker written by `rewind reprotect`: the next source may bring a new
+/// volume identity (a fresh change log after a failback); it is adopted
+/// (journal re-seeded with it) instead of refused as a split brain. Removed
+/// at that first contact.
+pub const ADOPT_IDENTITY: &str = "adopt-identity";
+
 /// Contents of the [`FAILED_OVER`] marker.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FailoverMarker {
@@ -669,6 +675,7 @@ impl Volumes {
                     Refusal::new(ErrorCode::Internal, format!("volume {name:?}: {e}"))
                 })?;
             }
+            adopt_identity(v, hello)?;
             return Ok(v.clone());
         }
         let dir = &place.journal_dir;
@@ -723,9 +730,48 @@ impl Volumes {
             opts,
             place.retention.clone(),
         ));
+        adopt_identity(&v, hello)?;
         m.insert(name.clone(), v.clone());
         Ok(v)
     }
+}
+
+/// After `rewind reprotect`: adopts the identity of the first source that
+/// connects (re-seeding the journal if it differs), then removes the marker.
+fn adopt_identity(v: &SharedVolume, hello: &Hello) -> Result<(), Refusal> {
+    let marker = v.dir.join(ADOPT_IDENTITY);
+    if !marker.exists() {
+        return Ok(());
+    }
+    let internal = |e: String| Refusal::new(ErrorCode::Internal, e);
+    let cur = v
+        .with(|t| Ok(t.identity().clone()))
+        .map_err(|e| internal(e.to_string()))?;
+    if cur.uuid != hello.volume_uuid
+        || cur.generation != hello.generation
+        || cur.block_size != hello.block_size
+    {
+        let ident = VolumeIdentity {
+            name: cur.name.clone(),
+            uuid: hello.volume_uuid,
+            generation: hello.generation,
+            size: hello.size.max(cur.size),
+            block_size: hello.block_size,
+        };
+        v.reopen_with(|dir| {
+            drop(TargetVolume::reseed(
+                dir,
+                ident,
+                journal::TargetOptions::default(),
+            )?);
+            Ok(())
+        })
+        .map_err(|e| internal(format!("adopting the new source identity: {e}")))?;
+        v.bump_epoch();
+        warn!(volume = %v.name, "re-protected volume: adopted the identity of the new source (fresh change log)");
+    }
+    std::fs::remove_file(&marker).map_err(|e| internal(format!("{}: {e}", marker.display())))?;
+    Ok(())
 }
 
 /// Opens (or creates) [`JournalStore`]s for the target server.
