@@ -61,6 +61,22 @@ impl Drop for PinFile {
 }
 
 impl Tail {
+    /// Whether the journal has grown since the last refresh (cheap: one fstat and
+    /// one stat), so readers take the index write lock only when needed.
+    pub(crate) fn has_news(&self) -> bool {
+        let Some(sf) = &self.seg else { return true };
+        match sf.file.metadata() {
+            Ok(m) if m.len() > self.pos => return true,
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+        self.dir
+            .join(JOURNAL_DIR)
+            .join(format!("{:016x}.seg", sf.index + 1))
+            .exists()
+            || sf.file.metadata().map_or(true, |m| m.nlink() == 0)
+    }
+
     /// Index records from the tail position to the current end; open segments
     /// created since. Appends to `idx` (records stay in chunk id order).
     pub(crate) fn refresh(&mut self, idx: &mut Index) -> Result<()> {

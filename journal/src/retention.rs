@@ -415,7 +415,8 @@ impl TargetVolume {
                     "journal {used} bytes > limit {max}: the current segment alone exceeds it"
                 ));
             }
-            if cut > time_cut {
+            // A space-only policy (no time promise) prunes by space as a matter of course.
+            if cut > time_cut && pol.promised_age_ns().is_some() {
                 rep.alert = Some(format!(
                     "space limit {max} bytes cut the retention window below the policy"
                 ));

@@ -343,8 +343,10 @@ impl SnapshotView {
                 }))?;
             {
                 let mut t = tail.lock().map_err(|_| JournalError::Poisoned)?;
-                let mut idx = self.shared.write();
-                t.refresh(&mut idx)?;
+                if t.has_news() {
+                    let mut idx = self.shared.write();
+                    t.refresh(&mut idx)?;
+                }
             }
             overlay(&self.shared.read(), self.point.chunk_id, piece, o)?;
             done += n;
@@ -405,6 +407,19 @@ impl SnapshotView {
     ) -> Result<MaterializeStats> {
         let t0 = Instant::now();
         let md = dest.metadata().map_err(ioe(|| "stat destination".into()))?;
+        let rmd = self
+            .shared
+            .replica
+            .metadata()
+            .map_err(ioe(|| "stat replica".into()))?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            if md.dev() == rmd.dev() && md.ino() == rmd.ino() {
+                return Err(JournalError::Invalid(
+                    "materialize destination is the replica itself (use rollback_to)".into(),
+                ));
+            }
+        }
         let is_dev = md.file_type().is_block_device();
         let size = self.point.size;
         if !is_dev {

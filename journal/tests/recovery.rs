@@ -185,6 +185,10 @@ fn bookmarks_and_time_points_recover_exactly() {
         assert_eq!(st.written_bytes + st.sparse_bytes, VOL);
         let got = std::fs::read(&out).unwrap();
         assert!(h(&got) == *want, "materialized bookmark {name}");
+        assert!(matches!(
+            s.materialize(&d.path().join("replica.img"), |_, _| {}),
+            Err(JournalError::Invalid(_))
+        ));
     }
     // listing
     let list = v.bookmarks().unwrap();

@@ -234,6 +234,18 @@ fn space_limit_wins_with_an_alert_and_views_pin() {
     let sum = f.v.summary().unwrap();
     assert!(sum.retention.alert);
     assert_eq!(sum.recovery_time_range.1, 120_000);
+    // a space-only policy prunes by space without an alert
+    f.v.set_retention(Some(RetentionPolicy {
+        max_bytes: Some(limit / 2),
+        ..RetentionPolicy::default()
+    }));
+    let rep = f.v.prune(120_000).unwrap();
+    assert!(rep.alert.is_none(), "{rep:?}");
+    assert!(
+        rep.deleted_segments > 0 && rep.journal_bytes_after <= limit / 2,
+        "{rep:?}"
+    );
+    check_from(&f.v, &f.at, rep.oldest_seq);
 }
 
 #[test]
