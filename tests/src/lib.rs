@@ -14,6 +14,7 @@
 //!   checks cannot run then and say so on stderr).
 //! - `REWIND_TEST_KEEP=1`: keep scratch directories for post-mortems.
 
+pub mod agent;
 pub mod faultproxy;
 pub mod recovery;
 pub mod replication;

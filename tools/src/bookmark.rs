@@ -424,8 +424,12 @@ fn hold_and_tag(
         }
     }
     let mut placed = Vec::new();
+    let gap = tag_gap();
     if failure.is_none() {
-        for v in targets {
+        for (i, v) in targets.iter().enumerate() {
+            if i > 0 && !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
             if Instant::now() >= deadline {
                 failure = Some((
                     format!("the hold bound of {max_hold_ms} ms expired while inserting tags"),
@@ -468,6 +472,16 @@ fn hold_and_tag(
             Err((msg, stage, placed, hold_us))
         }
     }
+}
+
+/// Fault injection for tests: `REWIND_TEST_TAG_GAP_US` stretches the time
+/// between two tag insertions of one bookmark (writes stay held meanwhile),
+/// so a consistency test sees what a missing barrier would let through.
+fn tag_gap() -> Duration {
+    std::env::var("REWIND_TEST_TAG_GAP_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_micros)
 }
 
 fn describe_hook_failure(r: &HookResult) -> String {
