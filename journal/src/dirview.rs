@@ -26,7 +26,7 @@ use crate::format::*;
 use crate::fsutil::*;
 use crate::identity::read_identity;
 use crate::point::RecoveryPoint;
-use crate::segment::{SegFile, UndoRec};
+use crate::segment::{SegFile, SegReader, UndoRec};
 use crate::view::{BasePoint, Index, Shared, SnapshotView};
 use crate::{TargetVolume, JOURNAL_DIR};
 use std::fs::{self, File};
@@ -90,8 +90,9 @@ impl Tail {
                     .map_err(ioe(|| format!("stat {}", sf.path.display())))?
                     .len();
                 short = true;
+                let mut rd = SegReader::new(&sf.file);
                 while self.pos < flen {
-                    match TargetVolume::read_journal_record(&sf.file, self.pos, flen) {
+                    match TargetVolume::read_record(&mut rd, self.pos, flen) {
                         Ok((h, exts, len)) => {
                             take_record(idx, &sf, &h, exts, self.pos);
                             self.pos += len;

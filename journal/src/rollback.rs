@@ -22,7 +22,7 @@ use crate::fault::{FaultPoint, Faults};
 use crate::format::*;
 use crate::fsutil::*;
 use crate::point::{RecoveryPoint, ResolvedPoint};
-use crate::segment::{undo_bytes, SegFile, UndoRec};
+use crate::segment::{undo_bytes, SegFile, SegReader, UndoRec};
 use crate::{TargetVolume, VolumeIdentity, JOURNAL_DIR, SPOOL_DIR};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -147,9 +147,10 @@ fn records_after_cut(dir: &Path, i: &Intent) -> Result<Vec<UndoRec>> {
         } else {
             FILE_HDR as u64
         };
+        let mut rd = SegReader::new(&sf.file);
         while pos < flen {
             let (h, exts, len) =
-                TargetVolume::read_journal_record(&sf.file, pos, flen).map_err(|e| match e {
+                TargetVolume::read_record(&mut rd, pos, flen).map_err(|e| match e {
                     JournalError::Corrupt { offset, reason, .. } => {
                         corrupt(&sf.path, offset, reason)
                     }
