@@ -708,7 +708,11 @@ fn ops_demo_completes_and_verifies() {
     assert!(out.contains("e2fsck -fn on the replica: clean"), "{out}");
     assert!(out.contains("e2fsck -fn on the snapshot: clean"), "{out}");
     assert!(
-        out.contains("exactly the") && out.contains("files of the point in time"),
+        out.contains("exactly the") && out.contains("files of the bookmark"),
+        "{out}"
+    );
+    assert!(
+        out.contains("demo-before-changes") && out.contains("demo-after-changes"),
         "{out}"
     );
     assert!(

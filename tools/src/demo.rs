@@ -4,12 +4,13 @@
 //! site) and an export of a file-backed volume on loopback, starts the
 //! replicator and protects the volume with `rewind protect`, puts ext4 on the
 //! volume (nbdfuse + loop) and writes files with fsync while it replicates,
-//! takes a consistency point (filesystem frozen until the recovery site has
-//! every write before it), changes files after it, shows `rewind status`,
-//! waits until the recovery site has everything, and verifies the recovery:
-//! the replica equals the source and mounts with the latest files; a
-//! virtual snapshot of the earlier point (`rewind snapshot create`) checks
-//! clean with `e2fsck -fn` and mounts with exactly the files of that point.
+//! takes file-system-consistent bookmarks (`rewind bookmark create --type fs`
+//! with fsfreeze hooks) before and after changing files, shows `rewind
+//! status`, waits until the recovery site has everything, and verifies the
+//! recovery: the replica equals the source and mounts with the latest
+//! files; a virtual snapshot of the first bookmark (`rewind snapshot
+//! create --bookmark`) checks clean with `e2fsck -fn` and mounts with
+//! exactly the files of that bookmark.
 //! Every daemon is this same binary; all state lives in one temporary
 //! directory, removed at the end (unless `--keep`), also on failure.
 //! Runs are serialised machine-wide with `scripts/fs-over-nbd`'s lock file
@@ -643,31 +644,38 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
         mnt.display()
     );
 
-    say("6. A consistency point: freeze the filesystem, wait until the recovery site has every write before it, thaw");
-    show(&format!("fsfreeze -f {}", p(&mnt)));
-    sh(Command::new("fsfreeze").arg("-f").arg(&mnt), "fsfreeze -f")?;
-    let frozen = replicator::pair::now_ns();
-    let drained = wait_drained(w, &addr, &tstate, frozen);
-    let point_ns = replicator::pair::now_ns();
-    let thawed = sh(Command::new("fsfreeze").arg("-u").arg(&mnt), "fsfreeze -u");
-    drained?;
-    thawed?;
-    show(&format!("fsfreeze -u {}", p(&mnt)));
-    let point = format!(
-        "{}.{:09}",
-        point_ns / 1_000_000_000,
-        point_ns % 1_000_000_000
-    );
+    say("6. A bookmark: `rewind bookmark create` (file-system consistent: fsfreeze around the tag), then wait until the recovery site has it");
+    let freeze = format!("fsfreeze -f {}", p(&mnt));
+    let thaw = format!("fsfreeze -u {}", p(&mnt));
+    let bargs = [
+        "bookmark",
+        "create",
+        "demo-before-changes",
+        "--volume",
+        "demo",
+        "--type",
+        "fs",
+        "--pre",
+        &freeze,
+        "--post",
+        &thaw,
+        "--shm-dir",
+        p(&shm),
+    ];
+    show(&format!(
+        "rewind bookmark create demo-before-changes --volume demo --type fs --pre '{freeze}' --post '{thaw}' --shm-dir {}",
+        p(&shm)
+    ));
+    indent(&rewind_out(&bargs)?);
+    wait_drained(w, &addr, &tstate, replicator::pair::now_ns())?;
     println!(
-        "   point in time {} (unix {point}): {} files, ext4 clean",
-        crate::vsnap::format_time(point_ns),
+        "   bookmark demo-before-changes: {} files, ext4 frozen (clean) when it was taken",
         at_point.len()
     );
-
-    say("7. More changes after the point: a big file overwritten, 64 files added, some deleted");
+    say("7. More changes after the bookmark: a big file overwritten, 64 files added, some deleted");
     let latest = change_files(&mnt, &at_point)?;
     println!(
-        "   now {} files ({} differ from the point in time)",
+        "   now {} files ({} differ from the bookmark)",
         latest.len(),
         latest
             .iter()
@@ -675,6 +683,23 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
             .count()
             + at_point.keys().filter(|k| !latest.contains_key(*k)).count()
     );
+    let bargs = [
+        "bookmark",
+        "create",
+        "demo-after-changes",
+        "--volume",
+        "demo",
+        "--type",
+        "fs",
+        "--pre",
+        &freeze,
+        "--post",
+        &thaw,
+        "--shm-dir",
+        p(&shm),
+    ];
+    show("rewind bookmark create demo-after-changes --volume demo --type fs ...");
+    indent(&rewind_out(&bargs)?);
 
     say("8. Status while it replicates (`rewind status`)");
     indent(&rewind_out(&[
@@ -711,7 +736,7 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
     }
     println!("   the replica equals the source, byte for byte");
 
-    say("11. Recovery of the point in time: a virtual snapshot at the recovery site (no copy), checked with e2fsck and mounted");
+    say("11. Recovery of the first bookmark: a virtual snapshot at the recovery site (no copy), checked with e2fsck and mounted");
     indent(&rewind_out(&[
         "recover",
         "list",
@@ -726,8 +751,8 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
         "create",
         "--volume",
         "demo",
-        "--at",
-        &point,
+        "--bookmark",
+        "demo-before-changes",
         "--listen",
         &format!("unix:{}", p(&snap_sock)),
         "--state-dir",
@@ -753,13 +778,13 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
     detach_last(w)?;
     if !bad.is_empty() {
         bail!(
-            "{} file(s) differ in the snapshot from the point in time, e.g. {}",
+            "{} file(s) differ in the snapshot from the bookmark, e.g. {}",
             bad.len(),
             bad[0]
         );
     }
     println!(
-        "   mounted read-only: exactly the {} files of the point in time, each with the blake3 it had then",
+        "   mounted read-only: exactly the {} files of the bookmark, each with the blake3 it had then",
         at_point.len()
     );
 
@@ -799,7 +824,9 @@ fn demo(w: &mut Work, args: &DemoArgs) -> Result<()> {
     println!(
         "\nDEMO OK: every write acknowledged to the filesystem is at the recovery site, and the"
     );
-    println!("earlier point in time recovers exactly, as a virtual snapshot that mounts and checks clean.");
+    println!(
+        "earlier bookmark recovers exactly, as a virtual snapshot that mounts and checks clean."
+    );
     Ok(())
 }
 
