@@ -364,3 +364,61 @@ fn agent_takes_periodic_bookmarks() {
     }
     agent.stop();
 }
+
+/// The shipped example configuration is valid as is and once uncommented,
+/// and the systemd unit passes `systemd-analyze verify`.
+#[test]
+fn agent_example_config_and_unit_are_valid() {
+    let s = Scratch::new("agent-example");
+    let example = workspace_root().join("scripts/systemd/agent.toml.example");
+    let check = |p: &std::path::Path| {
+        run_ok(
+            Command::new(rewind_bin("rewind"))
+                .args(["agent", "--check", "--config"])
+                .arg(p),
+            T,
+        )
+    };
+    check(&example);
+    create_sparse(&s.join("data.img"), 8 * MIB);
+    let text_ = std::fs::read_to_string(&example).unwrap();
+    let uncommented: String = text_
+        .lines()
+        .map(|l| {
+            l.strip_prefix("# ")
+                .filter(|r| !r.starts_with(' ') && r.contains(['=', '[']))
+                .unwrap_or(l)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("/dev/vg0/data", &s.join("data.img").display().to_string());
+    let p = s.join("agent.toml");
+    std::fs::write(&p, &uncommented).unwrap();
+    let o = check(&p);
+    assert!(
+        text(&o).contains("valid (1 volume(s), 1 group(s))"),
+        "{}\n{uncommented}",
+        text(&o)
+    );
+    if std::path::Path::new("/usr/bin/systemd-analyze").exists() {
+        let unit =
+            std::fs::read_to_string(workspace_root().join("scripts/systemd/rewind-agent.service"))
+                .unwrap()
+                .replace(
+                    "/usr/local/bin/rewind",
+                    &rewind_bin("rewind").display().to_string(),
+                );
+        let u = s.join("rewind-agent.service");
+        std::fs::write(&u, unit).unwrap();
+        let o = run(Command::new("systemd-analyze").arg("verify").arg(&u), T);
+        assert!(
+            o.status.success()
+                && text(&o)
+                    .trim()
+                    .lines()
+                    .all(|l| l.starts_with("---") || l.trim().is_empty()),
+            "{}",
+            text(&o)
+        );
+    }
+}
