@@ -120,13 +120,39 @@ pub fn list(vol: &SharedVolume) -> Result<RecoveryList> {
                 seq: b.bookmark.seq,
             })
             .collect(),
-        time_ranges: rp
-            .consistent_ranges
-            .iter()
-            .map(|&(a, b)| range(a, b))
+        time_ranges: offered_ranges(&rp.consistent_ranges)
+            .into_iter()
+            .map(|(a, b)| range(a, b))
             .collect(),
         failed_over,
     })
+}
+
+/// The consistent ranges that are recovery points. A range starting at time
+/// 0 begins with the replica as the target created it (before the first
+/// change it received: empty, or stale, before the initial sync), which is
+/// not a state of the source: it is not offered.
+fn offered_ranges(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    ranges.iter().filter(|r| r.0 > 0).copied().collect()
+}
+
+/// Cross-checks the journal against the durable bookmark log: with nothing
+/// left in the spool, every bookmark must lie within the applied journal. A
+/// bookmark after its end means undo records were lost (e.g. a truncated
+/// last segment taken for a torn tail): older points would then be served
+/// without the undo data of the lost records, i.e. wrong, so they are refused.
+fn journal_intact(v: &TargetVolume) -> std::result::Result<(), String> {
+    if v.pending_chunks() > 0 {
+        return Ok(());
+    }
+    let bms = v.bookmarks().map_err(|e| e.to_string())?;
+    match bms.iter().find(|b| !b.applied) {
+        Some(b) => Err(format!(
+            "journal damaged: bookmark {:?} (seq {}) lies after the end of the undo journal (records lost: a truncated or removed segment?)",
+            b.bookmark.name, b.bookmark.seq
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Opens a view of `vol` at `spec` (see [`PointView::open`]); refuses a
@@ -150,7 +176,38 @@ pub fn open_view(vol: Arc<SharedVolume>, spec: &PointSpec) -> Result<PointView> 
             );
         }
     }
-    PointView::open(vol, spec)
+    if let PointSpec::Time(t) = spec {
+        let rp = vol
+            .with(|v| v.recovery_points())
+            .with_context(|| format!("volume {}", vol.name))?;
+        let offered = offered_ranges(&rp.consistent_ranges);
+        match offered.first() {
+            Some(&(a, _)) if *t < a => bail!(
+                "volume {}: {} is before the retention window (oldest recoverable time {})",
+                vol.name,
+                format_time(*t),
+                format_time(a)
+            ),
+            None => bail!(
+                "volume {}: no time can be recovered yet (no consistent change applied)",
+                vol.name
+            ),
+            _ => {}
+        }
+    }
+    if !matches!(spec, PointSpec::Latest) {
+        vol.with(|v| Ok(journal_intact(v)))?.map_err(|e| {
+            anyhow::anyhow!("volume {}: {e}; only --latest can be served", vol.name)
+        })?;
+    }
+    let view = PointView::open(vol.clone(), spec)?;
+    if view.point().chunk_id == 0 && view.point().source_time_ns == 0 {
+        bail!(
+            "volume {}: {spec} resolves to the replica as the target created it, before any change it received: not a recovery point",
+            vol.name
+        );
+    }
+    Ok(view)
 }
 
 /// A virtual snapshot being served over NBD.
