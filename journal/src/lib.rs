@@ -99,7 +99,7 @@ pub use bookmark::{Bookmark, BookmarkKind, BookmarkOutcome};
 pub use error::{JournalError, Result};
 pub use fault::{FaultAction, FaultConfig, FaultPoint};
 pub use point::{BookmarkInfo, RecoveryPoint, RecoveryPoints, ResolvedPoint};
-pub use retention::{RetentionPolicy, RetentionStatus, SparseTier};
+pub use retention::{PruneReport, RetentionPolicy, RetentionStatus, SparseTier};
 pub use rollback::RollbackReport;
 pub use summary::Summary;
 pub use types::*;
