@@ -221,6 +221,8 @@ struct Shared {
     error: Option<String>,
     completed: u64,
     receiver_done: bool,
+    /// per sequence number: wall time (ns since the epoch) the last reply arrived
+    done_ns: Vec<u64>,
 }
 
 type Sync = Arc<(Mutex<Shared>, Condvar)>;
@@ -239,6 +241,11 @@ fn receiver_loop<R: Read>(mut rx: ReplyReceiver<R>, sync: Sync) {
                 match (reply.result, f) {
                     (Ok(data), Some(f)) => {
                         st.completed += 1;
+                        let i = f.seq as usize;
+                        if st.done_ns.len() <= i {
+                            st.done_ns.resize(i + 1, 0);
+                        }
+                        st.done_ns[i] = super::now_ns();
                         if f.kind == OpKind::Read {
                             st.reads.push((f.seq, f.first, data));
                         }
@@ -281,7 +288,34 @@ pub struct Engine {
     pub read_mismatches: Vec<Mismatch>,
     /// Counters.
     pub stats: Stats,
+    /// per sequence number: wall time (ns since the epoch) its first request was sent
+    issue_ns: Vec<u64>,
     buf: Vec<u8>,
+}
+
+/// When each operation was sent and answered (wall clock, ns since the
+/// epoch), to bound which writes a recovery point at time T may contain.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    /// `issue[seq]`: when operation `seq` was sent (non-decreasing).
+    pub issue: Vec<u64>,
+    /// `done_prefix[seq]`: when operations `1..=seq` had all been answered.
+    pub done_prefix: Vec<u64>,
+}
+
+impl Timeline {
+    /// The longest prefix of operations all answered at or before `t`.
+    pub fn done_by(&self, t: u64) -> u64 {
+        self.done_prefix.partition_point(|&d| d <= t).saturating_sub(1) as u64
+    }
+    /// The last operation sent at or before `t`.
+    pub fn issued_by(&self, t: u64) -> u64 {
+        self.issue.partition_point(|&d| d <= t).saturating_sub(1) as u64
+    }
+    /// When operation `seq` was sent.
+    pub fn issued_at(&self, seq: u64) -> u64 {
+        self.issue.get(seq as usize).copied().unwrap_or(u64::MAX)
+    }
 }
 
 impl Engine {
@@ -304,6 +338,7 @@ impl Engine {
             max_payload,
             read_mismatches: Vec::new(),
             stats: Stats::default(),
+            issue_ns: Vec::new(),
             buf: Vec::new(),
         }
     }
@@ -348,6 +383,9 @@ impl Engine {
     fn send(&mut self, cmd: Cmd<'_>, f: Flight) -> Result<()> {
         // register before sending: the reply may arrive before send returns
         let h = self.tx.next_handle();
+        if let Some(t) = self.issue_ns.get_mut(f.seq as usize).filter(|t| **t == 0) {
+            *t = super::now_ns();
+        }
         {
             let mut st = lock(&self.sync);
             st.flights.insert(h, f);
@@ -472,7 +510,38 @@ impl Engine {
         Ok(())
     }
 
+    /// The send/answer times of the operations replayed so far.
+    pub fn timeline(&self) -> Timeline {
+        let done = lock(&self.sync).done_ns.clone();
+        let n = self.issue_ns.len();
+        let mut done_prefix = vec![0u64; n];
+        let mut m = 0u64;
+        for (i, d) in done_prefix.iter_mut().enumerate().skip(1) {
+            // an op without a reply time (a flush skipped, a trim not sent) counts as answered when sent
+            let t = done.get(i).copied().filter(|&x| x > 0).unwrap_or(self.issue_ns[i]);
+            m = m.max(t);
+            *d = m;
+        }
+        let mut issue = self.issue_ns.clone();
+        for i in 1..issue.len() {
+            issue[i] = issue[i].max(issue[i - 1]);
+        }
+        Timeline { issue, done_prefix }
+    }
+
     fn issue(&mut self, op: &PlanOp, model: &mut Model, qd: usize) -> Result<()> {
+        let i = op.seq as usize;
+        if self.issue_ns.len() <= i {
+            self.issue_ns.resize(i + 1, 0);
+        }
+        let r = self.issue_inner(op, model, qd);
+        if self.issue_ns[i] == 0 {
+            self.issue_ns[i] = super::now_ns();
+        }
+        r
+    }
+
+    fn issue_inner(&mut self, op: &PlanOp, model: &mut Model, qd: usize) -> Result<()> {
         let (a, e) = (op.first, op.first + op.n);
         let overlaps = move |f: &Flight| f.n > 0 && f.first < e && a < f.first + f.n;
         match op.kind {

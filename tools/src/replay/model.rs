@@ -226,34 +226,49 @@ impl Model {
     /// Checks block `b` read back as `content` against the state after
     /// sequence `cutoff`. Blocks untouched at `cutoff` always pass.
     pub fn check(&self, b: u64, cutoff: u64, content: &[u8]) -> Option<Mismatch> {
+        self.check_window(b, cutoff, cutoff, content)
+    }
+
+    /// Like [`check`](Self::check) for a point known only to lie after
+    /// sequence `lo` and at or before `hi`: any state of the block between
+    /// the two passes.
+    pub fn check_window(&self, b: u64, lo: u64, hi: u64, content: &[u8]) -> Option<Mismatch> {
         let vs = self.blocks.get(&b)?;
-        let idx = vs.iter().rposition(|v| v.seq <= cutoff)?;
         let found = block::decode(content);
         let off = b * BLOCK;
-        // the acceptable states: the version at the cutoff, and through trims the earlier ones
-        let mut i = idx;
-        loop {
-            let v = &vs[i];
-            let ok = match (v.state, &found) {
-                (State::Data { writer }, Found::Block(s)) => *s == self.stamp(off, v.seq, writer),
-                (State::Zero | State::Trimmed, Found::Zero) => true,
-                _ => false,
-            };
-            if ok {
+        let top = vs.iter().rposition(|v| v.seq <= hi.max(lo))?;
+        let base = vs.iter().rposition(|v| v.seq <= lo);
+        // acceptable: versions in (lo, hi], the version at lo, and through trims the ones before it
+        let accepts = |v: &Version| match (v.state, &found) {
+            (State::Data { writer }, Found::Block(s)) => *s == self.stamp(off, v.seq, writer),
+            (State::Zero | State::Trimmed, Found::Zero) => true,
+            _ => false,
+        };
+        let lowest = base.unwrap_or(0);
+        for v in &vs[lowest..=top] {
+            if accepts(v) {
                 return None;
             }
-            if v.state != State::Trimmed {
-                break;
-            }
-            if i == 0 {
-                // trimmed over content from before the replay: anything goes
-                return None;
-            }
-            i -= 1;
         }
-        let v = &vs[idx];
+        match base {
+            // untouched at lo: the content from before the replay may still be there
+            None if !matches!(found, Found::Block(s) if s.run == self.run) => return None,
+            Some(mut i) => {
+                while vs[i].state == State::Trimmed {
+                    if i == 0 {
+                        return None;
+                    }
+                    i -= 1;
+                    if accepts(&vs[i]) {
+                        return None;
+                    }
+                }
+            }
+            None => {}
+        }
+        let v = &vs[top];
         let mut found_s = self.describe_found(&found);
-        if let (Found::Block(s), State::Data { .. }) = (&found, v.state) {
+        if let Found::Block(s) = &found {
             if s.run == self.run {
                 if s.offset != off {
                     found_s = format!("MISPLACED: {found_s}");
@@ -268,11 +283,23 @@ impl Model {
         } else if matches!(found, Found::Zero) && matches!(v.state, State::Data { .. }) {
             found_s = format!("LOST: {found_s}");
         }
+        let mut expected = self.describe_expected(b, v);
+        if lo < hi {
+            expected = format!("{expected} (or a state of the block after seq {lo})");
+        }
         Some(Mismatch {
             offset: off,
-            expected: self.describe_expected(b, v),
+            expected,
             found: found_s,
         })
+    }
+
+    /// The newest sequence number of this run found in `content`, if any.
+    pub fn seq_in(&self, content: &[u8]) -> Option<u64> {
+        match block::decode(content) {
+            Found::Block(s) if s.run == self.run => Some(s.seq),
+            _ => None,
+        }
     }
 }
 
@@ -316,6 +343,13 @@ mod tests {
         assert!(m.check(7, 3, &[1u8; 4096]).is_none());
         assert!(m.touched(0).is_empty());
         assert_eq!(m.touched(3), vec![0, 1]);
+        // windows: block 1 may hold seq 1 or seq 2 between 1 and 2
+        assert!(m.check_window(1, 1, 2, &blockbytes(&m, 4096, 1)).is_none());
+        assert!(m.check_window(1, 1, 2, &blockbytes(&m, 4096, 2)).is_none());
+        assert!(m.check_window(1, 2, 3, &blockbytes(&m, 4096, 1)).is_some());
+        // untouched before the window: old content or the window's write
+        assert!(m.check_window(1, 0, 1, &[7u8; 4096]).is_none());
+        assert!(m.check_window(1, 0, 1, &blockbytes(&m, 4096, 2)).is_some());
     }
 
     #[test]
