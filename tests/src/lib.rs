@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod faultproxy;
 pub mod recovery;
+pub mod replay;
 pub mod replication;
 
 use serde_json::Value;

@@ -306,7 +306,9 @@ pub struct Timeline {
 impl Timeline {
     /// The longest prefix of operations all answered at or before `t`.
     pub fn done_by(&self, t: u64) -> u64 {
-        self.done_prefix.partition_point(|&d| d <= t).saturating_sub(1) as u64
+        self.done_prefix
+            .partition_point(|&d| d <= t)
+            .saturating_sub(1) as u64
     }
     /// The last operation sent at or before `t`.
     pub fn issued_by(&self, t: u64) -> u64 {
@@ -518,7 +520,11 @@ impl Engine {
         let mut m = 0u64;
         for (i, d) in done_prefix.iter_mut().enumerate().skip(1) {
             // an op without a reply time (a flush skipped, a trim not sent) counts as answered when sent
-            let t = done.get(i).copied().filter(|&x| x > 0).unwrap_or(self.issue_ns[i]);
+            let t = done
+                .get(i)
+                .copied()
+                .filter(|&x| x > 0)
+                .unwrap_or(self.issue_ns[i]);
             m = m.max(t);
             *d = m;
         }
@@ -639,6 +645,24 @@ impl Engine {
             let _ = t.join();
         }
         Ok(())
+    }
+}
+
+/// Builds the model of a replay of `plan` without any I/O (for `--verify-only`),
+/// exactly as [`Engine::run`] would against an export with transmission `flags`.
+pub fn apply_dry(plan: &[PlanOp], model: &mut Model, flags: u16) {
+    for op in plan {
+        model.note_line(op.seq, op.line);
+        match op.kind {
+            OpKind::Write => model.apply(op.seq, op.first, op.n, State::Data { writer: WRITER }),
+            OpKind::Trim if flags & TF_SEND_TRIM != 0 => {
+                model.apply(op.seq, op.first, op.n, State::Trimmed)
+            }
+            OpKind::Trim if flags & TF_SEND_WRITE_ZEROES != 0 => {
+                model.apply(op.seq, op.first, op.n, State::Zero)
+            }
+            _ => {}
+        }
     }
 }
 

@@ -87,6 +87,17 @@ pub struct ReplayArgs {
     /// How long to wait for the replica to catch up (drain) before judging it.
     #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// The target's journal directory of this volume (`rewind target --dir D`: D/VOLUME/journal):
+    /// verify every bookmark and time point through read-only snapshot views of it.
+    #[arg(long, value_name = "DIR")]
+    pub journal_dir: Option<PathBuf>,
+    /// Also check this image (file or NBD URI) as the volume after SEQ operations
+    /// (repeatable), e.g. a snapshot served by `rewind snapshot create`.
+    #[arg(long, value_name = "SEQ=PATH|URI", value_parser = parse_point)]
+    pub point: Vec<(u64, String)>,
+    /// Do not replay: rebuild the model of run --run-id from the trace and verify only.
+    #[arg(long, requires = "run_id")]
+    pub verify_only: bool,
     /// At these trace positions (operations done), drain, print a JSON `sync` line on
     /// stdout and wait for a line on stdin (fault-scenario harnesses).
     #[arg(long, value_name = "N")]
@@ -103,6 +114,19 @@ pub struct ReplayArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+fn parse_point(s: &str) -> Result<(u64, String), String> {
+    let (a, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected SEQ=PATH or SEQ=URI"))?;
+    let seq = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an operation count"))?;
+    if b.is_empty() {
+        return Err(format!("{s:?}: empty path"));
+    }
+    Ok((seq, b.to_string()))
 }
 
 fn parse_speed(s: &str) -> Result<Speed, String> {
@@ -234,6 +258,17 @@ pub fn run(args: ReplayArgs) -> Result<bool> {
         progress: !args.quiet,
     };
     let mut points: Vec<PointRec> = Vec::new();
+    if args.verify_only {
+        engine::apply_dry(&plan, &mut model, conn.info.flags);
+        let last = plan.last().map_or(0, |o| o.seq);
+        drop(conn);
+        let v = verify::verify_all(&args, &uri, &model, last, &points, None)?;
+        let report = serde_json::json!({
+            "run_id": run_id, "map": map, "blocks_touched": model.touched_count(),
+            "expected_digest": model::hex(&model.digest()), "verify": v.json, "mismatches": v.mismatches,
+        });
+        return finish_report(&args, &report, v.mismatches, 0, model.touched_count());
+    }
     let mut eng = engine::Engine::new(conn);
     let exe = std::env::current_exe().context("locating the rewind binary")?;
     let mut hook = |kind: Barrier, seq: u64, m: &model::Model| -> Result<()> {
@@ -281,6 +316,7 @@ pub fn run(args: ReplayArgs) -> Result<bool> {
     let replayed = eng.run(&plan, &mut model, &opts, &mut hook);
     let read_mismatches = std::mem::take(&mut eng.read_mismatches);
     let stats = eng.stats.clone();
+    let timeline = eng.timeline();
     let _ = eng.finish();
     replayed?;
     if !args.quiet {
@@ -319,25 +355,30 @@ pub fn run(args: ReplayArgs) -> Result<bool> {
 
     if args.verify {
         let t = std::time::Instant::now();
-        let v = verify::verify_all(&args, &uri, &model, last, &points)?;
+        let v = verify::verify_all(&args, &uri, &model, last, &points, Some(&timeline))?;
         mismatches += v.mismatches;
         report["verify"] = v.json;
         report["verify_seconds"] = serde_json::json!(t.elapsed().as_secs_f64());
     }
     report["mismatches"] = serde_json::json!(mismatches);
-    let text = serde_json::to_string_pretty(&report)?;
+    finish_report(&args, &report, mismatches, stats.ops, model.touched_count())
+}
+
+fn finish_report(
+    args: &ReplayArgs,
+    report: &serde_json::Value,
+    mismatches: u64,
+    ops: u64,
+    touched: usize,
+) -> Result<bool> {
+    let text = serde_json::to_string_pretty(report)?;
     if let Some(p) = &args.report {
         std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
     }
     if args.json {
         println!("{text}");
     } else {
-        println!(
-            "replayed {} ops ({} blocks touched); {} mismatches",
-            stats.ops,
-            model.touched_count(),
-            mismatches
-        );
+        println!("replayed {ops} ops ({touched} blocks touched); {mismatches} mismatches");
         if let Some(v) = report.get("verify") {
             println!("{}", verify::summary(v));
         }

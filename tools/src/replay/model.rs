@@ -294,6 +294,49 @@ impl Model {
         })
     }
 
+    /// The cutoffs `[from, to)` at which block `b` holds `content`: from the
+    /// first version it matches to the next version after the last one it
+    /// matches (`u64::MAX`: still current). None if it matches no state of
+    /// the block at all (torn, misplaced, foreign over replayed data).
+    /// Untouched blocks match everything.
+    pub fn interval(&self, b: u64, content: &[u8]) -> Option<(u64, u64)> {
+        let Some(vs) = self.blocks.get(&b) else {
+            return Some((0, u64::MAX));
+        };
+        let found = block::decode(content);
+        let off = b * BLOCK;
+        let matches = |v: &Version| match (v.state, &found) {
+            (State::Data { writer }, Found::Block(s)) => *s == self.stamp(off, v.seq, writer),
+            (State::Zero | State::Trimmed, Found::Zero) => true,
+            _ => false,
+        };
+        // before the first write: the content from before the replay (not a block of this run)
+        let mut first: Option<u64> = match found {
+            Found::Block(s) if s.run == self.run => None,
+            _ => Some(0),
+        };
+        let mut last: Option<usize> = if first.is_some() {
+            Some(usize::MAX)
+        } else {
+            None
+        };
+        for (i, v) in vs.iter().enumerate() {
+            // a trim may leave the previous content in place: it extends that interval
+            let ok = matches(v) || (v.state == State::Trimmed && last == Some(i.wrapping_sub(1)));
+            if ok {
+                first.get_or_insert(v.seq);
+                last = Some(i);
+            }
+        }
+        let first = first?;
+        let end = match last {
+            Some(usize::MAX) => vs.first().map_or(u64::MAX, |v| v.seq),
+            Some(i) => vs.get(i + 1).map_or(u64::MAX, |v| v.seq),
+            None => return None,
+        };
+        Some((first, end))
+    }
+
     /// The newest sequence number of this run found in `content`, if any.
     pub fn seq_in(&self, content: &[u8]) -> Option<u64> {
         match block::decode(content) {
@@ -350,6 +393,14 @@ mod tests {
         // untouched before the window: old content or the window's write
         assert!(m.check_window(1, 0, 1, &[7u8; 4096]).is_none());
         assert!(m.check_window(1, 0, 1, &blockbytes(&m, 4096, 2)).is_some());
+        // intervals: block 0 = seq1 until the trim at 3 (which may keep it), then zero
+        assert_eq!(m.interval(0, &blockbytes(&m, 0, 1)), Some((1, u64::MAX)));
+        assert_eq!(m.interval(0, &[0u8; 4096]), Some((0, 1)).map(|_| (0, u64::MAX)));
+        assert_eq!(m.interval(1, &blockbytes(&m, 4096, 1)), Some((1, 2)));
+        assert_eq!(m.interval(1, &blockbytes(&m, 4096, 2)), Some((2, u64::MAX)));
+        assert_eq!(m.interval(1, &[9u8; 4096]), Some((0, 1)));
+        assert_eq!(m.interval(1, &blockbytes(&m, 0, 2)), None);
+        assert_eq!(m.interval(5, &[9u8; 4096]), Some((0, u64::MAX)));
     }
 
     #[test]
