@@ -28,15 +28,27 @@ fn replay_committed_traces_replicated_then_verified() {
     let st = setup(&s);
     let replica = st.target.replica("vol0");
     let vdir = st.target.dir.join("vol0").join("journal");
+    let shm = format!("--shm-dir={}", st.export.shm_dir.display());
     for tr in committed_traces() {
+        let name = tr.file_name().unwrap().to_string_lossy().into_owned();
+        // about three bookmarks per trace (each is verified over the whole volume)
+        let every = match name.as_str() {
+            n if n.starts_with("cbuild") => "200",
+            n if n.starts_with("fio") => "1000",
+            _ => "2500",
+        };
         let (o, v) = replay(
             &[
+                "--volume",
+                "vol0",
+                "--bookmark-arg",
+                &shm,
                 "--trace",
                 &tr.to_string_lossy(),
                 "--uri",
                 &st.export.uri(),
                 "--bookmark-every",
-                "1500",
+                every,
                 "--time-points",
                 "2",
                 "--verify",
@@ -47,7 +59,6 @@ fn replay_committed_traces_replicated_then_verified() {
             ],
             T,
         );
-        let name = tr.file_name().unwrap().to_string_lossy().into_owned();
         let v = assert_clean(&o, &v, &name);
         let ver = &v["verify"];
         let checked = ver["source"]["blocks_checked"].as_u64().unwrap();
@@ -60,12 +71,33 @@ fn replay_committed_traces_replicated_then_verified() {
             Some(SIZE / 4096)
         );
         let points = ver["points"].as_array().expect("points");
-        // bookmark barriers (as time points) + 2 sampled times
-        assert!(points.len() >= 3, "{name}: {points:?}");
         for p in points {
             assert_eq!(p["mismatches"], 0, "{name}: {p}");
-            assert!(p["blocks_checked"].as_u64().unwrap() > 0, "{name}: {p}");
         }
+        // every bookmark inserted through the agent recovers exactly (cutoff = its position)
+        let bookmarks: Vec<_> = points.iter().filter(|p| p["kind"] == "bookmark").collect();
+        let nbm = v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["bookmarked"] == true)
+            .count();
+        assert!(nbm >= 1, "{name}: no bookmark inserted: {}", v["points"]);
+        assert_eq!(bookmarks.len(), nbm, "{name}: {points:?}");
+        for b in &bookmarks {
+            assert_eq!(b["cutoff_from"], b["cutoff_to"], "{name}: {b}");
+            assert_eq!(b["digest_match"], true, "{name}: {b}");
+            assert!(b["blocks_checked"].as_u64().unwrap() > 0, "{name}: {b}");
+        }
+        // and time points (at the bookmarks' times and sampled) are consistent states
+        let times = points
+            .iter()
+            .filter(|p| p["kind"] == "time" && p["blocks_checked"].as_u64().is_some_and(|n| n > 0))
+            .count();
+        assert!(
+            times >= 2,
+            "{name}: fewer than 2 time points verified: {points:?}"
+        );
         // the trace's reads were replayed and checked inline too
         assert!(
             v["stats"]["read_blocks_checked"].as_u64().unwrap() > 0,

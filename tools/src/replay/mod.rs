@@ -278,10 +278,13 @@ pub fn run(args: ReplayArgs) -> Result<bool> {
             Barrier::Bookmark => {
                 let name = format!("replay-{run_id:08x}-{}", points.len());
                 let bookmarked = match &args.volume {
-                    Some(v) => {
-                        create_bookmark(&exe, &name, v, &args.bookmark_arg)?;
-                        true
-                    }
+                    Some(v) => match create_bookmark(&exe, &name, v, &args.bookmark_arg)? {
+                        None => true,
+                        Some(why) => {
+                            eprintln!("replay: bookmark {name} not inserted: {why}");
+                            false
+                        }
+                    },
                     None => false,
                 };
                 points.push(PointRec {
@@ -386,24 +389,35 @@ fn finish_report(
     Ok(mismatches == 0)
 }
 
+/// Inserts bookmark `name` through the agent (`rewind bookmark create`). A
+/// refusal because no exact point exists right now (the change log is not in
+/// data mode while the replicator catches up) is retried for up to 15 s, then
+/// reported as `Ok(Some(reason))`: the replay goes on without that bookmark.
 fn create_bookmark(
     exe: &std::path::Path,
     name: &str,
     volume: &str,
     extra: &[String],
-) -> Result<()> {
-    let out = std::process::Command::new(exe)
-        .args(["bookmark", "create", name, "--volume", volume])
-        .args(extra)
-        .output()
-        .context("running `rewind bookmark create`")?;
-    if !out.status.success() {
-        bail!(
-            "`rewind bookmark create {name} --volume {volume}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+) -> Result<Option<String>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = std::process::Command::new(exe)
+            .args(["bookmark", "create", name, "--volume", volume])
+            .args(extra)
+            .output()
+            .context("running `rewind bookmark create`")?;
+        if out.status.success() {
+            return Ok(None);
+        }
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if !err.contains("not taken") {
+            bail!("`rewind bookmark create {name} --volume {volume}` failed: {err}");
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(Some(err));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(())
 }
 
 fn rand_u32() -> u32 {

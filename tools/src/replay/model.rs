@@ -395,7 +395,10 @@ mod tests {
         assert!(m.check_window(1, 0, 1, &blockbytes(&m, 4096, 2)).is_some());
         // intervals: block 0 = seq1 until the trim at 3 (which may keep it), then zero
         assert_eq!(m.interval(0, &blockbytes(&m, 0, 1)), Some((1, u64::MAX)));
-        assert_eq!(m.interval(0, &[0u8; 4096]), Some((0, 1)).map(|_| (0, u64::MAX)));
+        assert_eq!(
+            m.interval(0, &[0u8; 4096]),
+            Some((0, 1)).map(|_| (0, u64::MAX))
+        );
         assert_eq!(m.interval(1, &blockbytes(&m, 4096, 1)), Some((1, 2)));
         assert_eq!(m.interval(1, &blockbytes(&m, 4096, 2)), Some((2, u64::MAX)));
         assert_eq!(m.interval(1, &[9u8; 4096]), Some((0, 1)));
