@@ -2,6 +2,10 @@
 //! causal writes, checked at the change-log level, and the hold bound with a
 //! write stuck in the backing store.
 //!
+//! The same workload end to end: replicated by three `rewind replicator`
+//! pairs to one `rewind target`, each bookmark materialized per volume with
+//! `rewind snapshot materialize --bookmark` and checked the same way.
+//!
 //! Causal writer: for i = 1.., write i to volume x, wait for the ack, then to
 //! y, then to z. A mutually consistent cut at a bookmark has, with `lx`,
 //! `ly`, `lz` the last counter before the tag in each volume's record stream:
@@ -64,30 +68,14 @@ for h in hs:
 print('wrote', n)
 "#;
 
-#[test]
-fn group_bookmarks_are_mutually_consistent_under_causal_writes() {
-    let s = Scratch::new("bm-group");
-    let cfg = format!(
-        "{}consistency_interval = \"off\"\n[[group]]\nname = \"g\"\n{}{}{}",
-        head(&s).replace("memory_budget = \"16M\"", "memory_budget = \"96M\""),
-        volume(&s, "x", Some("g")),
-        volume(&s, "y", Some("g")),
-        volume(&s, "z", Some("g"))
-    );
-    // Stretch the gap between tag insertions: writes must stay held across it.
-    let agent = Agent::start_with_env(&s, &cfg, &[("REWIND_TEST_TAG_GAP_US", "3000")]);
-    let uri = |v: &str| {
-        format!(
-            "nbd+unix:///{v}?socket={}",
-            s.join(&format!("{v}.sock")).display()
-        )
-    };
-    let n = 3000;
+/// Starts the causal writer over `uris` and takes group bookmarks of `g`
+/// until it ends; returns the bookmarks' JSON.
+fn write_and_bookmark(agent: &Agent, uris: &[String], n: u64) -> Vec<Value> {
     let mut writer = python_nbd()
         .arg("-c")
         .arg(WRITER)
         .arg(n.to_string())
-        .args([uri("x"), uri("y"), uri("z")])
+        .args(uris)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -115,6 +103,145 @@ fn group_bookmarks_are_mutually_consistent_under_causal_writes() {
     }
     let wo = writer.wait_with_output().unwrap();
     assert!(wo.status.success(), "writer failed: {}", text(&wo));
+    taken
+}
+
+/// `lx >= ly >= lz >= lx - 1`.
+fn assert_consistent(name: &Value, l: &[u64]) {
+    let (lx, ly, lz) = (l[0], l[1], l[2]);
+    assert!(
+        lx >= ly && ly >= lz && lz + 1 >= lx,
+        "bookmark {name} is not mutually consistent: x={lx} y={ly} z={lz}"
+    );
+}
+
+#[test]
+fn replication_group_bookmarks_recover_mutually_consistent() {
+    use rewind_tests::replication::*;
+    let s = Scratch::new("bm-group-e2e");
+    let cfg = format!(
+        "{}consistency_interval = \"off\"\n[[group]]\nname = \"g\"\n{}{}{}",
+        head(&s).replace("memory_budget = \"16M\"", "memory_budget = \"96M\""),
+        volume(&s, "x", Some("g")),
+        volume(&s, "y", Some("g")),
+        volume(&s, "z", Some("g"))
+    );
+    let agent = Agent::start(&s, &cfg);
+    let target = Target::start(
+        &s,
+        TargetOpts {
+            auth: Auth::Insecure,
+            host: "127.0.0.1".into(),
+            allow: vec![],
+            port: None,
+            spool_budget: None,
+        },
+    );
+    let reps: Vec<Replicator> = ["x", "y", "z"]
+        .iter()
+        .map(|v| {
+            Replicator::start(
+                &s,
+                target.addr,
+                ReplicatorOpts {
+                    auth: Auth::Insecure,
+                    host: "replicator".into(),
+                    server_name: "127.0.0.1".into(),
+                    volume: (*v).into(),
+                    device: s.join(&format!("{v}.img")),
+                    shm_dir: s.join("shm"),
+                    compression: "off".into(),
+                    bandwidth: None,
+                    max_chunk: None,
+                    hash_block: None,
+                },
+            )
+        })
+        .collect();
+    for r in &reps {
+        wait_drained(r, &target, Duration::from_secs(120));
+    }
+    let uri = |v: &str| {
+        format!(
+            "nbd+unix:///{v}?socket={}",
+            s.join(&format!("{v}.sock")).display()
+        )
+    };
+    // n <= 1024: every counter has its own slot, the image shows the last one.
+    let n = 1000;
+    let taken = write_and_bookmark(&agent, &[uri("x"), uri("y"), uri("z")], n);
+    assert!(
+        taken.len() >= 3,
+        "only {} bookmarks during the run",
+        taken.len()
+    );
+    for r in &reps {
+        wait_drained(r, &target, Duration::from_secs(120));
+    }
+    let sd = target.state_dir.to_str().unwrap().to_string();
+    let step = (taken.len() / 6).max(1);
+    let mut inside = 0;
+    for b in taken.iter().step_by(step) {
+        let name = b["name"].as_str().unwrap();
+        let mut l = Vec::new();
+        for v in ["x", "y", "z"] {
+            let out = s.join(&format!("m-{v}.raw"));
+            run_ok(
+                Command::new(rewind_bin("rewind"))
+                    .args([
+                        "snapshot",
+                        "materialize",
+                        "--volume",
+                        v,
+                        "--bookmark",
+                        name,
+                        "--out",
+                    ])
+                    .arg(&out)
+                    .args(["--state-dir", &sd]),
+                T,
+            );
+            let img = std::fs::read(&out).unwrap();
+            let last = (0..1024)
+                .map(|slot| {
+                    u64::from_le_bytes(img[slot * 4096..slot * 4096 + 8].try_into().unwrap())
+                })
+                .max()
+                .unwrap();
+            l.push(last);
+        }
+        assert_consistent(&b["name"], &l);
+        if l[0] > 0 && l[0] < n {
+            inside += 1;
+        }
+    }
+    assert!(
+        inside >= 1,
+        "no recovered bookmark fell inside the write run"
+    );
+    agent.stop();
+}
+
+#[test]
+fn group_bookmarks_are_mutually_consistent_under_causal_writes() {
+    let s = Scratch::new("bm-group");
+    let cfg = format!(
+        "{}consistency_interval = \"off\"\n[[group]]\nname = \"g\"\n{}{}{}",
+        head(&s).replace("memory_budget = \"16M\"", "memory_budget = \"96M\""),
+        volume(&s, "x", Some("g")),
+        volume(&s, "y", Some("g")),
+        volume(&s, "z", Some("g"))
+    );
+    // Stretch the gap between tag insertions: writes must stay held across it.
+    let agent = Agent::start_with_env(&s, &cfg, &[("REWIND_TEST_TAG_GAP_US", "3000")]);
+    let uri = |v: &str| {
+        format!(
+            "nbd+unix:///{v}?socket={}",
+            s.join(&format!("{v}.sock")).display()
+        )
+    };
+    let n = 3000;
+    let taken = write_and_bookmark(&agent, &[uri("x"), uri("y"), uri("z")], n);
     assert!(
         taken.len() >= 5,
         "only {} bookmarks during the run",
@@ -141,13 +268,8 @@ fn group_bookmarks_are_mutually_consistent_under_causal_writes() {
                     .unwrap_or_else(|| panic!("bookmark {} missing in {v}", b["name"]))
             })
             .collect();
-        let (lx, ly, lz) = (l[0], l[1], l[2]);
-        assert!(
-            lx >= ly && ly >= lz && lz + 1 >= lx,
-            "bookmark {} is not mutually consistent: x={lx} y={ly} z={lz}",
-            b["name"]
-        );
-        if lx > 0 && lx < n {
+        assert_consistent(&b["name"], &l);
+        if l[0] > 0 && l[0] < n {
             inside += 1;
         }
     }
