@@ -39,6 +39,7 @@ enum Content {
         ranges: Vec<(u64, u64)>,
         masks: Vec<(u64, u64)>,
         blocks: u64,
+        changed_since_ns: Option<u64>,
     },
 }
 
@@ -82,6 +83,21 @@ impl Batch {
             Content::Ring { .. } => &[],
         }
     }
+    /// A lower bound of the capture time (ns since the epoch) of the oldest
+    /// change the batch carries, for RPO accounting: the oldest record
+    /// timestamp of a ring batch; for a bitmap batch the start of the last
+    /// bitmap sweep this consumer completed before taking it (every bit set
+    /// earlier was taken by that sweep), `None` while no sweep has completed
+    /// since attach (bits restored from an earlier consumer may be older).
+    /// `None` for an empty ring batch.
+    pub fn oldest_change_bound_ns(&self) -> Option<u64> {
+        match &self.content {
+            Content::Ring { records, .. } => records.iter().map(|r| r.timestamp_ns).min(),
+            Content::Bitmap {
+                changed_since_ns, ..
+            } => *changed_since_ns,
+        }
+    }
     /// Ring positions `[start, end)` covered by a ring batch.
     pub fn ring_span(&self) -> Option<(u64, u64)> {
         match self.content {
@@ -103,7 +119,13 @@ impl Batch {
 /// - if the consumer dies (or is dropped) with batches outstanding, the next
 ///   [`Consumer::attach`] restarts at the committed tail and ORs `pending`
 ///   back into `active`: everything uncommitted is delivered again (the target
-///   must apply idempotently, e.g. by sequence number).
+///   must apply idempotently, e.g. by sequence number);
+/// - bitmap **sweeps**: consecutive bitmap takes walk the words of `active`
+///   cyclically; a sweep is complete when every word has been visited once
+///   since it started, so every bit set before its start has been taken.
+///   Completed sweeps are counted in the region header; the producer leaves
+///   bitmap mode once a sweep that started after it entered bitmap mode has
+///   completed (docs/change-log-format.md §4).
 pub struct Consumer {
     sh: Shared,
     _lock: Flock<File>,
@@ -114,6 +136,12 @@ pub struct Consumer {
     scan_word: u64,
     last_full_scan: Option<Instant>,
     next_id: u64,
+    /// Words visited in the current sweep.
+    sweep_words: u64,
+    /// When the current sweep started (ns since the epoch).
+    sweep_start_ns: u64,
+    /// When the last completed sweep started.
+    done_sweep_start_ns: Option<u64>,
 }
 
 impl Consumer {
@@ -148,6 +176,9 @@ impl Consumer {
             scan_word: 0,
             last_full_scan: None,
             next_id: 1,
+            sweep_words: 0,
+            sweep_start_ns: crate::producer::now_ns(),
+            done_sweep_start_ns: None,
         })
     }
 
@@ -239,6 +270,11 @@ impl Consumer {
         let mut masks: Vec<(u64, u64)> = Vec::new();
         let mut taken = 0u64;
         let words = l.bitmap_words;
+        // Bits taken now were set after the start of the last completed sweep.
+        let changed_since_ns = self.done_sweep_start_ns;
+        // Words fully visited by this call (a word left with bits because the
+        // batch is full is visited again by the next call).
+        let mut visited = words;
         for i in 0..words {
             let w = (self.scan_word + i) % words;
             let v = sh.active(w).load(SeqCst);
@@ -262,8 +298,19 @@ impl Consumer {
             taken += m.count_ones() as u64;
             if taken >= limit {
                 self.scan_word = w;
+                visited = i;
                 break;
             }
+        }
+        self.sweep_words += visited;
+        if self.sweep_words >= words {
+            // Every word was visited since the sweep started: every bit set
+            // before `sweep_start_ns` has been taken.
+            let now = crate::producer::now_ns();
+            self.done_sweep_start_ns = Some(self.sweep_start_ns);
+            self.sweep_start_ns = now;
+            self.sweep_words = 0;
+            sh.field(OFF_SWEEPS_DONE).fetch_add(1, SeqCst);
         }
         if masks.is_empty() {
             self.last_full_scan = Some(Instant::now());
@@ -292,6 +339,7 @@ impl Consumer {
             ranges,
             masks,
             blocks: taken,
+            changed_since_ns,
         }))
     }
 
@@ -351,6 +399,19 @@ impl Consumer {
     /// Tracking block size of the region.
     pub fn block_size(&self) -> u32 {
         self.sh.layout().block_size
+    }
+
+    /// A lower bound of when the oldest change still in the `active` bitmap
+    /// was captured (ns since the epoch): the start of the last sweep this
+    /// consumer completed. `None` until a sweep completed since attach.
+    pub fn dirty_since_bound_ns(&self) -> Option<u64> {
+        self.done_sweep_start_ns
+    }
+
+    /// Ring bytes published by the producer and not yet handed out (what
+    /// the next [`Consumer::get`] would return before any bitmap batch).
+    pub fn ready_ring_bytes(&self) -> u64 {
+        self.sh.head().load(Acquire).saturating_sub(self.cursor)
     }
 
     /// Ring batches handed out and not yet committed.

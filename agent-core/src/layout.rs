@@ -43,6 +43,12 @@ pub(crate) const OFF_HEAD: usize = 256; // own cache line
 pub(crate) const OFF_TAIL: usize = 320; // own cache line
 pub(crate) const OFF_ACTIVE_COUNT: usize = 384;
 pub(crate) const OFF_PENDING_COUNT: usize = 392;
+/// Bitmap sweeps completed by consumers (a full pass over `active` taking
+/// every bit set before the pass started); written by the consumer.
+pub(crate) const OFF_SWEEPS_DONE: usize = 400;
+/// The sweep count at which the producer may leave bitmap mode (set when it
+/// entered it); written by the producer, informational for observers.
+pub(crate) const OFF_BITMAP_EXIT_SWEEP: usize = 408;
 pub(crate) const OFF_STATS: usize = 512; // STAT_SLOTS u64 counters
 
 /// `producer_state` values.
@@ -86,6 +92,8 @@ pub(crate) mod stat {
     pub const OVERSIZE_METADATA: usize = 30;
     pub const FILTERING_STOPS: usize = 31;
     pub const WRITE_HIST: usize = 32; // 15 buckets
+    /// Bitmap → data transitions taken with bits still set (after a sweep).
+    pub const BITMAP_SWEEP_EXITS: usize = 47;
     pub const READ_HIST: usize = 48; // 15 buckets
     pub const SLOTS: usize = 64;
 }

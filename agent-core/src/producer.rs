@@ -87,6 +87,9 @@ struct WState {
     head: u64,
     next_seq: u64,
     mode: CaptureMode,
+    /// In bitmap mode: the consumer sweep count (`OFF_SWEEPS_DONE`) at which
+    /// every bit set before bitmap mode was entered has been taken.
+    exit_sweep: u64,
 }
 
 struct Inner {
@@ -366,12 +369,17 @@ impl ChangeLog {
             }
         };
         let cap = l.ring_capacity;
+        let exit_sweep = sh.field(OFF_SWEEPS_DONE).load(SeqCst) + 2;
+        if mode == CaptureMode::Bitmap {
+            sh.field(OFF_BITMAP_EXIT_SWEEP).store(exit_sweep, SeqCst);
+        }
         let inner = Inner {
             max_payload: (cap / 4).min(u32::MAX as u64 / 2),
             w: Mutex::new(WState {
                 head,
                 next_seq,
                 mode,
+                exit_sweep,
             }),
             hot: hot_words.iter().map(|&w| AtomicU64::new(w)).collect(),
             al: Mutex::new((al, vec![0; words])),
@@ -700,6 +708,10 @@ impl Inner {
         sh.bump(counter, 1);
         let used = st.head.saturating_sub(sh.tail().load(Relaxed));
         if to == CaptureMode::Bitmap {
+            // A sweep in progress now may already have passed words that get
+            // bits from now on; the one after it starts after this instant.
+            st.exit_sweep = sh.field(OFF_SWEEPS_DONE).load(SeqCst) + 2;
+            sh.field(OFF_BITMAP_EXIT_SWEEP).store(st.exit_sweep, SeqCst);
             sh.field(OFF_BITMAP_SINCE_NS).store(now_ns(), SeqCst);
             warn!(volume = %self.cfg.volume_name, ?from, ?to, ring_used = used, "ALERT: change log entered bitmap mode (changes tracked as blocks only)");
         } else {
@@ -715,10 +727,22 @@ impl Inner {
         let sh = &self.sh;
         match st.mode {
             CaptureMode::Bitmap => {
-                if sh.field(OFF_FILTERING).load(SeqCst) != 0
-                    && sh.field(OFF_ACTIVE_COUNT).load(SeqCst) == 0
-                    && sh.field(OFF_PENDING_COUNT).load(SeqCst) == 0
-                {
+                if sh.field(OFF_FILTERING).load(SeqCst) == 0 {
+                    return;
+                }
+                let empty = sh.field(OFF_ACTIVE_COUNT).load(SeqCst) == 0
+                    && sh.field(OFF_PENDING_COUNT).load(SeqCst) == 0;
+                // Under sustained load the bitmap is never empty: leave once a
+                // consumer sweep has taken every bit set before bitmap mode
+                // began and the ring has room again (rule (c), §4).
+                let swept = sh.field(OFF_SWEEPS_DONE).load(SeqCst) >= st.exit_sweep && {
+                    let used = st.head.saturating_sub(sh.tail().load(Acquire));
+                    used * 2 <= sh.layout().ring_capacity
+                };
+                if empty {
+                    self.set_mode(st, CaptureMode::Data, stat::BITMAP_TO_DATA);
+                } else if swept {
+                    sh.bump(stat::BITMAP_SWEEP_EXITS, 1);
                     self.set_mode(st, CaptureMode::Data, stat::BITMAP_TO_DATA);
                 }
             }

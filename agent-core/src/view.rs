@@ -26,8 +26,13 @@ pub struct Transitions {
     pub metadata_to_bitmap: u64,
     /// Ring could not hold a zero/metadata record while in data mode.
     pub data_to_bitmap: u64,
-    /// Bitmap drained (active == pending == 0).
+    /// Bitmap mode left: drained (active == pending == 0), or a consumer
+    /// sweep took every bit set before it was entered (counted also in
+    /// `bitmap_sweep_exits`).
     pub bitmap_to_data: u64,
+    /// Bitmap → data transitions taken under load, with bits still set, after
+    /// a completed consumer sweep.
+    pub bitmap_sweep_exits: u64,
     /// Ring usage fell to half or less.
     pub metadata_to_data: u64,
     /// `set_filtering(false)` forced bitmap mode.
@@ -132,6 +137,8 @@ pub struct Stats {
     pub al_updates: u64,
     /// Bitmap-file persists.
     pub persists: u64,
+    /// Bitmap sweeps completed by consumers (full passes over `active`).
+    pub bitmap_sweeps: u64,
     /// Failed persist / activity-log writes.
     pub persist_errors: u64,
 }
@@ -194,6 +201,7 @@ pub(crate) fn read_stats(sh: &Shared) -> Stats {
             metadata_to_bitmap: s(stat::METADATA_TO_BITMAP),
             data_to_bitmap: s(stat::DATA_TO_BITMAP),
             bitmap_to_data: s(stat::BITMAP_TO_DATA),
+            bitmap_sweep_exits: s(stat::BITMAP_SWEEP_EXITS),
             metadata_to_data: s(stat::METADATA_TO_DATA),
             filtering_stops: s(stat::FILTERING_STOPS),
         },
@@ -210,6 +218,7 @@ pub(crate) fn read_stats(sh: &Shared) -> Stats {
         consumer_attaches: s(stat::CONSUMER_ATTACHES),
         al_updates: s(stat::AL_UPDATES),
         persists: s(stat::PERSISTS),
+        bitmap_sweeps: f(OFF_SWEEPS_DONE),
         persist_errors: s(stat::PERSIST_ERRORS),
     }
 }

@@ -657,3 +657,93 @@ fn foreign_bits_beyond_the_volume_end_are_harmless() {
     assert!(view.dirty_ranges().is_empty());
     log.persist().unwrap();
 }
+
+/// Under a sustained overload (the writer always outpaces the ring), the log
+/// leaves bitmap mode after each completed consumer sweep although bits are
+/// still set, so writes go back to the ring while the load continues; no
+/// change is lost, and the RPO bounds handed out with bitmap batches never
+/// claim a change is younger than it is.
+#[test]
+fn sustained_overload_returns_to_data_mode_per_sweep() {
+    let d = tmpdir();
+    let size = 4 * MIB;
+    let mut v = vol(d.path(), size, 4096, 64 * 1024);
+    let view = ChangeLogView::open(v.log.path()).unwrap();
+    let mut c = Consumer::attach(v.log.path()).unwrap();
+    let mut rep = vec![0u8; size as usize];
+    let blocks = (size / 4096) as usize;
+    // per block: capture time of the oldest write that went to the bitmap
+    // and has not been taken yet
+    let mut bit_since: Vec<Option<u64>> = vec![None; blocks];
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    let mut seed = 7u64;
+    let mut data_after_bitmap_with_bits = 0;
+    let mut seen_bitmap = false;
+    for tick in 0..1000u64 {
+        // 40 writes of 4 KiB per tick
+        for i in 0..40u64 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let b = (seed >> 33) % blocks as u64;
+            let before = view.stats().bitmap_writes;
+            let t = now();
+            v.write(b * 4096, 4096, tick * 100 + i);
+            let st = view.stats();
+            if st.bitmap_writes > before && bit_since[b as usize].is_none() {
+                bit_since[b as usize] = Some(t);
+            }
+            if st.mode == CaptureMode::Bitmap {
+                seen_bitmap = true;
+            } else if seen_bitmap && st.dirty_blocks_active + st.dirty_blocks_pending > 0 {
+                // a write went to the ring while bitmap bits were outstanding
+                data_after_bitmap_with_bits += 1;
+            }
+        }
+        if let Some(bound) = c.dirty_since_bound_ns() {
+            for s in bit_since.iter().flatten() {
+                assert!(
+                    *s >= bound,
+                    "bitmap bound {bound} younger than a set bit ({s})"
+                );
+            }
+        }
+        // the consumer takes one record or one block per `get`, 20 per tick:
+        // half the write rate, whatever the mode
+        for _ in 0..20 {
+            let Some(b) = c.get(48).unwrap() else { break };
+            if b.kind() == BatchKind::Bitmap {
+                for &(o, l) in b.ranges() {
+                    for blk in o / 4096..(o + l).div_ceil(4096) {
+                        if let (Some(bound), Some(s)) =
+                            (b.oldest_change_bound_ns(), bit_since[blk as usize])
+                        {
+                            assert!(
+                                s >= bound,
+                                "batch bound {bound} younger than its change {s}"
+                            );
+                        }
+                        bit_since[blk as usize] = None;
+                    }
+                }
+            }
+            apply(&b, &v.src, &mut rep);
+            c.commit(b).unwrap();
+        }
+    }
+    let t = view.stats().transitions;
+    assert!(
+        t.bitmap_sweep_exits >= 3 && t.data_to_metadata + t.data_to_bitmap >= 3,
+        "the log did not cycle back to data mode under load: {t:?}"
+    );
+    assert!(data_after_bitmap_with_bits > 0, "{t:?}");
+    assert!(view.stats().bitmap_sweeps >= 3);
+    drain(&mut c, &v.src, &mut rep, u64::MAX);
+    assert!(rep == v.src, "replica differs");
+    assert!(view.dirty_ranges().is_empty());
+}

@@ -353,3 +353,117 @@ fn clean_restart_after_drain_has_nothing_pending() {
     );
     ex.stop();
 }
+
+#[test]
+fn sustained_overload_returns_to_data_mode_while_writes_continue() {
+    // The consumer stalls long enough for the ring to overflow into bitmap
+    // mode, then drains while fio keeps writing at a constant rate, keeping
+    // one batch in flight like the replicator (committed when the next one
+    // was handed out). With a batch always in flight and writes always
+    // arriving, the bitmap is never empty, so the log must leave bitmap mode
+    // per completed consumer sweep (not only when fully drained), while fio
+    // still runs; nothing written may be lost.
+    let (_s, ex, mut replica) = setup(
+        "drain-sweep",
+        64 * MIB,
+        ExportOpts {
+            ring_size: Some(2 * MIB),
+            ..Default::default()
+        },
+    );
+    let clog = ex.shm_dir.join(format!("{}.clog", ex.volume));
+    let view = agent_core::ChangeLogView::open(&clog).expect("view");
+    let mut fio = tool("fio");
+    fio.args([
+        "--name=load",
+        "--ioengine=nbd",
+        &format!("--uri={}", ex.uri()),
+    ])
+    .args([
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=64m",
+        "--rate=8m",
+    ])
+    .args(["--time_based", "--runtime=7", "--norandommap"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = fio.spawn().expect("spawn fio");
+    // stall: 8 MiB/s for 1.5 s overflows the 2 MiB ring
+    let t0 = std::time::Instant::now();
+    while view.stats().mode != agent_core::CaptureMode::Bitmap {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "ring never overflowed: {:?}",
+            view.stats().transitions
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = Consumer::attach(&clog).expect("attach");
+    let mut in_flight: Option<agent_core::Batch> = None;
+    let mut data_again_at = None;
+    let mut total = Drained::default();
+    while child.try_wait().expect("try_wait").is_none() {
+        while let Some(batch) = c.get(4 * MIB).expect("get") {
+            match batch.kind() {
+                BatchKind::Ring => {
+                    for r in batch.records() {
+                        let (o, l) = (r.offset as usize, r.len as usize);
+                        match r.kind {
+                            RecordKind::Data => replica[o..o + l].copy_from_slice(&r.data),
+                            RecordKind::Zero => replica[o..o + l].fill(0),
+                            RecordKind::Metadata => replica[o..o + l].copy_from_slice(&read_at(
+                                &ex.backing,
+                                r.offset,
+                                r.len,
+                            )),
+                            RecordKind::Tag => {}
+                        }
+                        total.data += 1;
+                    }
+                }
+                BatchKind::Bitmap => {
+                    total.bitmap_batches += 1;
+                    for &(o, l) in batch.ranges() {
+                        replica[o as usize..(o + l) as usize].copy_from_slice(&read_at(
+                            &ex.backing,
+                            o,
+                            l,
+                        ));
+                        total.bitmap_bytes += l;
+                    }
+                }
+            }
+            if let Some(prev) = in_flight.replace(batch) {
+                c.commit(prev).expect("commit");
+            }
+        }
+        if data_again_at.is_none() && view.stats().mode == agent_core::CaptureMode::Data {
+            data_again_at = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = child.wait().expect("wait");
+    assert!(st.success(), "fio failed: {st}");
+    let stats = view.stats();
+    assert!(
+        data_again_at.is_some_and(|t| t < Duration::from_secs(6)),
+        "the log did not return to data mode while fio was writing: {:?}, {:?}",
+        data_again_at,
+        stats.transitions
+    );
+    assert!(
+        stats.transitions.bitmap_sweep_exits >= 1 && stats.bitmap_sweeps >= 2,
+        "{:?}, sweeps {}",
+        stats.transitions,
+        stats.bitmap_sweeps
+    );
+    if let Some(prev) = in_flight.take() {
+        c.commit(prev).expect("commit");
+    }
+    drop(c);
+    let d = drain(&ex, &mut replica);
+    assert_replica_equals_volume(&replica, &ex, &d);
+    ex.stop();
+}
