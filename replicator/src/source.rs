@@ -97,6 +97,12 @@ pub struct PairConfig {
     pub max_chunk_bytes: u64,
     /// Frames sent and not yet acknowledged at most (pipelining), default 16.
     pub max_in_flight: usize,
+    /// How long ring records may wait to be shipped together (default
+    /// 20 ms): while less than half a chunk is ready and the first of it was
+    /// seen less than this long ago, the pair waits for more. Bigger chunks
+    /// mean fewer frames, fewer fsyncs at the target and less CPU per byte
+    /// on both sides, for at most this much RPO. Zero ships at once.
+    pub coalesce_delay: Duration,
     /// Resync hash block, default 1 MiB.
     pub hash_block: u32,
     /// Hash blocks per `ResyncRequest`, default 64.
@@ -139,6 +145,7 @@ impl PairConfig {
             limiter: PairLimiter::unlimited(),
             max_chunk_bytes: 4 << 20,
             max_in_flight: 16,
+            coalesce_delay: Duration::from_millis(20),
             hash_block: 1 << 20,
             resync_window_blocks: 64,
             heartbeat: Duration::from_secs(1),
@@ -589,6 +596,7 @@ fn session(
         flow_controlled: false,
         ring_empty: false,
         empty_at: None,
+        ready_since: None,
         oldest_unconsumed: (Instant::now(), None),
         dirty_since: None,
         rate_mark: (Instant::now(), 0, 0),
@@ -662,6 +670,8 @@ struct Session<'a> {
     flow_controlled: bool,
     ring_empty: bool,
     empty_at: Option<u64>,
+    /// When ring bytes were first seen ready and not yet shipped.
+    ready_since: Option<Instant>,
     oldest_unconsumed: (Instant, Option<u64>),
     dirty_since: Option<u64>,
     rate_mark: (Instant, u64, u64),
@@ -771,6 +781,16 @@ impl Session<'_> {
         if self.inflight.len() >= self.cfg.max_in_flight {
             return Ok(false);
         }
+        // Let a small amount of ring data wait a little for more, so that
+        // it travels in fewer, larger chunks (see `coalesce_delay`).
+        let ready = self.consumer.ready_ring_bytes();
+        if ready > 0 && ready < self.max_data / 2 && !self.cfg.coalesce_delay.is_zero() {
+            let since = *self.ready_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.cfg.coalesce_delay {
+                return Ok(false);
+            }
+        }
+        self.ready_since = None;
         let Some(batch) = self.consumer.get(self.max_data)? else {
             self.ring_empty = true;
             self.empty_at = Some(now_ns());
@@ -781,11 +801,15 @@ impl Session<'_> {
         let frames = self.build_frames(&batch)?;
         let no = self.next_no;
         self.next_no += 1;
+        // Ring batches: the oldest record. Bitmap batches: the start of the
+        // consumer's last completed sweep (every bit set earlier was taken
+        // by it); before the first sweep, when dirty bits were first seen.
         let oldest_ns = batch
-            .records()
-            .iter()
-            .map(|r| r.timestamp_ns)
-            .min()
+            .oldest_change_bound_ns()
+            .or(match batch.kind() {
+                BatchKind::Bitmap => self.dirty_since,
+                BatchKind::Ring => None,
+            })
             .unwrap_or_else(now_ns);
         self.batches.push_back(PendingBatch {
             batch,
@@ -1238,7 +1262,15 @@ impl Session<'_> {
         } else {
             self.oldest_unconsumed.1 = None;
         }
-        if let Some(d) = self.dirty_since {
+        // Bits still in `active` were set after the start of the consumer's
+        // last completed sweep (taken bits are in `self.batches`); before a
+        // sweep completed, fall back to when dirty bits were first seen.
+        let active_since = if st.dirty_blocks_active > 0 {
+            self.consumer.dirty_since_bound_ns().or(self.dirty_since)
+        } else {
+            None
+        };
+        if let Some(d) = active_since {
             oldest = Some(oldest.map_or(d, |o| o.min(d)));
         }
         let in_flight_raw: u64 = self
