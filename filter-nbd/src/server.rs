@@ -963,6 +963,10 @@ struct Conn<'a> {
     poll_armed: AtomicBool,
 }
 
+/// Writes up to this size without FUA are done with a synchronous pwrite on
+/// the connection thread even in io_uring mode (see `Conn::start_write`).
+const INLINE_WRITE_MAX: u64 = 64 << 10;
+
 /// Replies with payloads above this size are written directly, not batched.
 const BATCH_MAX_PAYLOAD: usize = 64 << 10;
 /// A reply batch is written out once it reaches this size.
@@ -1450,7 +1454,13 @@ impl Conn<'_> {
     fn start_write(&self, req: Request, buf: Vec<u8>) {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let (ticket, range) = self.begin_write(req.offset, req.len);
-        if let (Some(ring), Some(fd)) = (&self.ring, self.fd) {
+        // Small non-FUA writes go to the page cache with a plain pwrite on
+        // this thread: filesystems without non-blocking buffered writes
+        // (ext4) make io_uring punt every write to a worker thread, and the
+        // hand-offs and wake-ups cost more than the copy (measured: ~2x the
+        // export's CPU per byte for 4 KiB writes). Replies stay batched.
+        let inline = !fua && req.len <= INLINE_WRITE_MAX;
+        if let (Some(ring), Some(fd), false) = (&self.ring, self.fd, inline) {
             let slot = Slot {
                 kind: OpKind::Write,
                 handle: req.handle,
