@@ -75,6 +75,16 @@ impl Batch {
             Content::Bitmap { .. } => &[],
         }
     }
+    /// The records of a ring batch, mutable, so that a shipper can move the
+    /// payloads out (`std::mem::take(&mut r.data)`) instead of copying them.
+    /// [`Consumer::commit`] only uses the batch's ring positions and record
+    /// count, so emptied records commit like the originals.
+    pub fn records_mut(&mut self) -> &mut [Record] {
+        match &mut self.content {
+            Content::Ring { records, .. } => records,
+            Content::Bitmap { .. } => &mut [],
+        }
+    }
     /// Dirty byte ranges `(offset, len)` of a bitmap batch, sorted and
     /// coalesced, block aligned (the last block clamped to the volume size).
     pub fn ranges(&self) -> &[(u64, u64)] {

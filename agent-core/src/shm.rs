@@ -38,13 +38,16 @@ unsafe impl Sync for Region {}
 
 impl Region {
     /// Maps `file` read-write and shared. The file must already have its final
-    /// length (the layout never grows).
+    /// length (the layout never grows). The mapping is prefaulted
+    /// (`MAP_POPULATE`): the region's pages are allocated and mapped now, not
+    /// by page faults on the write path during the ring's first pass (the
+    /// region size is the configured memory budget anyway).
     pub(crate) fn map_rw(file: &File) -> std::io::Result<Region> {
         // SAFETY: memmap2 requires that the file is not truncated while mapped
         // (that would SIGBUS on access). The change-log file is created by this
         // crate with its final length, lives in a 0700 directory with mode 0600,
         // and no code of this project truncates it while it is in use.
-        let mut map = unsafe { memmap2::MmapOptions::new().map_mut(file)? };
+        let mut map = unsafe { memmap2::MmapOptions::new().populate().map_mut(file)? };
         let len = map.len();
         let base =
             NonNull::new(map.as_mut_ptr()).ok_or_else(|| std::io::Error::other("null mapping"))?;

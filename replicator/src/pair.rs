@@ -257,15 +257,33 @@ impl FrameConn {
     }
 
     /// Encodes and writes a frame (after the bandwidth limiter allows it).
+    /// The bulk payload of a chunk is not copied into the frame buffer: head
+    /// and payload go out with vectored writes (TLS records span both).
     pub(crate) fn send(&mut self, f: &Frame) -> Result<usize, WireError> {
-        let buf = f.encode(self.max_frame)?;
+        let (head, bulk) = f.encode_split(self.max_frame)?;
+        let total = head.len() + bulk.len();
         if let Some(l) = &self.limiter {
-            l.acquire(buf.len() as u64);
+            l.acquire(total as u64);
         }
-        self.t.write_all(&buf)?;
+        let mut parts = [std::io::IoSlice::new(&head), std::io::IoSlice::new(bulk)];
+        let mut bufs: &mut [std::io::IoSlice<'_>] = &mut parts;
+        while !bufs.is_empty() {
+            match self.t.write_vectored(bufs) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "connection closed while writing a frame",
+                    )
+                    .into())
+                }
+                Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.t.flush()?;
-        self.wire_out += buf.len() as u64;
-        Ok(buf.len())
+        self.wire_out += total as u64;
+        Ok(total)
     }
 
     /// A complete frame from the buffer, without reading the socket.

@@ -791,14 +791,14 @@ impl Session<'_> {
             }
         }
         self.ready_since = None;
-        let Some(batch) = self.consumer.get(self.max_data)? else {
+        let Some(mut batch) = self.consumer.get(self.max_data)? else {
             self.ring_empty = true;
             self.empty_at = Some(now_ns());
             return Ok(false);
         };
         self.ring_empty = false;
         self.empty_at = None;
-        let frames = self.build_frames(&batch)?;
+        let frames = self.build_frames(&mut batch)?;
         let no = self.next_no;
         self.next_no += 1;
         // Ring batches: the oldest record. Bitmap batches: the start of the
@@ -853,7 +853,7 @@ impl Session<'_> {
     }
 
     /// Frames for a batch: `(frame, raw bytes, payload bytes on the wire)`.
-    fn build_frames(&mut self, batch: &Batch) -> Result<Vec<(Frame, u64, u64)>, SourceError> {
+    fn build_frames(&mut self, batch: &mut Batch) -> Result<Vec<(Frame, u64, u64)>, SourceError> {
         let mut out = Vec::new();
         let comp = self.cfg.compression;
         match batch.kind() {
@@ -885,7 +885,7 @@ impl Session<'_> {
             }
             BatchKind::Ring => {
                 let mut cb = ChunkBuilder::default();
-                for r in batch.records() {
+                for r in batch.records_mut() {
                     if r.seq <= self.skip_seq {
                         continue;
                     }
@@ -918,7 +918,9 @@ impl Session<'_> {
                         }
                         RecordKind::Data | RecordKind::Metadata => {
                             let data = if r.kind == RecordKind::Data {
-                                r.data.clone()
+                                // Moved, not copied: the batch is only
+                                // committed by position later.
+                                std::mem::take(&mut r.data)
                             } else {
                                 let mut v = Vec::with_capacity(r.len as usize);
                                 self.reader
@@ -994,9 +996,10 @@ impl Session<'_> {
                 kind: ExtentKind::Data,
             })
             .collect();
-        let c = Chunk::build(0, 0, t, extents, &data, comp)?;
+        let raw = data.len() as u64;
+        let c = Chunk::build_owned(0, 0, t, extents, data, comp)?;
         let p = c.payload.len() as u64;
-        Ok((Frame::Chunk(c), data.len() as u64, p))
+        Ok((Frame::Chunk(c), raw, p))
     }
 
     fn commit_ready(&mut self) -> Result<(), SourceError> {
@@ -1483,17 +1486,18 @@ impl ChunkBuilder {
                 }
             }
         }
-        let c = Chunk::build(
+        let raw = data.len() as u64;
+        let c = Chunk::build_owned(
             self.first_seq,
             self.last_seq,
             self.oldest_ns,
             extents,
-            &data,
+            data,
             comp,
         )?;
         *self = ChunkBuilder::default();
         let p = c.payload.len() as u64;
-        Ok(Some((Frame::Chunk(c), data.len() as u64, p)))
+        Ok(Some((Frame::Chunk(c), raw, p)))
     }
 }
 

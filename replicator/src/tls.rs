@@ -502,6 +502,13 @@ impl Write for Transport {
             Inner::Plain(s) => s.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.inner {
+            Inner::Client(s) => s.write_vectored(bufs),
+            Inner::Server(s) => s.write_vectored(bufs),
+            Inner::Plain(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.inner {
             Inner::Client(s) => s.flush(),

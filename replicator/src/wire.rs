@@ -517,30 +517,47 @@ impl Frame {
     /// domain (e.g. a name too long, inconsistent extents) or the payload
     /// exceeds `max` bytes: what this function writes, [`decode`] accepts.
     pub fn encode(&self, max: u32) -> Result<Vec<u8>, WireError> {
+        let (mut out, bulk) = self.encode_split(max)?;
+        out.extend_from_slice(bulk);
+        Ok(out)
+    }
+
+    /// [`Frame::encode`] in two parts that, concatenated, are exactly the
+    /// encoded frame: the header and fields, and the bulk payload of a
+    /// `Chunk` / `ResyncData` (empty for other frames), borrowed rather than
+    /// copied, so a sender can write both with one vectored write.
+    pub fn encode_split(&self, max: u32) -> Result<(Vec<u8>, &[u8]), WireError> {
+        let bulk: &[u8] = match self {
+            Frame::Chunk(c) => &c.payload,
+            Frame::ResyncData(d) => &d.payload,
+            _ => &[],
+        };
         let hint = match self {
-            Frame::Chunk(c) => c.payload.len() + c.extents.len() * EXTENT_LEN + 64,
-            Frame::ResyncData(d) => d.payload.len() + 32,
+            Frame::Chunk(c) => c.extents.len() * EXTENT_LEN + 64,
             Frame::ResyncHashes(h) => h.hashes.len() * 32 + 32,
             _ => 256,
         };
         let mut out = Vec::with_capacity(HEADER_LEN + hint);
         out.resize(HEADER_LEN, 0);
         self.encode_payload(&mut out)?;
-        let plen = out.len() - HEADER_LEN;
+        let plen = out.len() - HEADER_LEN + bulk.len();
         if plen as u64 > u64::from(max) {
             return Err(WireError::TooLong {
                 len: plen as u64,
                 max: max.into(),
             });
         }
-        let hash = blake3::hash(&out[HEADER_LEN..]);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&out[HEADER_LEN..]);
+        hasher.update(bulk);
+        let hash = hasher.finalize();
         out[0..4].copy_from_slice(&MAGIC);
         out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         out[6] = self.frame_type() as u8;
         out[7] = 0;
         out[8..12].copy_from_slice(&(plen as u32).to_le_bytes());
         out[12..44].copy_from_slice(hash.as_bytes());
-        Ok(out)
+        Ok((out, bulk))
     }
 
     fn encode_payload(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
@@ -585,7 +602,7 @@ impl Frame {
                     put_u32(out, e.len);
                     out.push(e.kind as u8);
                 }
-                out.extend_from_slice(&c.payload);
+                // The payload follows (added by `encode_split`'s caller).
             }
             Frame::Tag(t) => {
                 put_u64(out, t.seq);
@@ -625,7 +642,7 @@ impl Frame {
                 put_u64(out, d.offset);
                 put_u64(out, d.len);
                 d.compression.encode(out);
-                out.extend_from_slice(&d.payload);
+                // The payload follows (added by `encode_split`'s caller).
             }
             Frame::Ack(a) => {
                 put_u64(out, a.durable_seq);
@@ -1097,16 +1114,31 @@ pub fn write_frame(w: &mut impl Write, f: &Frame, max: u32) -> Result<(), WireEr
 pub fn compress(data: &[u8], c: Compression) -> Result<Vec<u8>, WireError> {
     match c {
         Compression::None => Ok(data.to_vec()),
-        Compression::Zstd(level) => {
-            let mut cx = zstd::bulk::Compressor::new(level)
-                .map_err(|e| WireError::Decompress(e.to_string()))?;
-            // Declare the content size so the receiver can check it early.
-            cx.include_contentsize(true)
-                .map_err(|e| WireError::Decompress(e.to_string()))?;
+        Compression::Zstd(level) => ZSTD_CX.with(|cell| {
+            // One compression context per thread and level, reused: creating
+            // one per chunk costs an allocation and initialisation of
+            // several hundred KiB.
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                let mut cx = zstd::bulk::Compressor::new(level)
+                    .map_err(|e| WireError::Decompress(e.to_string()))?;
+                // Declare the content size so the receiver can check it early.
+                cx.include_contentsize(true)
+                    .map_err(|e| WireError::Decompress(e.to_string()))?;
+                *slot = Some((level, cx));
+            }
+            let (_, cx) = slot.as_mut().expect("just set");
             cx.compress(data)
                 .map_err(|e| WireError::Decompress(e.to_string()))
-        }
+        }),
     }
+}
+
+thread_local! {
+    static ZSTD_CX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static ZSTD_DX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Decompresses a payload that must yield exactly `expected` bytes, never
@@ -1139,11 +1171,18 @@ pub fn decompress(
             if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(payload) {
                 if n == expected {
                     let mut out = Vec::with_capacity(cap);
-                    let mut dx = zstd::bulk::Decompressor::new()
-                        .map_err(|e| WireError::Decompress(e.to_string()))?;
-                    let got = dx
-                        .decompress_to_buffer(payload, &mut out)
-                        .map_err(|e| WireError::Decompress(e.to_string()))?;
+                    let got = ZSTD_DX.with(|cell| {
+                        let mut slot = cell.borrow_mut();
+                        if slot.is_none() {
+                            *slot = Some(
+                                zstd::bulk::Decompressor::new()
+                                    .map_err(|e| WireError::Decompress(e.to_string()))?,
+                            );
+                        }
+                        let dx = slot.as_mut().expect("just set");
+                        dx.decompress_to_buffer(payload, &mut out)
+                            .map_err(|e| WireError::Decompress(e.to_string()))
+                    })?;
                     if got != cap {
                         return Err(WireError::Decompress(format!(
                             "{got} bytes, expected {expected}"
@@ -1192,15 +1231,49 @@ impl Chunk {
         data: &[u8],
         compression: Compression,
     ) -> Result<Self, WireError> {
+        Self::check_build(first_seq, last_seq, &extents, data.len())?;
+        let payload = compress(data, compression)?;
+        Ok(Chunk {
+            first_seq,
+            last_seq,
+            source_time_ns,
+            compression,
+            extents,
+            payload,
+        })
+    }
+
+    fn check_build(
+        first_seq: u64,
+        last_seq: u64,
+        extents: &[Extent],
+        data_len: usize,
+    ) -> Result<(), WireError> {
         check_seqs(first_seq, last_seq)?;
-        let sum = check_extents(&extents)?;
-        if sum != data.len() as u64 {
+        let sum = check_extents(extents)?;
+        if sum != data_len as u64 {
             return Err(WireError::Extents(format!(
-                "{} data bytes, data extents sum to {sum}",
-                data.len()
+                "{data_len} data bytes, data extents sum to {sum}"
             )));
         }
-        let payload = compress(data, compression)?;
+        Ok(())
+    }
+
+    /// [`Chunk::build`] taking the data by value: uncompressed, it becomes
+    /// the payload without a copy.
+    pub fn build_owned(
+        first_seq: u64,
+        last_seq: u64,
+        source_time_ns: u64,
+        extents: Vec<Extent>,
+        data: Vec<u8>,
+        compression: Compression,
+    ) -> Result<Self, WireError> {
+        Self::check_build(first_seq, last_seq, &extents, data.len())?;
+        let payload = match compression {
+            Compression::None => data,
+            c => compress(&data, c)?,
+        };
         Ok(Chunk {
             first_seq,
             last_seq,
