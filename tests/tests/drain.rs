@@ -446,6 +446,10 @@ fn sustained_overload_returns_to_data_mode_while_writes_continue() {
     }
     let st = child.wait().expect("wait");
     assert!(st.success(), "fio failed: {st}");
+    assert!(
+        total.data > 0 && total.bitmap_batches > 0,
+        "both ring records and bitmap batches drained during the load: {total:?}"
+    );
     let stats = view.stats();
     assert!(
         data_again_at.is_some_and(|t| t < Duration::from_secs(6)),
