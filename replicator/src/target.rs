@@ -370,6 +370,9 @@ struct Volume {
     /// handle): the next connection drops it and opens it again through the
     /// provider (which runs the store's recovery).
     broken: AtomicBool,
+    /// Connection threads waiting for the store lock to spool (the apply
+    /// thread lets them in between its steps, see `start_applier`).
+    spool_waiting: AtomicU64,
 }
 
 /// Placeholder while a failed store is being reopened.
@@ -428,6 +431,26 @@ struct Shared {
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Peers refused before any data frame (TLS or handshake).
+    refused: AtomicU64,
+    last_refusal: Mutex<Option<String>>,
+}
+
+/// Peers the server refused since it started (TLS authentication or
+/// handshake), for status commands that should not parse log text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Number of refused connections.
+    pub count: u64,
+    /// The most recent refusal: peer address and reason.
+    pub last: Option<String>,
+}
+
+impl Shared {
+    fn note_refusal(&self, peer: SocketAddr, why: String) {
+        self.refused.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.last_refusal) = Some(format!("{peer}: {why}"));
+    }
 }
 
 /// A running target: one listener, any number of volumes (routed by the
@@ -506,6 +529,8 @@ impl TargetServer {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             threads: Mutex::new(Vec::new()),
+            refused: AtomicU64::new(0),
+            last_refusal: Mutex::new(None),
         });
         let sh = shared.clone();
         let accept = std::thread::Builder::new()
@@ -534,6 +559,16 @@ impl TargetServer {
         let mut v: Vec<TargetStatus> = vols.values().map(|v| lock(&v.status).clone()).collect();
         v.sort_by(|a, b| a.volume.cmp(&b.volume));
         v
+    }
+
+    /// Connections refused since start (bad or missing certificate, identity
+    /// not allowed, handshake refused: unknown volume, wrong generation...),
+    /// counted when the refusal is logged.
+    pub fn refusals(&self) -> Refusals {
+        Refusals {
+            count: self.shared.refused.load(Ordering::SeqCst),
+            last: lock(&self.shared.last_refusal).clone(),
+        }
     }
 
     /// Cuts every current connection (sources reconnect); the listener keeps
@@ -624,6 +659,16 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
         .spawn(move || {
             let mut window = (Instant::now(), 0u64);
             while !sh.stop.load(Ordering::SeqCst) {
+                // A mutex is not fair: re-locking right after a step would
+                // often win against a connection thread waiting to spool,
+                // delaying its ack by several steps. Let waiters in first
+                // (bounded, so apply still progresses under a steady stream).
+                let yielded = Instant::now();
+                while v.spool_waiting.load(Ordering::SeqCst) > 0
+                    && yielded.elapsed() < Duration::from_millis(20)
+                {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
                 let seen = *lock(&v.wake.0);
                 let r = {
                     let mut s = lock(&v.store);
@@ -699,6 +744,7 @@ fn admit(
                 wake: (Mutex::new(0), Condvar::new()),
                 applier: Mutex::new(None),
                 broken: AtomicBool::new(false),
+                spool_waiting: AtomicU64::new(0),
             });
             vols.insert(hello.volume_name.clone(), v.clone());
             start_applier(sh, &v);
@@ -771,6 +817,7 @@ fn serve(sh: &Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
         Ok(t) => t,
         Err(e) => {
             warn!(%peer, error = %e, "replication client refused");
+            sh.note_refusal(peer, e.to_string());
             return;
         }
     };
@@ -785,6 +832,7 @@ fn serve(sh: &Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
         Ok((h, _)) => h,
         Err(e) => {
             warn!(%peer, error = %e, "replication handshake failed");
+            sh.note_refusal(peer, e.to_string());
             return;
         }
     };
@@ -945,7 +993,9 @@ fn spool_batch(
     }
     let n = chunks.len();
     let acks = loop {
+        vol.spool_waiting.fetch_add(1, Ordering::SeqCst);
         let mut s = lock(&vol.store);
+        vol.spool_waiting.fetch_sub(1, Ordering::SeqCst);
         if !current() {
             return Ok(());
         }

@@ -715,6 +715,13 @@ fn wrong_generation_is_refused() {
     assert_eq!(st.spool_calls, 0);
     assert_eq!(st.replica, before);
     drop(st);
+    // The server counts the refusal itself (no log parsing needed).
+    let r = server.refusals();
+    assert!(r.count >= 1, "{r:?}");
+    assert!(
+        r.last.as_deref().is_some_and(|l| l.contains("generation")),
+        "{r:?}"
+    );
     server.shutdown();
 }
 
