@@ -783,7 +783,15 @@ pub struct JournalProvider {
 }
 
 fn journal_opts(place: &VolumePlace) -> journal::TargetOptions {
-    let mut o = journal::TargetOptions::default();
+    // `apply_some` holds the store lock for one apply step and every spool
+    // (hence every ack to the source) waits for it: keep steps short, as the
+    // `TargetStore` contract asks. 64 MiB of random 4 KiB extents took
+    // seconds here, which went straight into the RPO.
+    let mut o = journal::TargetOptions {
+        apply_batch_bytes: 8 << 20,
+        apply_batch_chunks: 64,
+        ..journal::TargetOptions::default()
+    };
     if let Some(b) = place.spool_budget {
         o.spool_budget_bytes = b;
     }
