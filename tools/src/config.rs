@@ -1215,6 +1215,75 @@ spool_budget = "1G"
     }
 
     #[test]
+    fn target_retention_config() {
+        let t = r#"
+listen = "127.0.0.1:7700"
+prune_interval = "30s"
+[tls]
+insecure = true
+[retention]
+keep_all = "24h"
+max_bytes = "100G"
+tiers = [ { until = "48h", every = "4h" }, { until = "7d", every = "1d" } ]
+bookmarks = [ { kind = "app", keep = "4w" } ]
+[[volume]]
+name = "vol0"
+replica = "/r"
+journal_dir = "/j"
+[[volume]]
+name = "vol1"
+replica = "/r1"
+journal_dir = "/j1"
+retention = { max_bytes = "1G" }
+"#;
+        let c: TargetConfig = toml::from_str(t).unwrap();
+        c.validate().unwrap();
+        let h = 3_600_000_000_000u64;
+        let p = c.retention_of("vol0").unwrap().unwrap();
+        assert_eq!(p.keep_all_ns, Some(24 * h));
+        assert_eq!(p.max_bytes, Some(100 << 30));
+        assert_eq!(p.tiers.len(), 2);
+        assert_eq!(p.tiers[1].until_age_ns, 7 * 24 * h);
+        assert_eq!(p.tiers[1].every_ns, 24 * h);
+        assert_eq!(
+            p.bookmarks,
+            vec![(journal::BookmarkKind::App, 4 * 7 * 24 * h)]
+        );
+        let p1 = c.retention_of("vol1").unwrap().unwrap();
+        assert_eq!((p1.keep_all_ns, p1.max_bytes), (None, Some(1 << 30)));
+        assert_eq!(c.prune_interval_ns().unwrap(), 30_000_000_000);
+        for (from, to, key) in [
+            ("\"24h\"", "\"24x\"", "retention.keep_all"),
+            ("\"100G\"", "\"lots\"", "retention.max_bytes"),
+            (
+                "until = \"7d\"",
+                "until = \"40h\"",
+                "retention.tiers[1].until",
+            ),
+            (
+                "every = \"1d\"",
+                "every = \"9d\"",
+                "retention.tiers[1].every",
+            ),
+            ("\"app\"", "\"db\"", "retention.bookmarks[0].kind"),
+            ("\"30s\"", "\"0s\"", "prune_interval"),
+            (
+                "retention = { max_bytes = \"1G\" }",
+                "retention = { tiers = [] }",
+                "volume[1].retention",
+            ),
+        ] {
+            let bad: TargetConfig = toml::from_str(&t.replace(from, to)).unwrap();
+            let e = format!("{:#}", bad.validate().unwrap_err());
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        assert!(toml::from_str::<TargetConfig>(&t.replace("keep_all", "keep_al")).is_err());
+        assert_eq!(parse_duration("90s"), Ok(90_000_000_000));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
     fn compression_strings() {
         assert_eq!("off".parse::<Compression>(), Ok(Compression::Off));
         assert_eq!("zstd".parse::<Compression>(), Ok(Compression::Zstd(1)));

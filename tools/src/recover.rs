@@ -590,7 +590,9 @@ pub fn summary(vol: &SharedVolume) -> Result<SummaryDoc> {
     let s = vol
         .with(|v| v.summary())
         .with_context(|| format!("volume {}", vol.name))?;
-    let (a, b) = s.recovery_time_range;
+    let b = s.recovery_time_range.1;
+    let offered = offered_ranges(&s.consistent_ranges);
+    let a = offered.first().map_or(b, |r| r.0);
     Ok(SummaryDoc {
         volume: vol.name.clone(),
         database: s.database_path.display().to_string(),
@@ -600,18 +602,14 @@ pub fn summary(vol: &SharedVolume) -> Result<SummaryDoc> {
         disk_space: s.disk_used_bytes,
         free_space: s.disk_free_bytes,
         total_data_files: s.data_files.len(),
-        recovery_time_range: if b == 0 {
-            "none (nothing applied yet)".into()
+        recovery_time_range: if offered.is_empty() {
+            "none (no consistent change applied yet)".into()
         } else {
             format!("{} to {}", format_time(a), format_time(b))
         },
         bookmarks: format!("{} recorded, {} available", s.bookmarks.0, s.bookmarks.1),
         recovery_time_range_ns: (a, b),
-        consistent_ranges: s
-            .consistent_ranges
-            .iter()
-            .map(|&(a, b)| range(a, b))
-            .collect(),
+        consistent_ranges: offered.iter().map(|&(a, b)| range(a, b)).collect(),
         journal_bytes: s.journal_bytes,
         spool_bytes: s.spool_bytes,
         data_files: s

@@ -466,8 +466,12 @@ fn start_pruner(
                     }
                     match v.with(|t| t.prune(now_ns())) {
                         Ok(r) => {
-                            if r.deleted_segments > 0 || r.compacted_segments > 0 {
+                            if r.deleted_segments > 0
+                                || r.compacted_segments > 0
+                                || r.dropped_bookmarks > 0
+                            {
                                 info!(volume = %name, deleted = r.deleted_segments, compacted = r.compacted_segments,
+                                    dropped_bookmarks = r.dropped_bookmarks, oldest = %crate::vsnap::format_time(r.oldest_time_ns),
                                     bytes_before = r.journal_bytes_before, bytes_after = r.journal_bytes_after,
                                     oldest_seq = r.oldest_seq, "retention pruned the journal");
                             }
