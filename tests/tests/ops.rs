@@ -945,3 +945,131 @@ fn ops_measure_status_freshness_under_load() {
         live.len()
     );
 }
+
+/// A target whose journal space limit cuts into its time policy: the
+/// retention alert shows in the target's status, in `rewind status` and in
+/// `rewind health-report --target-state-dir`.
+#[test]
+fn ops_retention_shorter_than_policy_is_reported() {
+    let s = Scratch::new("ops-ret");
+    let backing = s.join("vol.img");
+    create_random(&backing, 16 * MIB, 4);
+    let pki = Pki::new(&s, "pki");
+    let export = Export::start(
+        &s,
+        &backing,
+        ExportOpts {
+            volume: Some("vol0".into()),
+            export_name: Some("vol0".into()),
+            ..Default::default()
+        },
+    );
+    let tstate = s.join("tstate");
+    let mut c = rewind();
+    c.args(["target", "--listen", "tcp:127.0.0.1:0", "--dir"])
+        .arg(s.join("tdir"))
+        .arg("--tls-dir")
+        .arg(&pki.dir)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--allow",
+            "replicator",
+            "--state-dir",
+        ])
+        .arg(&tstate)
+        .args([
+            "--keep-all",
+            "1h",
+            "--max-journal",
+            "256K",
+            "--prune-interval",
+            "1s",
+        ]);
+    let mut target = Daemon::spawn(c, s.join("target.log"));
+    let mut addr = String::new();
+    wait_for("the target", T, || {
+        target.assert_alive();
+        read_status_file(&tstate)
+            .and_then(|v| v["listen"].as_str().map(|a| addr = a.to_owned()))
+            .is_some()
+    });
+    let state = s.join("rstate");
+    let _repl = start_replicator(&s, &pki.dir, &addr, &state, &["--history-interval", "1"]);
+    let (shm, dev) = (
+        export.shm_dir.to_str().unwrap().to_owned(),
+        backing.to_str().unwrap().to_owned(),
+    );
+    let o = admin(
+        &[
+            "protect",
+            "--volume",
+            "vol0",
+            "--device",
+            &dev,
+            "--shm-dir",
+            &shm,
+            "--wait",
+        ],
+        &state,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let writer = Writer::start(export.uri(), 16 * MIB, 8);
+    writer.resume();
+    let tvol = |st: &Value| -> Value {
+        st["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["name"] == "vol0").cloned())
+            .unwrap_or(Value::Null)
+    };
+    wait_for("the retention alert at the target", T, || {
+        read_status_file(&tstate).is_some_and(|st| {
+            tvol(&st)["alerts"]
+                .to_string()
+                .contains("retention shorter than policy")
+        })
+    });
+    writer.pause();
+    let st = read_status_file(&tstate).unwrap();
+    let r = &tvol(&st)["retention"];
+    assert_eq!(r["policy_window_secs"].as_f64(), Some(3600.0), "{r}");
+    assert_eq!(r["max_journal_bytes"].as_u64(), Some(256 * KIB), "{r}");
+    assert!(r["journal_bytes"].as_u64() > Some(256 * KIB), "{r}");
+    assert!(r["alert"].as_str().unwrap_or("").contains("limit"), "{r}");
+    let o = run_ok(
+        rewind()
+            .args(["status", "--state-dir"])
+            .arg(&state)
+            .arg("--target-state-dir")
+            .arg(&tstate),
+        T,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("SHORTER THAN THE POLICY") && out.contains("of a 1.0 h policy"),
+        "{out}"
+    );
+    wait_for("a health sample", T, || {
+        health(&state, "vol0") != Value::Null
+    });
+    let o = run_ok(
+        rewind()
+            .args(["health-report", "--json", "--state-dir"])
+            .arg(&state)
+            .arg("--target-state-dir")
+            .arg(&tstate),
+        T,
+    );
+    let h: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        h["retention_now"][0]["retention"]["alert"].is_string(),
+        "{h}"
+    );
+    assert!(
+        h["days"]
+            .to_string()
+            .contains("retention shorter than policy"),
+        "{h}"
+    );
+    target.stop();
+}

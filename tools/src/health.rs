@@ -254,6 +254,10 @@ pub struct HealthArgs {
     /// Only this volume.
     #[arg(long, value_name = "NAME")]
     pub volume: Option<String>,
+    /// Also report the retention window (available vs policy, now) from the
+    /// target daemon with this state directory (same host).
+    #[arg(long, value_name = "DIR")]
+    pub target_state_dir: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -312,6 +316,18 @@ pub struct HealthReport {
     pub days: Vec<DayHealth>,
     /// History lines skipped (torn or unreadable).
     pub skipped_lines: u64,
+    /// Retention per volume now, from the target (with `--target-state-dir`).
+    #[serde(default)]
+    pub retention_now: Vec<VolumeRetention>,
+}
+
+/// Retention of one volume at the target, now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRetention {
+    /// Volume.
+    pub volume: String,
+    /// The figures (`None`: no retention policy at the target, or journal not open).
+    pub retention: Option<crate::status::RetentionFigures>,
 }
 
 /// Reads the history of `dates` and summarises it per pair and day.
@@ -419,7 +435,33 @@ pub fn run(args: HealthArgs) -> Result<()> {
         .rev()
         .map(|d| utc_date(now.saturating_sub(u64::from(d) * 86_400 * 1_000_000_000)))
         .collect();
-    let rep = report(&args.state_dir, &dates, args.volume.as_deref());
+    let mut rep = report(&args.state_dir, &dates, args.volume.as_deref());
+    if let Some(t) = &args.target_state_dir {
+        let st: crate::status::TargetStatusFile = crate::status::read_status(t)?;
+        rep.retention_now = st
+            .volumes
+            .into_iter()
+            .filter(|v| args.volume.as_ref().is_none_or(|n| *n == v.name))
+            .map(|v| VolumeRetention {
+                volume: v.name,
+                retention: v.retention,
+            })
+            .collect();
+        for d in &mut rep.days {
+            if let Some(r) = rep
+                .retention_now
+                .iter()
+                .find(|r| r.volume == d.volume)
+                .and_then(|r| r.retention.as_ref())
+            {
+                d.retention = Some(format!("now: {}", crate::status::retention_line(r)));
+                if let Some(a) = &r.alert {
+                    d.health.retain(|h| h != "OK");
+                    d.health.push(format!("retention shorter than policy: {a}"));
+                }
+            }
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
         return Ok(());
@@ -496,7 +538,7 @@ pub fn render(rep: &HealthReport) -> String {
             "  retention           {}",
             d.retention
                 .as_deref()
-                .unwrap_or("not reported by the target yet (see cdpcli --showsummary there)")
+                .unwrap_or("not known here (give --target-state-dir on the target host, or see cdpcli --showsummary there)")
         );
         let _ = writeln!(o, "  health              {}", d.health.join("; "));
     }

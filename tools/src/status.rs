@@ -149,6 +149,22 @@ impl From<Counters> for JournalFigures {
     }
 }
 
+/// Retention of a volume at the target: the window available against what
+/// the policy promises.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetentionFigures {
+    /// Latest − oldest available point (s).
+    pub available_window_secs: f64,
+    /// The age the time policy promises (s); `None`: no time limit.
+    pub policy_window_secs: Option<f64>,
+    /// Journal space limit (bytes), if any.
+    pub max_journal_bytes: Option<u64>,
+    /// Journal bytes now.
+    pub journal_bytes: u64,
+    /// Why the window is shorter than the policy (space limit hit), if it is.
+    pub alert: Option<String>,
+}
+
 /// A volume as the target reports it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TargetVolumeReport {
@@ -169,6 +185,10 @@ pub struct TargetVolumeReport {
     pub resync_passes: u64,
     /// Active alerts.
     pub alerts: Vec<String>,
+    /// Retention window available against the policy (volumes with a
+    /// retention policy whose journal is open; refreshed every few seconds).
+    #[serde(default)]
+    pub retention: Option<RetentionFigures>,
     /// Write sizes received since the target started (`cdpcli --iopattern`).
     #[serde(default)]
     pub io_pattern: Option<crate::iopattern::IoPattern>,
@@ -506,12 +526,33 @@ pub fn render(doc: &StatusDoc) -> String {
                     human_bytes(s.apply_rate_bps as u64)
                 );
             }
+            if let Some(r) = &v.retention {
+                let _ = writeln!(o, "    retention {}", retention_line(r));
+            }
             for a in &v.alerts {
                 let _ = writeln!(o, "    ALERT {a}");
             }
         }
     }
     o
+}
+
+/// `available 5.2 h of a 24.0 h policy, journal 1.2 GiB of 2.0 GiB`.
+pub fn retention_line(r: &RetentionFigures) -> String {
+    let h = |s: f64| format!("{:.1} h", s / 3600.0);
+    let mut l = format!("available {}", h(r.available_window_secs));
+    match r.policy_window_secs {
+        Some(p) => l += &format!(" of a {} policy", h(p)),
+        None => l += " (no time limit)",
+    }
+    l += &format!(", journal {}", human_bytes(r.journal_bytes));
+    if let Some(m) = r.max_journal_bytes {
+        l += &format!(" of {}", human_bytes(m));
+    }
+    if r.alert.is_some() {
+        l += ": SHORTER THAN THE POLICY";
+    }
+    l
 }
 
 /// Default state directory of the target (for `cdpcli`).

@@ -593,6 +593,11 @@ impl Volumes {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The volume `name` if it is open already (never opens a journal).
+    pub fn if_open(&self, name: &str) -> Option<Arc<SharedVolume>> {
+        self.map().get(name).cloned()
+    }
+
     /// The open volume `name`, opening an existing journal if needed (never creates one).
     pub fn get(&self, name: &str) -> anyhow::Result<Arc<SharedVolume>> {
         let mut m = self.map();

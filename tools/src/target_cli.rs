@@ -22,7 +22,9 @@ use crate::config::{
 };
 use crate::daemon;
 use crate::export::parse_size;
-use crate::status::{write_status, JournalFigures, TargetStatusFile, TargetVolumeReport};
+use crate::status::{
+    write_status, JournalFigures, RetentionFigures, TargetStatusFile, TargetVolumeReport,
+};
 use crate::store::{
     resync_passes, CounterBoard, JournalProvider, Layout, VolumePlace, Volumes, NEEDS_SYNC,
 };
@@ -262,6 +264,36 @@ pub fn serve(
         AdminServer::start(&cfg.state_dir, volumes.clone()).context("starting the admin socket")?;
     info!(listen = %bound, state_dir = %cfg.state_dir.display(), "target ready");
     let started_ns = now_ns();
+    // Retention figures take the volume lock: refreshed every 2 s, not per status.
+    let retention_cache: Mutex<(
+        Option<std::time::Instant>,
+        HashMap<String, RetentionFigures>,
+    )> = Mutex::new((None, HashMap::new()));
+    let retention_of = |name: &str| -> Option<RetentionFigures> {
+        let mut c = retention_cache.lock().ok()?;
+        if c.0.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+            c.0 = Some(std::time::Instant::now());
+            c.1.clear();
+        }
+        if let Some(f) = c.1.get(name) {
+            return Some(f.clone());
+        }
+        let v = volumes.if_open(name).filter(|v| v.has_retention())?;
+        let r = v.with(|t| t.retention_status()).ok()?;
+        let f = RetentionFigures {
+            available_window_secs: r.available_window_ns as f64 / 1e9,
+            policy_window_secs: r
+                .policy
+                .as_ref()
+                .and_then(|p| p.promised_age_ns())
+                .map(|a| a as f64 / 1e9),
+            max_journal_bytes: r.policy.as_ref().and_then(|p| p.max_bytes),
+            journal_bytes: r.journal_bytes,
+            alert: r.alert_reason,
+        };
+        c.1.insert(name.to_owned(), f.clone());
+        Some(f)
+    };
     let snapshot = |running: bool| -> TargetStatusFile {
         let live = server.status();
         let counters = board.lock().map(|b| b.clone()).unwrap_or_default();
@@ -292,6 +324,10 @@ pub fn serve(
                         alerts.push(format!("last error: {e}"));
                     }
                 }
+                let retention = retention_of(&name);
+                if let Some(a) = retention.as_ref().and_then(|r| r.alert.as_ref()) {
+                    alerts.push(format!("retention shorter than policy: {a}"));
+                }
                 TargetVolumeReport {
                     status,
                     journal,
@@ -309,6 +345,7 @@ pub fn serve(
                     resync_passes: place.as_ref().map_or(0, |p| resync_passes(&p.journal_dir)),
                     alerts,
                     io_pattern: crate::iopattern::get(&name),
+                    retention,
                     name,
                 }
             })
