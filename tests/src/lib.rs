@@ -573,6 +573,8 @@ pub struct ExportOpts {
     pub shm_dir: Option<PathBuf>,
     /// Reuse a state directory (restart tests); default: a fresh one.
     pub state_dir: Option<PathBuf>,
+    /// `--trace-out FILE`: record every request as a fio v3 iolog.
+    pub trace_out: Option<PathBuf>,
 }
 
 /// A running NBD server on a backing file: `rewind export` (or qemu-nbd when
@@ -651,6 +653,9 @@ impl Export {
                 }
                 if let Some(r) = opts.ring_size {
                     c.arg("--ring-size").arg(r.to_string());
+                }
+                if let Some(t) = &opts.trace_out {
+                    c.arg("--trace-out").arg(t);
                 }
                 c
             }

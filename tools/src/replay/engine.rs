@@ -566,7 +566,12 @@ impl Engine {
             }
         }
         let fua = op.fua && self.flags & TF_SEND_FUA != 0;
-        let step = self.max_payload / BLOCK;
+        // READ/WRITE are bounded by the maximum payload; a TRIM only by the 32-bit length
+        let step = if op.kind == OpKind::Trim {
+            u64::from(u32::MAX) / BLOCK
+        } else {
+            self.max_payload / BLOCK
+        };
         let mut b = a;
         while b < e {
             let n = step.min(e - b);
