@@ -19,6 +19,7 @@ pub mod faultproxy;
 pub mod recovery;
 pub mod replay;
 pub mod replication;
+pub mod scenario;
 
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
