@@ -5,6 +5,7 @@
 //! of the target's journal — zero mismatches. And the oracle catches faults
 //! planted in the replica and in a snapshot, naming each.
 
+use rewind_tests::recovery::Snapshot;
 use rewind_tests::replay::*;
 use rewind_tests::replication::*;
 use rewind_tests::*;
@@ -105,13 +106,57 @@ fn replay_committed_traces_replicated_then_verified() {
         );
         assert!(v["stats"]["flushes"].as_u64().unwrap() > 0, "{name}");
         eprintln!(
-            "{name}: {} ops, {} blocks checked, {} points, replay {:.2}s, verify {:.2}s",
+            "{name}: {} ops, {} blocks checked, {} bookmarks + {} time points, replay {:.2}s, verify {:.2}s",
             v["stats"]["ops"],
             checked,
-            points.len(),
+            bookmarks.len(),
+            times,
             v["stats"]["seconds"].as_f64().unwrap(),
             v["verify_seconds"].as_f64().unwrap()
         );
+        // the last bookmark once more, served over NBD by `rewind snapshot create`
+        let bm = v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rfind(|p| p["bookmarked"] == true)
+            .unwrap()
+            .clone();
+        let sd = st.target.state_dir.to_string_lossy().into_owned();
+        let snap = Snapshot::start(
+            &s,
+            "vol0",
+            &[
+                "--bookmark",
+                bm["name"].as_str().unwrap(),
+                "--state-dir",
+                &sd,
+            ],
+        );
+        let point = format!("{}={}", bm["seq"], snap.uri);
+        let run_id = v["run_id"].to_string();
+        let (o, pv) = replay(
+            &[
+                "--trace",
+                &tr.to_string_lossy(),
+                "--uri",
+                &st.export.uri(),
+                "--run-id",
+                &run_id,
+                "--verify-only",
+                "--verify",
+                "--point",
+                &point,
+            ],
+            T,
+        );
+        let pv = assert_clean(&o, &pv, &format!("{name}: vsnap of {}", bm["name"]));
+        assert_eq!(
+            pv["verify"]["points"][0]["digest_match"], true,
+            "{}",
+            pv["verify"]
+        );
+        snap.stop();
     }
 }
 
