@@ -649,6 +649,11 @@ fn ops_install_script_into_temp_root() {
         repl.contains("ExecReload=/bin/kill -HUP $MAINPID"),
         "{repl}"
     );
+    let agent = std::fs::read_to_string(units.join("rewind-agent.service")).unwrap();
+    assert!(
+        agent.contains("ExecStart=/usr/local/bin/rewind agent --config /etc/rewind/agent.toml"),
+        "{agent}"
+    );
     let tgt = std::fs::read_to_string(units.join("rewind-target.service")).unwrap();
     assert!(
         tgt.contains("ExecStart=/usr/local/bin/rewind target --config /etc/rewind/target.toml"),
@@ -659,6 +664,7 @@ fn ops_install_script_into_temp_root() {
         let check = s.join("verify");
         std::fs::create_dir_all(&check).unwrap();
         for (name, body) in [
+            ("rewind-agent.service", &agent),
             ("rewind-replicator.service", &repl),
             ("rewind-target.service", &tgt),
         ] {
