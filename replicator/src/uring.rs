@@ -34,6 +34,7 @@ impl VolumeReader {
     /// allows it.
     pub fn open(path: &Path, use_uring: bool) -> io::Result<Self> {
         let file = File::open(path)?;
+        no_readahead(&file);
         let ring = if use_uring {
             match IoUring::new(DEPTH) {
                 Ok(r) => Some(r),
@@ -163,6 +164,28 @@ fn pread_full(file: &File, off: u64, buf: &mut [u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Turns readahead off for this reader's open file (`POSIX_FADV_RANDOM`).
+///
+/// Readahead fills the page cache with large folios (the resync pass reads
+/// the whole volume); every later 4 KiB write by the export into such a folio
+/// then walks all of its buffer heads on ext4 (write_begin and writeback).
+/// Measured on this project's VM: 4 KiB random writes through `rewind export`
+/// cost 37.8 cycles/B after a sequential read of the volume, 5.5 after a read
+/// with readahead off. Reads here are explicit ranges of at least a block, so
+/// readahead gains nothing. Failure only costs performance (logged).
+fn no_readahead(file: &File) {
+    // SAFETY: posix_fadvise takes a file descriptor and plain integers; the
+    // descriptor is owned by `file`, open for the whole call, and no memory
+    // is passed to the kernel.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    if r != 0 {
+        tracing::debug!(
+            errno = r,
+            "posix_fadvise(RANDOM) on the source volume failed"
+        );
+    }
 }
 
 #[cfg(test)]
