@@ -279,3 +279,92 @@ fn stop_and_start_filtering_through_drvutil() {
     assert_eq!(st["stats"]["transitions"]["filtering_stops"], 1);
     ex.stop();
 }
+
+/// `--pre`/`--post` hooks: the pre hook's own write to the volume (an
+/// application flushing before the point) lands before the tag, the post hook
+/// runs after it, both see the bookmark in their environment; a failing or
+/// hanging pre hook fails the bookmark with no tag, and the post hook still runs.
+#[test]
+fn bookmark_hooks_run_around_the_tag_and_their_failures_leave_no_tag() {
+    let s = Scratch::new("bm-hooks");
+    let ex = start(&s);
+    let trace = s.join("hooks.txt");
+    let pre = format!(
+        "qemu-io -f raw '{}' -c 'write -P 0x77 2M 4K' >/dev/null && echo \"$REWIND_HOOK_STAGE $REWIND_BOOKMARK $REWIND_BOOKMARK_TYPE $REWIND_VOLUMES\" >> {}",
+        ex.uri(),
+        trace.display()
+    );
+    let post = format!(
+        "echo \"$REWIND_HOOK_STAGE $REWIND_BOOKMARK_UUID\" >> {}",
+        trace.display()
+    );
+    let o = run_ok(
+        rewind()
+            .args(["bookmark", "create", "app-point", "--type", "app", "--json"])
+            .args(["--pre", &pre, "--post", &post])
+            .arg("--admin-socket")
+            .arg(ex.admin_socket()),
+        T,
+    );
+    let b = json_of(&o);
+    assert_eq!(b["pre_hook"]["exit_code"], 0, "{b}");
+    assert_eq!(b["post_hook"]["exit_code"], 0, "{b}");
+    let uuid = b["uuid"].as_str().unwrap();
+    let lines = std::fs::read_to_string(&trace).unwrap();
+    assert_eq!(
+        lines,
+        format!("pre app-point app {}\npost {uuid}\n", ex.volume),
+        "hook order/environment"
+    );
+    let tag_seq = b["volumes"][0]["seq"].as_u64().unwrap();
+    let log = ex.dump().expect("dump");
+    let pre_write = log
+        .records
+        .iter()
+        .find(|r| r.kind == "data" && r.offset == 2 * MIB)
+        .expect("the pre hook's write is recorded");
+    assert!(
+        pre_write.seq < tag_seq,
+        "the pre hook's write is after the tag"
+    );
+
+    // A failing pre hook: no tag, post still runs, the message says why.
+    std::fs::remove_file(&trace).unwrap();
+    let o = run_fails(
+        rewind()
+            .args(["bookmark", "create", "bad-pre"])
+            .args(["--pre", "echo frozen-not; exit 3", "--post", &post])
+            .arg("--admin-socket")
+            .arg(ex.admin_socket()),
+        T,
+    );
+    assert!(
+        text(&o).contains("pre hook") && text(&o).contains("exited with status 3: frozen-not"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        std::fs::read_to_string(&trace)
+            .unwrap()
+            .starts_with("post "),
+        "post hook did not run after a failed pre hook"
+    );
+    // A hanging pre hook is killed after --hook-timeout.
+    let t0 = std::time::Instant::now();
+    let o = run_fails(
+        rewind()
+            .args(["bookmark", "create", "slow-pre", "--hook-timeout", "1"])
+            .args(["--pre", "sleep 30"])
+            .arg("--admin-socket")
+            .arg(ex.admin_socket()),
+        T,
+    );
+    assert!(text(&o).contains("timed out"), "{}", text(&o));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let log = ex.dump().expect("dump");
+    assert_eq!(
+        log.raw["stats"]["tags_inserted"], 1,
+        "a failed bookmark inserted a tag"
+    );
+    ex.stop();
+}

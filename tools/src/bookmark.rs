@@ -502,6 +502,9 @@ const KEEP: usize = 4096;
 pub fn run_hook(cmd: &str, stage: &str, env: &[(&str, String)], timeout: Duration) -> HookResult {
     let start = Instant::now();
     let mut c = Command::new("/bin/sh");
+    // Its own process group, so a timeout kills what the hook started too
+    // (a `sleep` holding the output pipes open would otherwise outlive it).
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
     c.arg("-c")
         .arg(cmd)
         .env("REWIND_HOOK_STAGE", stage)
@@ -559,7 +562,15 @@ pub fn run_hook(cmd: &str, stage: &str, env: &[(&str, String)], timeout: Duratio
             Ok(Some(st)) => break Some(st),
             Ok(None) if start.elapsed() >= timeout => {
                 timed_out = true;
-                let _ = child.kill();
+                let pg = i32::try_from(child.id()).map(nix::unistd::Pid::from_raw);
+                match pg {
+                    Ok(pg) => {
+                        let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+                    }
+                    Err(_) => {
+                        let _ = child.kill();
+                    }
+                }
                 break child.wait().ok();
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
