@@ -364,7 +364,7 @@ impl TargetVolume {
             retention: None,
             retention_alert: None,
         };
-        let (records, tail_start) = v.load_journal()?;
+        let (records, tail_start, journal_top) = v.load_journal()?;
         let bookmarks = v.load_bookmarks()?;
         {
             let mut idx = v.index_mut();
@@ -377,7 +377,7 @@ impl TargetVolume {
             v.apply_base(base, false)?;
         }
         v.publish_applied();
-        v.load_spool()?;
+        v.load_spool(journal_top)?;
         v.recover_tail(tail_start)?;
         v.reclaim()?;
         let mut cat = catalogue::Catalogue::open(&v.dir.join(CATALOGUE_FILE))?;

@@ -142,8 +142,11 @@ impl TargetVolume {
         Ok((f, path))
     }
 
-    /// Scan segments; returns the undo records and the index of the first uncommitted one.
-    pub(crate) fn load_journal(&mut self) -> Result<(Vec<UndoRec>, usize)> {
+    /// Scan segments; returns the undo records, the index of the first uncommitted
+    /// one, and the highest chunk id the scan saw (commit or undo record, before
+    /// any torn tail is cut): the journal's top, checked against the spool by
+    /// [`TargetVolume::load_spool`].
+    pub(crate) fn load_journal(&mut self) -> Result<(Vec<UndoRec>, usize, u64)> {
         let jd = self.dir.join(JOURNAL_DIR);
         // A compaction interrupted before its rename left `<idx>.seg.tmp`: the original is intact.
         for (_, p) in list_indexed(&jd, "seg.tmp")? {
@@ -237,6 +240,12 @@ impl TargetVolume {
             }
             self.segments.push(Segment { sf, len: pos });
         }
+        let top = records
+            .iter()
+            .map(|r| r.chunk_id)
+            .max()
+            .unwrap_or(0)
+            .max(self.applied_through);
         if self.segments.is_empty() {
             let (file, path) = Self::write_segment_header(&jd, 0, &self.ident)?;
             fsync_dir(&jd)?;
@@ -293,7 +302,7 @@ impl TargetVolume {
         self.commit_written = self.applied_through;
         self.commit_synced = self.applied_through;
         self.counters.journal_records = records.len() as u64;
-        Ok((records, tail_start))
+        Ok((records, tail_start, top))
     }
 
     /// Direct-applied chunks without a durable commit were never acknowledged and

@@ -125,8 +125,20 @@ pub(crate) fn encode_spool_record(out: &mut Vec<u8>, id: u64, group: u64, flags:
 }
 
 impl TargetVolume {
-    pub(crate) fn load_spool(&mut self) -> Result<()> {
+    /// Load the spool files (cutting a torn tail of the last one) and check them
+    /// against the journal: `journal_top` is the highest chunk id the segment scan
+    /// saw. Spool files are deleted only after the commits of all their chunks are
+    /// durable, and an empty spool file is named after the next chunk id, so the
+    /// lowest chunk id the spool still knows (`floor`) is at most one past the last
+    /// durable commit. A floor above `journal_top + 1` means committed journal
+    /// records are missing (a damaged, e.g. truncated, segment rather than a
+    /// crash's torn tail): recovery points before the damage would be served
+    /// without those undo records, so the open is refused with
+    /// [`JournalError::Corrupt`] naming the segment and the lost chunk/seq range.
+    pub(crate) fn load_spool(&mut self, journal_top: u64) -> Result<()> {
         let sd = self.dir.join(SPOOL_DIR);
+        // (lowest chunk id known to the spool above the applied state, first_seq of that chunk)
+        let mut floor: Option<(u64, u64)> = None;
         let names = list_indexed(&sd, "spl")?;
         let n = names.len();
         let mut max_id = self.applied_through;
@@ -159,6 +171,9 @@ impl TargetVolume {
                             break;
                         }
                         if h.id > self.applied_through {
+                            if floor.is_none_or(|(f, _)| h.id < f) {
+                                floor = Some((h.id, h.first_seq));
+                            }
                             let payload: u64 = exts
                                 .iter()
                                 .map(|e| match &e.data {
@@ -236,6 +251,10 @@ impl TargetVolume {
                 .write(true)
                 .open(&path)
                 .map_err(ioe(|| format!("open {}", path.display())))?;
+            if records == 0 && floor.is_none_or(|(f, _)| id < f) {
+                // An empty spool file is named after the next chunk id at its creation.
+                floor = Some((id, 0));
+            }
             self.spool_files.push_back(SpoolFile {
                 id,
                 path,
@@ -244,6 +263,28 @@ impl TargetVolume {
                 max_chunk_id: fmax,
                 records,
             });
+        }
+        if let Some((f, first_seq)) = floor {
+            if f > journal_top + 1 {
+                let seg = self.cur_seg();
+                let seqs = if first_seq > self.applied_seq + 1 {
+                    format!("seq {}..={}", self.applied_seq + 1, first_seq - 1)
+                } else {
+                    format!("seq from {}", self.applied_seq + 1)
+                };
+                return Err(corrupt(
+                    &seg.sf.path,
+                    seg.len,
+                    format!(
+                        "journal damaged: committed records of chunks {}..={} ({seqs}) lost in segment {} \
+                         (journal ends at chunk {journal_top}, spool resumes at chunk {f}); not a torn tail: \
+                         recovery points before chunk {f} would lack their undo data",
+                        journal_top + 1,
+                        f - 1,
+                        seg.sf.path.display(),
+                    ),
+                ));
+            }
         }
         self.next_chunk_id = max_id + 1;
         Ok(())
@@ -612,7 +653,14 @@ impl TargetVolume {
             fs::remove_file(&f.path).map_err(ioe(|| format!("remove {}", f.path.display())))?;
         }
         self.faults.hit(FaultPoint::ReclaimAfterDelete)?;
-        fsync_dir(&self.dir.join(SPOOL_DIR))?;
+        if self.spool_files.is_empty() {
+            // Keep an empty file named after the next chunk id: it tells the next
+            // open where the durable commits reach (see `load_spool`), and the
+            // next group is appended to it.
+            self.new_spool_file(self.next_chunk_id)?;
+        } else {
+            fsync_dir(&self.dir.join(SPOOL_DIR))?;
+        }
         self.counters.fsyncs += 1;
         Ok(())
     }

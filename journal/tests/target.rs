@@ -442,6 +442,60 @@ fn flip(p: &Path, off: u64) {
 }
 
 #[test]
+fn truncated_committed_records_are_not_taken_for_a_torn_tail() {
+    // The last segment cut in the middle of committed records (not a crash's torn
+    // tail): the spool was reclaimed after those commits became durable, so the
+    // journal ends below the durable applied state. Old points would be served
+    // without the lost undo records: the open must refuse, naming the damage.
+    for pending in [0u64, 3] {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = small_opts();
+        o.undo_zstd_level = None;
+        let mut v = create(d.path(), o.clone());
+        for k in 1..=40 {
+            v.spool(&chunk(k)).unwrap();
+            v.apply_all().unwrap();
+        }
+        // optionally some spooled, unapplied chunks after the committed ones
+        for k in 41..=40 + pending {
+            v.spool(&chunk(k)).unwrap();
+        }
+        drop(v);
+        let last = seg_files(d.path()).last().unwrap().clone();
+        let whole = std::fs::read(&last).unwrap();
+        assert!(whole.len() > 96 + 200, "last segment holds records");
+        // mid-way through the segment's records and (odd offset) mid-record
+        let cut = 96 + (whole.len() - 96) / 2 + 13;
+        std::fs::write(&last, &whole[..cut]).unwrap();
+        let err = TargetVolume::open_with(&d.path().join("t"), o.clone())
+            .err()
+            .expect("a journal missing committed records must not open");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, JournalError::Corrupt { .. }),
+            "clear corruption error, got {msg}"
+        );
+        let name = last.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            msg.contains("journal damaged")
+                && msg.contains("lost in segment")
+                && msg.contains(&name),
+            "error names the damage and the segment: {msg}"
+        );
+        assert!(
+            msg.contains("seq "),
+            "error names the lost seq range: {msg}"
+        );
+        // Restoring the segment makes it whole again: every point as before.
+        std::fs::write(&last, &whole).unwrap();
+        let mut v = reopen(d.path(), o.clone());
+        v.apply_all().unwrap();
+        assert_eq!(v.applied_seq(), 40 + pending);
+        check_points(&v, 5);
+    }
+}
+
+#[test]
 fn corrupt_journal_detected_and_torn_tail_truncated() {
     let d = tempfile::tempdir().unwrap();
     let mut o = small_opts();
