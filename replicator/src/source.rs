@@ -1388,7 +1388,10 @@ struct ChunkBuilder {
     map: BTreeMap<u64, (u64, Option<Vec<u8>>)>,
     first_seq: u64,
     last_seq: u64,
-    oldest_ns: u64,
+    /// Capture time of the newest write inserted: the chunk's `source_time_ns`
+    /// (a recovery point at time `t` includes a chunk only if all its writes are
+    /// at or before `t`). The source's own RPO comes from the batch, not from here.
+    newest_ns: u64,
     data_bytes: u64,
 }
 
@@ -1399,10 +1402,9 @@ impl ChunkBuilder {
         }
         if self.first_seq == 0 {
             self.first_seq = seq;
-            self.oldest_ns = ts;
         }
         self.last_seq = seq;
-        self.oldest_ns = self.oldest_ns.min(ts);
+        self.newest_ns = self.newest_ns.max(ts);
         let end = off + len;
         let overlapping: Vec<u64> = self
             .map
@@ -1490,7 +1492,7 @@ impl ChunkBuilder {
         let c = Chunk::build_owned(
             self.first_seq,
             self.last_seq,
-            self.oldest_ns,
+            self.newest_ns,
             extents,
             data,
             comp,
@@ -1516,7 +1518,8 @@ mod tests {
             let base: Vec<u8> = (0..size).map(|_| rng.gen()).collect();
             let mut naive = base.clone();
             let mut cb = ChunkBuilder::default();
-            for seq in 1..=rng.gen_range(1..40u64) {
+            let n_writes = rng.gen_range(1..40u64);
+            for seq in 1..=n_writes {
                 let off = rng.gen_range(0..size - 1);
                 let len = rng.gen_range(1..=(size - off).min(9000));
                 if rng.gen_bool(0.2) {
@@ -1541,7 +1544,8 @@ mod tests {
                 panic!()
             };
             assert_eq!(c.first_seq, 1);
-            assert_eq!(c.source_time_ns, 101);
+            // stamped with the NEWEST write's capture time (writes at 100 + seq)
+            assert_eq!(c.source_time_ns, 100 + n_writes);
             assert_eq!(c.data_len(), raw);
             let data = c.data(DEFAULT_MAX_FRAME as u64).unwrap();
             let mut out = base.clone();
