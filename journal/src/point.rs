@@ -90,12 +90,32 @@ fn merged_away(what: &str, first: u64, last: u64) -> JournalError {
 fn before_window(idx: &Index, requested: String) -> JournalError {
     JournalError::BeforeWindow {
         requested,
-        oldest_time_ns: idx.base.time_ns,
+        oldest_time_ns: idx.oldest_time_ns(),
         oldest_seq: idx.base.seq,
     }
 }
 
 impl Index {
+    /// True while the base is the replica's starting state (nothing pruned yet):
+    /// the state before the first applied chunk (e.g. empty before the initial
+    /// sync), which is no recovery point by time.
+    fn base_is_start(&self) -> bool {
+        self.base.chunk_id == 0
+    }
+
+    /// Source time of the oldest point offered by time: the base's time after a
+    /// prune, else the first applied chunk's source time (never the 0 of the
+    /// starting state; 0 only while nothing is applied).
+    pub(crate) fn oldest_time_ns(&self) -> u64 {
+        if !self.base_is_start() {
+            return self.base.time_ns;
+        }
+        self.records
+            .front()
+            .filter(|r| r.chunk_id <= self.applied_through)
+            .map_or(self.base.time_ns, |r| r.time_ns)
+    }
+
     /// Position in `records` of the first record with chunk id > `cut`.
     pub(crate) fn after(&self, cut: u64) -> usize {
         self.records.partition_point(|r| r.chunk_id <= cut)
@@ -195,7 +215,7 @@ impl Index {
             }
             RecoveryPoint::Time(t) => {
                 let t = *t;
-                if t < self.base.time_ns {
+                if t < self.oldest_time_ns() {
                     return Err(before_window(self, format!("time {t}")));
                 }
                 if let Some(p) = pending_front_time {
@@ -215,6 +235,10 @@ impl Index {
                 let (cut, cut_time) = match self.records.range(..end).rposition(|r| r.time_ns <= t)
                 {
                     Some(k) => (self.records[k].chunk_id, self.records[k].time_ns),
+                    // The starting state (before the first applied chunk) is not offered.
+                    None if self.base_is_start() => {
+                        return Err(before_window(self, format!("time {t}")))
+                    }
                     None => (self.base.chunk_id, self.base.time_ns),
                 };
                 // The chunks of a merged span have times in (cut_time, m.time_ns]; their
@@ -294,7 +318,9 @@ impl Index {
     pub(crate) fn consistent_ranges(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         let end = self.after(self.applied_through);
-        let mut start: Option<u64> = self.base.consistent.then_some(self.base.time_ns);
+        // The starting state is not a point by time: ranges start at an applied chunk.
+        let mut start: Option<u64> =
+            (self.base.consistent && !self.base_is_start()).then_some(self.base.time_ns);
         for r in self.records.range(..end) {
             if r.merged_from != 0 {
                 // The span inside a merged record is gone: close the range before it.
@@ -326,7 +352,7 @@ impl Index {
     pub(crate) fn recovery_points(&self) -> Result<RecoveryPoints> {
         Ok(RecoveryPoints {
             latest: self.point_at(self.applied_through, None)?,
-            oldest_time_ns: self.base.time_ns,
+            oldest_time_ns: self.oldest_time_ns(),
             oldest_seq: self.base.seq,
             consistent_ranges: self.consistent_ranges(),
             bookmarks: self.bookmark_infos(),

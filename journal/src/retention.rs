@@ -84,7 +84,7 @@ impl TargetVolume {
     /// The window available now, with the alert flag.
     pub fn retention_status(&self) -> Result<RetentionStatus> {
         let idx = self.index();
-        let oldest = idx.base.time_ns;
+        let oldest = idx.oldest_time_ns();
         let latest = idx.applied_time_ns;
         drop(idx);
         let journal_bytes: u64 = self.segments.iter().map(|s| s.len).sum();

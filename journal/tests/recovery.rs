@@ -114,7 +114,7 @@ fn bookmarks_and_time_points_recover_exactly() {
     let mut img = vec![0u8; VOL as usize];
     let mut at_time: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
     let mut at_bookmark: Vec<(String, [u8; 32])> = Vec::new();
-    at_time.insert(0, h(&img));
+    // The starting state (time 0, before the first chunk) is no point by time.
     for k in 1..=60u64 {
         let c = chunk(&mut r, k);
         apply_model(&mut img, &c);
@@ -197,7 +197,15 @@ fn bookmarks_and_time_points_recover_exactly() {
     let rp = v.recovery_points().unwrap();
     assert_eq!(rp.latest.seq, 60);
     assert_eq!(rp.latest.source_time_ns, 60_000);
-    assert_eq!(rp.consistent_ranges, vec![(0, 60_000)]);
+    assert_eq!(rp.consistent_ranges, vec![(1000, 60_000)]);
+    assert_eq!(rp.oldest_time_ns, 1000);
+    assert!(matches!(
+        v.resolve(&RecoveryPoint::Time(999)),
+        Err(JournalError::BeforeWindow {
+            oldest_time_ns: 1000,
+            ..
+        })
+    ));
     // bookmark at or before a time, by kind
     let p = v
         .resolve(&RecoveryPoint::BookmarkAtOrBefore {
@@ -276,7 +284,7 @@ fn point_errors_are_clear() {
     assert!(v.resolve(&RecoveryPoint::Time(4999)).unwrap().consistent);
     assert_eq!(
         v.recovery_points().unwrap().consistent_ranges,
-        vec![(0, 4999), (6000, 7000)]
+        vec![(1000, 4999), (6000, 7000)]
     );
     let s = v.snapshot(&RecoveryPoint::Latest).unwrap();
     let mut b = [0u8; 2];

@@ -327,6 +327,14 @@ fn ordering_overlaps_within_and_across_chunks() {
             &v.read_at_point(Point::Seq(s as u64), 0, VOL).unwrap() == st,
             "seq {s}"
         );
+        if s == 0 {
+            // the starting state is no point by time
+            assert!(matches!(
+                v.read_at_point(Point::Time(0), 0, VOL),
+                Err(JournalError::BeforeWindow { .. })
+            ));
+            continue;
+        }
         assert!(
             &v.read_at_point(Point::Time(s as u64), 0, VOL).unwrap() == st,
             "time {s}"
@@ -930,6 +938,11 @@ mod prop {
             for (s, st) in &states {
                 let got = v.read_at_point(Point::Seq(*s), 0, VOL).unwrap();
                 prop_assert!(&got == st, "seq {}", s);
+                if *s == 0 {
+                    // the starting state is no point by time
+                    prop_assert!(v.read_at_point(Point::Time(0), 0, VOL).is_err());
+                    continue;
+                }
                 let t = v.read_at_point(Point::Time(*s * 10), 0, VOL).unwrap();
                 prop_assert!(&t == st, "time {}", s);
             }
@@ -1060,4 +1073,42 @@ fn catalogue_indexes_segments_and_is_rebuilt() {
     let v = reopen(d.path(), small_opts());
     assert_eq!(v.catalogue_sealed_before(t).unwrap(), before);
     assert_eq!(v.segments(), segs);
+}
+
+#[test]
+fn starting_state_is_not_a_point_by_time() {
+    // The replica before the first applied chunk (e.g. empty before the initial
+    // sync) is not offered by time, and the window starts at the first chunk.
+    let d = tempfile::tempdir().unwrap();
+    let mut v = create(d.path(), small_opts());
+    for k in 1..=5 {
+        v.spool(&chunk(k)).unwrap();
+        v.apply_all().unwrap();
+    }
+    let first = chunk(1).source_time_ns;
+    let last = chunk(5).source_time_ns;
+    for t in [0, first - 1] {
+        match v.resolve(&RecoveryPoint::Time(t)) {
+            Err(JournalError::BeforeWindow { oldest_time_ns, .. }) => {
+                assert_eq!(oldest_time_ns, first, "time {t}")
+            }
+            other => panic!("time {t} before the first chunk: {other:?}"),
+        }
+    }
+    let p = v.resolve(&RecoveryPoint::Time(first)).unwrap();
+    assert_eq!((p.seq, p.source_time_ns), (1, first));
+    let rp = v.recovery_points().unwrap();
+    assert_eq!(rp.oldest_time_ns, first);
+    assert_eq!(rp.consistent_ranges.first().map(|r| r.0), Some(first));
+    let st = v.retention_status().unwrap();
+    assert_eq!(st.oldest_time_ns, first);
+    assert_eq!(st.available_window_ns, last - first);
+    // survives a reopen
+    drop(v);
+    let v = reopen(d.path(), small_opts());
+    assert_eq!(v.recovery_points().unwrap().oldest_time_ns, first);
+    assert!(matches!(
+        v.resolve(&RecoveryPoint::Time(first - 1)),
+        Err(JournalError::BeforeWindow { .. })
+    ));
 }
