@@ -105,6 +105,20 @@ pub fn check_blocks(
     blocks: &[u64],
 ) -> Result<Check> {
     let mut c = Check::default();
+    scan_blocks(r, blocks, &mut c, |b, chunk, c| {
+        c.mismatches.extend(m.check(b, cutoff, chunk));
+    })?;
+    Ok(c)
+}
+
+/// Reads `blocks` (sorted) in runs of up to `RUN` contiguous blocks, counts
+/// and digests every block into `c`, then hands it to `each`.
+fn scan_blocks(
+    r: &mut dyn BlockReader,
+    blocks: &[u64],
+    c: &mut Check,
+    mut each: impl FnMut(u64, &[u8], &mut Check),
+) -> Result<()> {
     let mut i = 0;
     while i < blocks.len() {
         let first = blocks[i];
@@ -121,13 +135,11 @@ pub fn check_blocks(
             for (x, y) in c.digest.iter_mut().zip(h.iter()) {
                 *x ^= y;
             }
-            if let Some(mm) = m.check(b, cutoff, chunk) {
-                c.mismatches.push(mm);
-            }
+            each(b, chunk, c);
         }
         i = j;
     }
-    Ok(c)
+    Ok(())
 }
 
 /// Compares two volumes block by block; returns the differing blocks.
@@ -358,30 +370,13 @@ pub fn check_prefix(
 ) -> Result<(Check, u64, u64)> {
     let mut c = Check::default();
     let mut spans: Vec<(u64, u64, u64)> = Vec::with_capacity(blocks.len());
-    let mut i = 0;
-    while i < blocks.len() {
-        let first = blocks[i];
-        let mut j = i + 1;
-        while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 && blocks[j] - first < RUN {
-            j += 1;
+    scan_blocks(r, blocks, &mut c, |b, chunk, c| {
+        match m.interval(b, chunk) {
+            Some((from, to)) => spans.push((b, from, to)),
+            // matches no state at all: name it against the latest state
+            None => c.mismatches.extend(m.check(b, u64::MAX, chunk)),
         }
-        let n = blocks[j - 1] - first + 1;
-        let data = r.read(first * BLOCK, n * BLOCK)?;
-        for (k, chunk) in data.chunks(BLOCK as usize).enumerate() {
-            let b = first + k as u64;
-            c.checked += 1;
-            let h = block_hash(b * BLOCK, chunk);
-            for (x, y) in c.digest.iter_mut().zip(h.iter()) {
-                *x ^= y;
-            }
-            match m.interval(b, chunk) {
-                Some((from, to)) => spans.push((b, from, to)),
-                // matches no state at all: name it against the latest state
-                None => c.mismatches.extend(m.check(b, u64::MAX, chunk)),
-            }
-        }
-        i = j;
-    }
+    })?;
     let newest = spans.iter().map(|s| s.1).max().unwrap_or(0);
     let lower = tl
         .done_by(t)
@@ -428,36 +423,12 @@ fn verify_point(
     let Some(k) = exact else {
         let tl = timeline.context("a time point needs the replay's timeline")?;
         // A time resolves to a chunk boundary at or before it (a chunk straddling the
-        // time is left out): the writes answered before the first record of the last
-        // chunk included are in the point.
+        // time is left out). A chunk carries its newest write's time, so the writes
+        // answered before that time are in the point.
         let t = r.0.point().source_time_ns.saturating_sub(1);
         return check_prefix(&mut r, m, &blocks, tl, t);
     };
-    let (lo, hi) = (k, k);
-    let mut c = Check::default();
-    let mut i = 0;
-    while i < blocks.len() {
-        let first = blocks[i];
-        let mut j = i + 1;
-        while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 && blocks[j] - first < RUN {
-            j += 1;
-        }
-        let n = blocks[j - 1] - first + 1;
-        let data = r.read(first * BLOCK, n * BLOCK)?;
-        for (k, chunk) in data.chunks(BLOCK as usize).enumerate() {
-            let b = first + k as u64;
-            c.checked += 1;
-            let h = block_hash(b * BLOCK, chunk);
-            for (x, y) in c.digest.iter_mut().zip(h.iter()) {
-                *x ^= y;
-            }
-            if let Some(mm) = m.check_window(b, lo, hi, chunk) {
-                c.mismatches.push(mm);
-            }
-        }
-        i = j;
-    }
-    Ok((c, lo, hi))
+    Ok((check_blocks(&mut r, m, k, &blocks)?, k, k))
 }
 
 /// One-paragraph human summary of the verify section.
