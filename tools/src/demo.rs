@@ -244,22 +244,30 @@ fn file_bytes(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Creates `mnt/rel` with `data`, fsyncs it and records its blake3 in `sums`.
+fn put_file(
+    mnt: &Path,
+    sums: &mut BTreeMap<String, String>,
+    rel: String,
+    data: &[u8],
+) -> Result<()> {
+    let p = mnt.join(&rel);
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+    f.write_all(data)?;
+    f.sync_all()
+        .with_context(|| format!("fsync {}", p.display()))?;
+    sums.insert(rel, blake3::hash(data).to_hex().to_string());
+    Ok(())
+}
+
 /// Writes the workload into `mnt`: a few big files and many small ones,
 /// each fsync'ed; returns path -> blake3.
 fn workload(mnt: &Path, data_mb: u64) -> Result<BTreeMap<String, String>> {
     let mut sums = BTreeMap::new();
-    let mut put = |rel: String, data: &[u8]| -> Result<()> {
-        let p = mnt.join(&rel);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        let mut f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
-        f.write_all(data)?;
-        f.sync_all()
-            .with_context(|| format!("fsync {}", p.display()))?;
-        sums.insert(rel, blake3::hash(data).to_hex().to_string());
-        Ok(())
-    };
+    let mut put = |rel: String, data: &[u8]| put_file(mnt, &mut sums, rel, data);
     let big = data_mb.saturating_mul(1 << 20) * 3 / 4;
     for i in 0..3u64 {
         put(
@@ -287,18 +295,7 @@ fn workload(mnt: &Path, data_mb: u64) -> Result<BTreeMap<String, String>> {
 /// manifest.
 fn change_files(mnt: &Path, before: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
     let mut sums = before.clone();
-    let mut put = |rel: String, data: &[u8]| -> Result<()> {
-        let p = mnt.join(&rel);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        let mut f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
-        f.write_all(data)?;
-        f.sync_all()
-            .with_context(|| format!("fsync {}", p.display()))?;
-        sums.insert(rel, blake3::hash(data).to_hex().to_string());
-        Ok(())
-    };
+    let mut put = |rel: String, data: &[u8]| put_file(mnt, &mut sums, rel, data);
     if let Some(len) = std::fs::metadata(mnt.join("big/file0.bin"))
         .ok()
         .map(|m| m.len())
