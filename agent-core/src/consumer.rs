@@ -424,6 +424,30 @@ impl Consumer {
         self.sh.head().load(Acquire).saturating_sub(self.cursor)
     }
 
+    /// The sequence number the producer will give its next record. Every
+    /// change whose data a read of the volume could have seen *and* that was
+    /// acknowledged before that read finished has a smaller sequence number
+    /// (the producer records a write before it is acknowledged), so a read
+    /// finished before this call shows no acknowledged change with a sequence
+    /// number ≥ the value returned: the **consistency horizon** of data read
+    /// back from the volume (metadata records, bitmap sweeps).
+    pub fn producer_next_seq(&self) -> u64 {
+        use crate::layout::OFF_NEXT_SEQ;
+        self.sh
+            .field(OFF_NEXT_SEQ)
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Blocks marked dirty in the active bitmap and not yet taken by a sweep:
+    /// changes acknowledged without a ring record (bitmap mode, filtering
+    /// stopped, failed captures) that no batch handed out so far contains.
+    pub fn active_dirty_blocks(&self) -> u64 {
+        use crate::layout::OFF_ACTIVE_COUNT;
+        self.sh
+            .field(OFF_ACTIVE_COUNT)
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Ring batches handed out and not yet committed.
     pub fn outstanding_ring_batches(&self) -> usize {
         self.outstanding.len() + self.deferred.is_some() as usize

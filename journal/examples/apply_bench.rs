@@ -112,6 +112,7 @@ fn main() {
             first_seq: seq,
             last_seq: seq,
             source_time_ns: seq,
+            horizon_seq: 0,
             extents,
         });
     }

@@ -76,6 +76,7 @@ fn workload(size: u64, mib: u64, seed: u64) -> Vec<ChunkIn> {
             first_seq: seq,
             last_seq: seq,
             source_time_ns: seq * 1000,
+            horizon_seq: 0,
             extents,
         });
     }
@@ -192,6 +193,7 @@ fn vsnap_creation(dir: &Path, records: u64) {
             first_seq: k,
             last_seq: k,
             source_time_ns: k * 1000,
+            horizon_seq: 0,
             extents: vec![ChunkExtent {
                 offset: off,
                 data: ExtentData::Data(vec![(k % 251) as u8 + 1; 512]),

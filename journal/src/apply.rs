@@ -232,7 +232,8 @@ impl TargetVolume {
                 &mut jbuf,
                 &RecHeader {
                     magic: REC_UNDO,
-                    flags: if p.direct { FLAG_DIRECT } else { 0 },
+                    flags: if p.direct { FLAG_DIRECT } else { 0 }
+                        | if p.inconsistent { FLAG_INCONSISTENT } else { 0 },
                     id: p.chunk_id,
                     first_seq: p.first_seq,
                     last_seq: p.last_seq,
@@ -278,6 +279,7 @@ impl TargetVolume {
                 last_seq: p.last_seq,
                 time_ns: p.time_ns,
                 seg: sf.clone(),
+                inconsistent: p.inconsistent,
                 merged_from: 0,
                 rec_off: base + rel,
                 extents: ux,
@@ -362,7 +364,12 @@ impl TargetVolume {
             }
         }
         a.applied_seq = self.applied_seq;
-        let b = encode_commit(a.last_chunk_id, self.applied_seq, a.last_source_time_ns);
+        let b = encode_commit(
+            a.last_chunk_id,
+            self.applied_seq,
+            a.last_source_time_ns,
+            self.horizon_max,
+        );
         let s = &self.segments[self.segments.len() - 1];
         s.sf.file
             .write_all_at(&b, s.len)

@@ -199,6 +199,7 @@ fn take_record(
         last_seq: h.last_seq,
         time_ns: h.time_ns,
         seg: sf.clone(),
+        inconsistent: h.flags & FLAG_INCONSISTENT != 0,
         merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
         rec_off: pos,
         extents,

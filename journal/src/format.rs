@@ -44,6 +44,15 @@ pub const REC_BOOKMARK: u32 = u32::from_le_bytes(*b"BMRK");
 
 /// Spool record flag: last record of a group commit.
 pub const FLAG_GROUP_END: u8 = 1;
+/// Spool and undo record flag: the state after this chunk is **not** a
+/// write-order-consistent state of the source, because data read back from the
+/// source volume (metadata-mode records, bitmap sweeps) applied at or before it
+/// may show changes with sequence numbers above the chunk's `last_seq` (the
+/// chunk is below the consistency horizon, see `ChunkIn::horizon_seq`).
+pub const FLAG_INCONSISTENT: u8 = 4;
+/// Spool record flag: the record body starts with `horizon_seq u64` (before the
+/// extent table, counted in `body_len`).
+pub const FLAG_HORIZON: u8 = 8;
 
 /// Extent kind in a spool record: payload follows.
 pub const SPOOL_DATA: u8 = 0;
@@ -204,8 +213,10 @@ pub(crate) fn later_valid(b: &[u8], magic: u32, accept: impl Fn(&[u8]) -> bool) 
     false
 }
 
-/// A commit record: every chunk with id ≤ `id` is applied; `applied_seq`, source `time_ns`.
-pub fn encode_commit(id: u64, applied_seq: u64, time_ns: u64) -> Vec<u8> {
+/// A commit record: every chunk with id ≤ `id` is applied; `applied_seq`, source
+/// `time_ns`; `aux` = the consistency horizon reached so far (highest
+/// `horizon_seq` of any chunk spooled before the commit; 0 in older journals).
+pub fn encode_commit(id: u64, applied_seq: u64, time_ns: u64, horizon: u64) -> Vec<u8> {
     let mut b = Vec::with_capacity(REC_HDR + TRAILER);
     encode_rec_header(
         &RecHeader {
@@ -213,6 +224,7 @@ pub fn encode_commit(id: u64, applied_seq: u64, time_ns: u64) -> Vec<u8> {
             id,
             last_seq: applied_seq,
             time_ns,
+            aux: horizon,
             ..RecHeader::default()
         },
         &mut b,

@@ -152,6 +152,9 @@ pub struct TargetVolume {
     pub(crate) cached_bytes: u64,
     pub(crate) next_chunk_id: u64,
     pub(crate) durable_seq: u64,
+    /// Consistency horizon reached so far: the highest `horizon_seq` of any
+    /// chunk spooled (durable in spool records and commit records).
+    pub(crate) horizon_max: u64,
     // journal
     pub(crate) segments: Vec<Segment>,
     /// Undo index, applied state and bookmarks, shared with snapshot views.
@@ -353,6 +356,7 @@ impl TargetVolume {
             cached_bytes: 0,
             next_chunk_id: 1,
             durable_seq: 0,
+            horizon_max: 0,
             segments: Vec::new(),
             shared,
             applied_through: 0,

@@ -5,9 +5,12 @@
 //! A resolved point is "the state after chunk `chunk_id`": the replica overlaid
 //! with the undo records of every chunk with a larger id. A point is
 //! **consistent** when the last chunk at or before it is ordered (carries ring
-//! sequence numbers): chunks without sequence numbers are resync/bitmap data,
-//! applied out of the source's write order, so the states after them (until the
-//! next ordered chunk) are not states the source volume ever had.
+//! sequence numbers) and not below the consistency horizon: chunks without
+//! sequence numbers are resync/bitmap data, applied out of the source's write
+//! order, and data read back from the source volume (metadata-mode records,
+//! bitmap sweeps) may already show changes with higher sequence numbers
+//! (`ChunkIn::horizon_seq`), so the states after them, until every change up to
+//! that horizon is applied, are not states the source volume ever had.
 
 use crate::bookmark::{Bookmark, BookmarkKind};
 use crate::error::{JournalError, Result};
@@ -131,7 +134,7 @@ impl Index {
                 (
                     seq.map_or(self.base.seq, |r| r.last_seq),
                     r.time_ns,
-                    r.last_seq != 0,
+                    r.consistent_after(),
                 )
             }
         };
@@ -172,8 +175,9 @@ impl Index {
             Ok(p)
         } else {
             Err(JournalError::Inconsistent(format!(
-                "{what} falls after resync/bitmap data applied out of write order (chunk {}); \
-                 choose a point before it or after the next ordered write",
+                "{what} falls after data applied out of write order (chunk {}: resync or bitmap \
+                 data, or data read back from the source volume in metadata mode, not yet \
+                 caught up); choose a point in a consistent range (`rewind recover list`)",
                 p.chunk_id
             )))
         }
@@ -328,7 +332,7 @@ impl Index {
                     out.push((s, s.max(r.time_ns.min(self.prev_time(r.chunk_id)))));
                 }
             }
-            if r.last_seq == 0 {
+            if !r.consistent_after() {
                 if let Some(s) = start.take() {
                     out.push((s, s.max(r.time_ns.saturating_sub(1))));
                 }

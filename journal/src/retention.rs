@@ -233,7 +233,7 @@ fn kept_points(idx: &Index, pol: &RetentionPolicy, now: u64, pins: &[u64]) -> (B
             continue;
         }
         last_in_full = Some(r.chunk_id);
-        if r.last_seq == 0 {
+        if !r.consistent_after() {
             continue; // never keep an inconsistent point
         }
         let Some(t) = tier_of(r.time_ns) else {
@@ -245,7 +245,7 @@ fn kept_points(idx: &Index, pol: &RetentionPolicy, now: u64, pins: &[u64]) -> (B
         let later_same = idx
             .records
             .range(i + 1..)
-            .find(|x| x.last_seq != 0)
+            .find(|x| x.consistent_after())
             .is_some_and(|x| {
                 x.time_ns < full_from
                     && tier_of(x.time_ns) == Some(t)
@@ -301,7 +301,12 @@ impl TargetVolume {
             return Ok(rep);
         };
         // The applied state must not live only in segments we may rewrite or delete.
-        let c = encode_commit(self.applied_through, self.applied_seq, self.applied_time_ns);
+        let c = encode_commit(
+            self.applied_through,
+            self.applied_seq,
+            self.applied_time_ns,
+            self.horizon_max,
+        );
         {
             let s = self.cur_seg();
             s.sf.file
@@ -563,6 +568,10 @@ impl TargetVolume {
                         FLAG_MERGED
                     } else {
                         0
+                    } | if first.inconsistent {
+                        FLAG_INCONSISTENT
+                    } else {
+                        0
                     },
                     id: first.chunk_id,
                     first_seq: first.first_seq,
@@ -595,7 +604,12 @@ impl TargetVolume {
                 }
                 let h = RecHeader {
                     magic: REC_UNDO,
-                    flags: FLAG_MERGED,
+                    flags: FLAG_MERGED
+                        | if lastr.inconsistent {
+                            FLAG_INCONSISTENT
+                        } else {
+                            0
+                        },
                     id: lastr.chunk_id,
                     first_seq: g
                         .iter()
@@ -644,6 +658,7 @@ impl TargetVolume {
                 last_seq: h.last_seq,
                 time_ns: h.time_ns,
                 seg: nsf.clone(),
+                inconsistent: h.flags & FLAG_INCONSISTENT != 0,
                 merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
                 rec_off: off,
                 extents: ux,

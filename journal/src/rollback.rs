@@ -163,6 +163,7 @@ fn records_after_cut(dir: &Path, i: &Intent) -> Result<Vec<UndoRec>> {
                     last_seq: h.last_seq,
                     time_ns: h.time_ns,
                     seg: sf.clone(),
+                    inconsistent: h.flags & FLAG_INCONSISTENT != 0,
                     merged_from: 0,
                     rec_off: pos,
                     extents,
@@ -239,7 +240,9 @@ fn run(
         .metadata()
         .map_err(ioe(|| format!("stat {}", sp.display())))?
         .len();
-    let commit = encode_commit(i.chunk_id, i.seq, i.time_ns);
+    // Horizon 0: the rolled-back journal ends at a consistent point (rollback
+    // refuses others) and replication restarts from it with a resync.
+    let commit = encode_commit(i.chunk_id, i.seq, i.time_ns, 0);
     let done = len == i.off + commit.len() as u64 && {
         let mut b = vec![0u8; commit.len()];
         f.read_exact_at(&mut b, i.off).is_ok() && b == commit

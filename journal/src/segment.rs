@@ -52,11 +52,23 @@ pub(crate) struct UndoRec {
     pub(crate) last_seq: u64,
     pub(crate) time_ns: u64,
     pub(crate) seg: Arc<SegFile>,
+    /// The state after this chunk is not write-order consistent even though it
+    /// carries sequence numbers ([`FLAG_INCONSISTENT`]: below the consistency horizon).
+    pub(crate) inconsistent: bool,
     /// 0 for a record of one chunk; for a record merged by sparse retention, the
     /// first chunk id of the merged span (points inside the span are gone).
     pub(crate) merged_from: u64,
     pub(crate) rec_off: u64,
     pub(crate) extents: Vec<UndoExtent>,
+}
+
+impl UndoRec {
+    /// Whether the state after this record's chunk is a write-order-consistent
+    /// state of the source: it carries sequence numbers (not resync/bitmap data)
+    /// and is not below the consistency horizon of read-back data.
+    pub(crate) fn consistent_after(&self) -> bool {
+        self.last_seq != 0 && !self.inconsistent
+    }
 }
 
 /// Parse the header + extent table of an undo record read from a segment.
@@ -192,6 +204,7 @@ impl TargetVolume {
                             self.applied_through = h.id;
                             self.applied_seq = self.applied_seq.max(h.last_seq);
                             self.applied_time_ns = h.time_ns;
+                            self.horizon_max = self.horizon_max.max(h.aux);
                             tail_start = records.len();
                             direct.clear();
                         } else if let Some(extents) = exts {
@@ -202,6 +215,7 @@ impl TargetVolume {
                                 last_seq: h.last_seq,
                                 time_ns: h.time_ns,
                                 seg: sf.clone(),
+                                inconsistent: h.flags & FLAG_INCONSISTENT != 0,
                                 merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
                                 rec_off: pos,
                                 extents,

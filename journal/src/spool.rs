@@ -34,12 +34,15 @@ pub(crate) struct Pending {
     pub(crate) data: Option<Vec<ChunkExtent>>,
     /// Applied straight from memory, never written to the spool (`direct_apply`).
     pub(crate) direct: bool,
+    /// The state after this chunk is not write-order consistent ([`FLAG_INCONSISTENT`]).
+    pub(crate) inconsistent: bool,
 }
 
+/// A parsed spool record: header, extents, record length and consistency horizon.
+pub(crate) type ParsedSpool = (RecHeader, Vec<ChunkExtent>, usize, u64);
+
 /// Parse one spool record at the start of `b`; returns header, extents and record length.
-pub(crate) fn parse_spool_record(
-    b: &[u8],
-) -> std::result::Result<(RecHeader, Vec<ChunkExtent>, usize), String> {
+pub(crate) fn parse_spool_record(b: &[u8]) -> std::result::Result<ParsedSpool, String> {
     if b.len() < REC_HDR {
         return Err("truncated record header".into());
     }
@@ -56,14 +59,22 @@ pub(crate) fn parse_spool_record(
     if hash32(&b[..body_end]) != b[body_end..total] {
         return Err("record checksum mismatch".into());
     }
+    let (horizon, tstart) = if h.flags & FLAG_HORIZON != 0 {
+        if h.body_len < 8 {
+            return Err("horizon past record".into());
+        }
+        (rd64(b, REC_HDR), REC_HDR + 8)
+    } else {
+        (0, REC_HDR)
+    };
     let table = (h.n_extents as u64)
         .checked_mul(SPOOL_ENTRY as u64)
-        .filter(|t| *t <= h.body_len)
+        .filter(|t| *t <= (body_end - tstart) as u64)
         .ok_or("extent table larger than record")? as usize;
-    let mut cur = REC_HDR + table;
+    let mut cur = tstart + table;
     let mut exts = Vec::with_capacity(h.n_extents as usize);
     for i in 0..h.n_extents as usize {
-        let e = &b[REC_HDR + i * SPOOL_ENTRY..REC_HDR + (i + 1) * SPOOL_ENTRY];
+        let e = &b[tstart + i * SPOOL_ENTRY..tstart + (i + 1) * SPOOL_ENTRY];
         let offset = rd64(e, 0);
         let len = rd64(e, 8);
         match e[16] {
@@ -88,16 +99,21 @@ pub(crate) fn parse_spool_record(
     if cur != body_end {
         return Err("payload length mismatch".into());
     }
-    Ok((h, exts, total))
+    Ok((h, exts, total, horizon))
 }
 
 pub(crate) fn encode_spool_record(out: &mut Vec<u8>, id: u64, group: u64, flags: u8, c: &ChunkIn) {
     let start = out.len();
     let n = c.extents.len();
+    let (flags, hlen) = if c.horizon_seq != 0 {
+        (flags | FLAG_HORIZON, 8)
+    } else {
+        (flags & !FLAG_HORIZON, 0)
+    };
     let h = RecHeader {
         magic: REC_SPOOL,
         flags,
-        body_len: (n * SPOOL_ENTRY) as u64 + c.payload_bytes(),
+        body_len: hlen + (n * SPOOL_ENTRY) as u64 + c.payload_bytes(),
         id,
         first_seq: c.first_seq,
         last_seq: c.last_seq,
@@ -106,6 +122,9 @@ pub(crate) fn encode_spool_record(out: &mut Vec<u8>, id: u64, group: u64, flags:
         aux: group,
     };
     encode_rec_header(&h, out);
+    if c.horizon_seq != 0 {
+        out.extend_from_slice(&c.horizon_seq.to_le_bytes());
+    }
     for e in &c.extents {
         out.extend_from_slice(&e.offset.to_le_bytes());
         out.extend_from_slice(&e.data.len().to_le_bytes());
@@ -165,7 +184,8 @@ impl TargetVolume {
             let mut bad = None;
             while pos < buf.len() {
                 match parse_spool_record(&buf[pos..]) {
-                    Ok((h, exts, total)) => {
+                    Ok((h, exts, total, horizon)) => {
+                        self.horizon_max = self.horizon_max.max(horizon);
                         if h.first_seq > h.last_seq {
                             bad = Some((pos, "bad sequence range".to_string()));
                             break;
@@ -199,6 +219,7 @@ impl TargetVolume {
                                 ranges: exts.iter().map(|e| (e.offset, e.data.len())).collect(),
                                 data: keep.then_some(exts),
                                 direct: false,
+                                inconsistent: h.flags & FLAG_INCONSISTENT != 0,
                             });
                         }
                         if !(h.first_seq == 0 && h.last_seq == 0) {
@@ -228,7 +249,7 @@ impl TargetVolume {
                     None => hdr.index,
                 };
                 if later_valid(&buf[bpos..], REC_SPOOL, |b| {
-                    parse_spool_record(b).is_ok_and(|(h, _, _)| h.aux > torn_group)
+                    parse_spool_record(b).is_ok_and(|(h, ..)| h.aux > torn_group)
                 }) {
                     return Err(corrupt(
                         &path,
@@ -306,7 +327,7 @@ impl TargetVolume {
         f.file
             .read_exact_at(&mut buf, p.rec_off)
             .map_err(ioe(|| format!("read {}", f.path.display())))?;
-        let (h, exts, _) = parse_spool_record(&buf).map_err(|r| corrupt(&f.path, p.rec_off, r))?;
+        let (h, exts, ..) = parse_spool_record(&buf).map_err(|r| corrupt(&f.path, p.rec_off, r))?;
         if h.id != p.chunk_id {
             return Err(corrupt(&f.path, p.rec_off, "chunk id changed under us"));
         }
@@ -385,6 +406,13 @@ impl TargetVolume {
         self.guard(r)
     }
 
+    /// Whether the state after `c` is below the consistency horizon `horizon`
+    /// (the running maximum including `c`'s own horizon): see [`FLAG_INCONSISTENT`].
+    /// Unordered chunks are inconsistent by their missing sequence numbers already.
+    pub(crate) fn below_horizon(c: &ChunkIn, horizon: u64) -> bool {
+        c.is_ordered() && c.last_seq < horizon
+    }
+
     /// Validate `chunks` and mark which ones are stored (not duplicates); also
     /// returns the payload bytes of the stored ones.
     fn classify(&self, chunks: &[ChunkIn]) -> Result<(Vec<bool>, u64)> {
@@ -424,6 +452,13 @@ impl TargetVolume {
             .iter()
             .map(|c| (c.first_seq, c.last_seq, c.source_time_ns, c.payload_bytes()))
             .collect();
+        let mut below = Vec::with_capacity(chunks.len());
+        for (i, c) in chunks.iter().enumerate() {
+            if store[i] {
+                self.horizon_max = self.horizon_max.max(c.horizon_seq);
+            }
+            below.push(Self::below_horizon(c, self.horizon_max));
+        }
         let ranges: Vec<Vec<(u64, u64)>> = chunks
             .iter()
             .map(|c| c.extents.iter().map(|e| (e.offset, e.data.len())).collect())
@@ -448,6 +483,7 @@ impl TargetVolume {
                 ranges: ranges[i].clone(),
                 data: Some(c.extents),
                 direct: true,
+                inconsistent: below[i],
             });
             self.cached_bytes += payload;
             self.pending_bytes += payload;
@@ -497,18 +533,24 @@ impl TargetVolume {
         let mut buf = Vec::new();
         let mut metas = Vec::new();
         let mut id = self.next_chunk_id;
+        let mut horizon = self.horizon_max;
         for (i, c) in chunks.iter().enumerate() {
             if !store[i] {
                 continue;
             }
             let off = buf.len();
-            let flags = if Some(i) == last_stored {
+            horizon = horizon.max(c.horizon_seq);
+            let below = Self::below_horizon(c, horizon);
+            let mut flags = if Some(i) == last_stored {
                 FLAG_GROUP_END
             } else {
                 0
             };
+            if below {
+                flags |= FLAG_INCONSISTENT;
+            }
             encode_spool_record(&mut buf, id, group, flags, c);
-            metas.push((i, id, off as u64, (buf.len() - off) as u64));
+            metas.push((i, id, off as u64, (buf.len() - off) as u64, below));
             id += 1;
         }
         if !buf.is_empty() {
@@ -537,7 +579,8 @@ impl TargetVolume {
             f.records += metas.len() as u64;
             f.max_chunk_id = id - 1;
             let file_id = f.id;
-            for (i, cid, off, len) in metas {
+            self.horizon_max = horizon;
+            for (i, cid, off, len, below) in metas {
                 let c = &chunks[i];
                 let payload = c.payload_bytes();
                 let keep = cache && self.cached_bytes + payload <= self.opts.cache_bytes;
@@ -558,6 +601,7 @@ impl TargetVolume {
                     ranges: c.extents.iter().map(|e| (e.offset, e.data.len())).collect(),
                     data: keep.then(|| c.extents.clone()),
                     direct: false,
+                    inconsistent: below,
                 });
                 self.counters.spooled_chunks += 1;
                 self.counters.spooled_bytes += payload;

@@ -72,6 +72,12 @@ pub struct ChunkIn {
     pub last_seq: u64,
     /// Source timestamp (ns since the Unix epoch, UTC) of the newest write in the chunk.
     pub source_time_ns: u64,
+    /// Consistency horizon (0: none): some of the chunk's data was read back from
+    /// the source volume and may show changes up to this ring sequence number, so
+    /// the state after this chunk, and after every later chunk until one with
+    /// `last_seq ≥ horizon_seq` is applied, is not write-order consistent: such
+    /// points are refused as `Inconsistent` (never served as exact states).
+    pub horizon_seq: u64,
     /// The writes.
     pub extents: Vec<ChunkExtent>,
 }

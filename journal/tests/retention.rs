@@ -39,6 +39,7 @@ fn chunk(r: &mut StdRng, k: u64) -> ChunkIn {
         first_seq: k,
         last_seq: k,
         source_time_ns: 1000 * k,
+        horizon_seq: 0,
         extents,
     }
 }

@@ -63,6 +63,7 @@ fn chunk(k: u64) -> ChunkIn {
         first_seq: k,
         last_seq: k,
         source_time_ns: 1_000_000 + k * 1000,
+        horizon_seq: 0,
         extents,
     }
 }
@@ -293,6 +294,7 @@ fn ordering_overlaps_within_and_across_chunks() {
         first_seq: k,
         last_seq: k,
         source_time_ns: k,
+        horizon_seq: 0,
         extents: ext
             .into_iter()
             .map(|(o, b, l)| ChunkExtent {
@@ -352,6 +354,7 @@ fn spool_budget_flow_control() {
         first_seq: k,
         last_seq: k,
         source_time_ns: k,
+        horizon_seq: 0,
         extents: vec![ChunkExtent {
             offset: 0,
             data: ExtentData::Data(vec![k as u8; 12 * 1024]),
@@ -397,6 +400,7 @@ fn resize_and_block_hashes() {
         first_seq: 11,
         last_seq: 11,
         source_time_ns: 11,
+        horizon_seq: 0,
         extents: vec![ChunkExtent {
             offset: VOL + 10,
             data: ExtentData::Data(vec![9; 100]),
@@ -966,6 +970,7 @@ mod prop {
             first_seq: first,
             last_seq: last,
             source_time_ns: last * 10,
+            horizon_seq: 0,
             extents: std::mem::take(cur),
         };
         apply_model(img, &c);
@@ -1111,4 +1116,92 @@ fn starting_state_is_not_a_point_by_time() {
         v.resolve(&RecoveryPoint::Time(first - 1)),
         Err(JournalError::BeforeWindow { .. })
     ));
+}
+
+/// Data read back from the source (metadata mode, bitmap sweeps, resync) may
+/// show changes above its chunk's sequence numbers (`horizon_seq`): the states
+/// after it are refused as inconsistent until every change up to the horizon
+/// is applied, in process, from another process (directory view), after a
+/// restart with the horizon only in the spool, and after one with it only in
+/// commit records (spool reclaimed). Without the horizon these points were
+/// offered as exact and could show one block newer than another.
+#[test]
+fn points_below_the_consistency_horizon_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let tdir = d.path().join("t");
+    let seqs = |v: &TargetVolume| -> Vec<(u64, bool)> {
+        (1..=v.applied_seq())
+            .map(|s| match v.resolve(&RecoveryPoint::Seq(s)) {
+                Ok(p) => (s, p.consistent),
+                Err(JournalError::Inconsistent(_)) => (s, false),
+                Err(e) => panic!("seq {s}: {e}"),
+            })
+            .collect()
+    };
+    let consistent = |v: &TargetVolume, s: u64| seqs(v).contains(&(s, true));
+    let mut v = create(d.path(), small_opts());
+    for k in 1..=3 {
+        v.spool(&chunk(k)).unwrap();
+    }
+    // seq 4 carries data read back after the producer had handed out seq 7
+    let mut c4 = chunk(4);
+    c4.horizon_seq = 7;
+    v.spool(&c4).unwrap();
+    v.spool(&chunk(5)).unwrap();
+    drop(v); // restart: the horizon is known from the spool record only
+    let mut v = reopen(d.path(), small_opts());
+    v.spool(&chunk(6)).unwrap();
+    v.apply_all().unwrap();
+    drop(v); // restart: spool reclaimed, the horizon is in the commit record
+    let mut v = reopen(d.path(), small_opts());
+    v.spool(&chunk(7)).unwrap();
+    v.spool(&chunk(8)).unwrap();
+    // an unordered (bitmap sweep) chunk with horizon 10, then 9..11
+    let mut sweep = chunk(100);
+    sweep.first_seq = 0;
+    sweep.last_seq = 0;
+    sweep.horizon_seq = 10;
+    v.spool(&sweep).unwrap();
+    for k in 9..=11 {
+        v.spool(&chunk(k)).unwrap();
+    }
+    v.apply_all().unwrap();
+    for (s, want) in [
+        (3, true),
+        (4, false),
+        (5, false),
+        (6, false),
+        (7, true),
+        (8, true),
+        (9, false),
+        (10, true),
+        (11, true),
+    ] {
+        assert_eq!(consistent(&v, s), want, "seq {s}: {:?}", seqs(&v));
+    }
+    // times: chunk k has source time 1_000_000 + 1000 k
+    let t = |k: u64| 1_000_000 + k * 1000;
+    assert!(matches!(
+        v.resolve(&RecoveryPoint::Time(t(5) + 1)),
+        Err(JournalError::Inconsistent(_))
+    ));
+    assert_eq!(v.resolve(&RecoveryPoint::Time(t(7))).unwrap().seq, 7);
+    let ranges = v.recovery_points().unwrap().consistent_ranges;
+    assert!(
+        ranges.iter().all(|&(a, b)| b < t(4) || a >= t(7)),
+        "{ranges:?}"
+    );
+    // a directory view (another process) sees the same
+    assert!(matches!(
+        SnapshotView::open_dir(&tdir, &RecoveryPoint::Time(t(6))),
+        Err(JournalError::Inconsistent(_))
+    ));
+    let view = SnapshotView::open_dir(&tdir, &RecoveryPoint::Time(t(7))).unwrap();
+    let mut got = vec![0u8; VOL as usize];
+    view.read_at(&mut got, 0).unwrap();
+    let mut want = vec![0u8; VOL as usize];
+    for k in 1..=7 {
+        apply_model(&mut want, &chunk(k));
+    }
+    assert!(got == want, "the view at seq 7 is exact");
 }

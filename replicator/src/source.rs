@@ -884,7 +884,16 @@ impl Session<'_> {
                 }
             }
             BatchKind::Ring => {
-                let mut cb = ChunkBuilder::default();
+                // Writes acknowledged in bitmap mode (bits not yet taken by a
+                // sweep) have no sequence number and are older than some of
+                // this batch's records: no state after these chunks is
+                // write-order consistent until a sweep ships them (its own
+                // horizon then decides), so each chunk's horizon is set past it.
+                let unswept = self.consumer.active_dirty_blocks() > 0;
+                let mut cb = ChunkBuilder {
+                    unswept,
+                    ..ChunkBuilder::default()
+                };
                 for r in batch.records_mut() {
                     if r.seq <= self.skip_seq {
                         continue;
@@ -917,6 +926,7 @@ impl Session<'_> {
                             cb.insert(r.seq, r.timestamp_ns, r.offset, r.len, None);
                         }
                         RecordKind::Data | RecordKind::Metadata => {
+                            let mut read_back = 0;
                             let data = if r.kind == RecordKind::Data {
                                 // Moved, not copied: the batch is only
                                 // committed by position later.
@@ -926,6 +936,9 @@ impl Session<'_> {
                                 self.reader
                                     .read_ranges(&[(r.offset, r.len)], &mut v)
                                     .map_err(|e| SourceError::Io("read source volume", e))?;
+                                // The data is as of now, not as of r.seq.
+                                read_back = self.read_horizon().max(r.seq);
+                                cb.horizon = cb.horizon.max(read_back);
                                 v
                             };
                             if cb.data_bytes + data.len() as u64 > self.max_data {
@@ -950,7 +963,7 @@ impl Session<'_> {
                                 let t = now_ns();
                                 for (i, piece) in data[..cut].chunks(m).enumerate() {
                                     let off = r.offset + (i * m) as u64;
-                                    out.push(one_unordered(off, piece, t, comp)?);
+                                    out.push(one_unordered(off, piece, t, read_back, comp)?);
                                 }
                                 cb.insert(
                                     r.seq,
@@ -997,9 +1010,17 @@ impl Session<'_> {
             })
             .collect();
         let raw = data.len() as u64;
-        let c = Chunk::build_owned(0, 0, t, extents, data, comp)?;
+        let horizon = self.read_horizon();
+        let c = Chunk::build_owned(0, 0, t, extents, data, comp)?.with_horizon(horizon)?;
         let p = c.payload.len() as u64;
         Ok((Frame::Chunk(c), raw, p))
+    }
+
+    /// Consistency horizon of data read back from the volume just now: the
+    /// last sequence number the producer has handed out (see
+    /// `Consumer::producer_next_seq`); 0 when it has recorded nothing.
+    fn read_horizon(&self) -> u64 {
+        self.consumer.producer_next_seq().saturating_sub(1)
     }
 
     fn commit_ready(&mut self) -> Result<(), SourceError> {
@@ -1155,6 +1176,7 @@ impl Session<'_> {
         self.reader
             .read_ranges(&[(offset, len)], &mut data)
             .map_err(|e| SourceError::Io("read source volume", e))?;
+        let horizon = self.read_horizon();
         let hb = self.cfg.hash_block as usize;
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (i, block) in data.chunks(hb).enumerate() {
@@ -1170,7 +1192,8 @@ impl Session<'_> {
         }
         let mut sent = 0;
         for &(a, b) in &runs {
-            let rd = ResyncData::build(offset + a as u64, &data[a..b], self.cfg.compression)?;
+            let mut rd = ResyncData::build(offset + a as u64, &data[a..b], self.cfg.compression)?;
+            rd.horizon_seq = horizon;
             let p = rd.payload.len() as u64;
             self.send(
                 &Frame::ResyncData(rd),
@@ -1360,6 +1383,7 @@ fn one_unordered(
     off: u64,
     data: &[u8],
     t: u64,
+    horizon: u64,
     comp: Compression,
 ) -> Result<(Frame, u64, u64), SourceError> {
     let c = Chunk::build(
@@ -1373,7 +1397,8 @@ fn one_unordered(
         }],
         data,
         comp,
-    )?;
+    )?
+    .with_horizon(horizon)?;
     let p = c.payload.len() as u64;
     Ok((Frame::Chunk(c), data.len() as u64, p))
 }
@@ -1393,6 +1418,11 @@ struct ChunkBuilder {
     /// at or before `t`). The source's own RPO comes from the batch, not from here.
     newest_ns: u64,
     data_bytes: u64,
+    /// Consistency horizon of read-back data in the chunk (0: all captured).
+    horizon: u64,
+    /// Acknowledged bitmap-mode writes were waiting for a sweep when the batch
+    /// was taken: the state after the chunk is not consistent (horizon past it).
+    unswept: bool,
 }
 
 impl ChunkBuilder {
@@ -1444,7 +1474,10 @@ impl ChunkBuilder {
     /// The chunk frame of what was inserted (and resets), `None` if empty.
     fn take(&mut self, comp: Compression) -> Result<Option<(Frame, u64, u64)>, SourceError> {
         if self.map.is_empty() {
-            *self = ChunkBuilder::default();
+            *self = ChunkBuilder {
+                unswept: self.unswept,
+                ..ChunkBuilder::default()
+            };
             return Ok(None);
         }
         let mut extents: Vec<Extent> = Vec::new();
@@ -1489,6 +1522,14 @@ impl ChunkBuilder {
             }
         }
         let raw = data.len() as u64;
+        let mut horizon = if self.horizon == 0 {
+            0
+        } else {
+            self.horizon.max(self.last_seq)
+        };
+        if self.unswept {
+            horizon = horizon.max(self.last_seq + 1);
+        }
         let c = Chunk::build_owned(
             self.first_seq,
             self.last_seq,
@@ -1496,8 +1537,12 @@ impl ChunkBuilder {
             extents,
             data,
             comp,
-        )?;
-        *self = ChunkBuilder::default();
+        )?
+        .with_horizon(horizon)?;
+        *self = ChunkBuilder {
+            unswept: self.unswept,
+            ..ChunkBuilder::default()
+        };
         let p = c.payload.len() as u64;
         Ok(Some((Frame::Chunk(c), raw, p)))
     }

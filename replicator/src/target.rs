@@ -104,8 +104,10 @@ pub struct StoreChunk {
     pub first_seq: u64,
     /// Last ring sequence (inclusive).
     pub last_seq: u64,
-    /// Source capture time of the oldest change (ns since the epoch).
+    /// Source capture time of the newest change (ns since the epoch).
     pub source_time_ns: u64,
+    /// Consistency horizon of read-back data (0: none; see `wire::Chunk::horizon_seq`).
+    pub horizon_seq: u64,
     /// Sorted, non-overlapping writes.
     pub extents: Vec<StoreExtent>,
 }
@@ -144,6 +146,7 @@ impl StoreChunk {
             first_seq: c.first_seq,
             last_seq: c.last_seq,
             source_time_ns: c.source_time_ns,
+            horizon_seq: c.horizon_seq,
             extents,
         })
     }
@@ -155,6 +158,7 @@ impl StoreChunk {
             first_seq: 0,
             last_seq: 0,
             source_time_ns: now_ns(),
+            horizon_seq: r.horizon_seq,
             extents: vec![StoreExtent {
                 offset: r.offset,
                 data: StoreData::Data(data),
@@ -214,7 +218,7 @@ pub enum StoreError {
 ///     fn spool_bytes(&self) -> u64 { self.0.spool_bytes() }      // spool_budget
 ///     fn spool(&mut self, c: &[StoreChunk]) -> Result<u64, StoreError> {
 ///         let v: Vec<ChunkIn> = c.iter().map(|c| ChunkIn { first_seq: c.first_seq,
-///             last_seq: c.last_seq, source_time_ns: c.source_time_ns,
+///             last_seq: c.last_seq, source_time_ns: c.source_time_ns, horizon_seq: c.horizon_seq,
 ///             extents: c.extents.iter().map(|e| ChunkExtent { offset: e.offset,
 ///                 data: match &e.data { StoreData::Data(d) => ExtentData::Data(d.clone()),
 ///                                       StoreData::Zero(n) => ExtentData::Zero(*n) } }).collect()

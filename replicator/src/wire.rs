@@ -24,8 +24,9 @@ use thiserror::Error;
 
 /// Frame magic, the first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"RWND";
-/// The protocol version this crate speaks (the only one so far).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this crate speaks. Version 2 added
+/// [`Chunk::horizon_seq`]; a version-1 peer is refused at the handshake.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 44;
 /// Default maximum payload length of one frame (64 MiB). The maximum
@@ -303,8 +304,15 @@ pub struct Chunk {
     pub first_seq: u64,
     /// Last ring sequence in the chunk (inclusive).
     pub last_seq: u64,
-    /// Capture time (ns since the Unix epoch) of the oldest change.
+    /// Capture time (ns since the Unix epoch) of the newest change.
     pub source_time_ns: u64,
+    /// Consistency horizon (0: none). Non-zero when some of the chunk's data
+    /// was read back from the source volume (metadata records, bitmap
+    /// sweeps) instead of captured with the write: such data may already
+    /// show changes with sequence numbers up to `horizon_seq`, so no state of
+    /// the replica is write-order consistent until every change up to
+    /// `horizon_seq` is applied. For an ordered chunk, `horizon_seq ≥ last_seq`.
+    pub horizon_seq: u64,
     /// How `payload` is compressed.
     pub compression: Compression,
     /// Sorted, non-overlapping extents.
@@ -369,6 +377,9 @@ pub struct ResyncData {
     pub offset: u64,
     /// Uncompressed length in bytes.
     pub len: u64,
+    /// Consistency horizon of the data (read from the source volume while
+    /// writes may continue): see [`Chunk::horizon_seq`]; 0 = none.
+    pub horizon_seq: u64,
     /// How `payload` is compressed.
     pub compression: Compression,
     /// The data.
@@ -583,6 +594,7 @@ impl Frame {
             }
             Frame::Chunk(c) => {
                 check_seqs(c.first_seq, c.last_seq)?;
+                check_horizon(c.last_seq, c.horizon_seq)?;
                 let data = check_extents(&c.extents)?;
                 if c.compression == Compression::None && data != c.payload.len() as u64 {
                     return Err(WireError::Extents(format!(
@@ -593,6 +605,7 @@ impl Frame {
                 put_u64(out, c.first_seq);
                 put_u64(out, c.last_seq);
                 put_u64(out, c.source_time_ns);
+                put_u64(out, c.horizon_seq);
                 c.compression.encode(out);
                 let n = u32::try_from(c.extents.len())
                     .map_err(|_| WireError::Extents("too many extents".into()))?;
@@ -641,6 +654,7 @@ impl Frame {
                 }
                 put_u64(out, d.offset);
                 put_u64(out, d.len);
+                put_u64(out, d.horizon_seq);
                 d.compression.encode(out);
                 // The payload follows (added by `encode_split`'s caller).
             }
@@ -694,6 +708,16 @@ fn put_str(
     }
     put_u16(out, s.len() as u16);
     out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn check_horizon(last: u64, horizon: u64) -> Result<(), WireError> {
+    if horizon != 0 && horizon < last {
+        return Err(WireError::invalid(
+            "horizon_seq",
+            format!("{horizon} below last_seq {last} (0 = none, else ≥ last_seq)"),
+        ));
+    }
     Ok(())
 }
 
@@ -907,6 +931,8 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
             let last_seq = r.u64("last_seq")?;
             check_seqs(first_seq, last_seq)?;
             let source_time_ns = r.u64("source_time_ns")?;
+            let horizon_seq = r.u64("horizon_seq")?;
+            check_horizon(last_seq, horizon_seq)?;
             let compression = Compression::decode(&mut r)?;
             let n = r.u32("extent count")? as usize;
             // Bound the allocation by the bytes actually present.
@@ -945,6 +971,7 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
                 first_seq,
                 last_seq,
                 source_time_ns,
+                horizon_seq,
                 compression,
                 extents,
                 payload: payload.to_vec(),
@@ -1011,6 +1038,7 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
         FrameType::ResyncData => {
             let offset = r.u64("offset")?;
             let len = r.u64("len")?;
+            let horizon_seq = r.u64("horizon_seq")?;
             let compression = Compression::decode(&mut r)?;
             offset
                 .checked_add(len)
@@ -1032,6 +1060,7 @@ pub fn decode_payload(h: &Header, payload: &[u8], max: u32) -> Result<Frame, Wir
             Frame::ResyncData(ResyncData {
                 offset,
                 len,
+                horizon_seq,
                 compression,
                 payload: payload.to_vec(),
             })
@@ -1237,6 +1266,7 @@ impl Chunk {
             first_seq,
             last_seq,
             source_time_ns,
+            horizon_seq: 0,
             compression,
             extents,
             payload,
@@ -1278,10 +1308,18 @@ impl Chunk {
             first_seq,
             last_seq,
             source_time_ns,
+            horizon_seq: 0,
             compression,
             extents,
             payload,
         })
+    }
+
+    /// Sets [`Chunk::horizon_seq`] (builder style); see there for the rule.
+    pub fn with_horizon(mut self, horizon_seq: u64) -> Result<Self, WireError> {
+        check_horizon(self.last_seq, horizon_seq)?;
+        self.horizon_seq = horizon_seq;
+        Ok(self)
     }
 
     /// Total length of the data extents (the decompressed payload length).
@@ -1323,6 +1361,7 @@ impl ResyncData {
         Ok(ResyncData {
             offset,
             len: data.len() as u64,
+            horizon_seq: 0,
             compression,
             payload: compress(data, compression)?,
         })

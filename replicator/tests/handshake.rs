@@ -168,13 +168,26 @@ fn block_size_mismatch_is_refused() {
 fn unsupported_protocol_version_is_refused() {
     let c = certs();
     let mut h = hello();
-    h.protocol_version = 2;
+    h.protocol_version = PROTOCOL_VERSION + 1;
     let (cres, _) = run(&c, h, known());
-    expect_refused(cres, ErrorCode::UnsupportedVersion, "version 2");
+    expect_refused(
+        cres,
+        ErrorCode::UnsupportedVersion,
+        &format!("version {}", PROTOCOL_VERSION + 1),
+    );
+    // A source of the previous version (no consistency horizon in its chunks) too.
+    let mut h = hello();
+    h.protocol_version = PROTOCOL_VERSION - 1;
+    let (cres, _) = run(&c, h, known());
+    expect_refused(
+        cres,
+        ErrorCode::UnsupportedVersion,
+        &format!("version {}", PROTOCOL_VERSION - 1),
+    );
 }
 
-/// A future source whose frames carry header version 2: the target answers
-/// with a version-1 Error frame the source can read.
+/// A future source whose frames carry the next header version: the target
+/// answers with an Error frame the source can read.
 #[test]
 fn future_frame_version_gets_a_readable_refusal() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -185,12 +198,13 @@ fn future_frame_version_gets_a_readable_refusal() {
     });
     let mut t = tls::connect(&addr, "localhost", &ClientTls::insecure()).unwrap();
     let mut b = Frame::Hello(hello()).encode(DEFAULT_MAX_FRAME).unwrap();
-    b[4] = 2;
+    b[4] = (PROTOCOL_VERSION + 1) as u8;
     std::io::Write::write_all(&mut t, &b).unwrap();
     match wire::read_frame(&mut t, DEFAULT_MAX_FRAME).unwrap() {
         Frame::Error(e) => {
             assert_eq!(e.code, ErrorCode::UnsupportedVersion);
-            assert!(e.message.contains("version 2"), "{}", e.message);
+            let v = format!("version {}", PROTOCOL_VERSION + 1);
+            assert!(e.message.contains(&v), "{}", e.message);
         }
         f => panic!("{f:?}"),
     }

@@ -125,6 +125,16 @@ pub fn samples() -> Vec<Frame> {
         Frame::Chunk(Chunk::build(10, 20, 5, data_extents(), &data, Compression::Zstd(1)).unwrap()),
         Frame::Chunk(Chunk::build(0, 0, 5, data_extents(), &data, Compression::Zstd(19)).unwrap()),
         Frame::Chunk(Chunk::build(0, 0, 0, vec![], &[], Compression::None).unwrap()),
+        Frame::Chunk(
+            Chunk::build(10, 20, 5, data_extents(), &data, Compression::None)
+                .and_then(|c| c.with_horizon(25))
+                .unwrap(),
+        ),
+        Frame::Chunk(
+            Chunk::build(0, 0, 5, data_extents(), &data, Compression::None)
+                .and_then(|c| c.with_horizon(7))
+                .unwrap(),
+        ),
         Frame::Tag(Tag {
             seq: 99,
             name: "nightly-backup ✓".into(),
@@ -151,6 +161,10 @@ pub fn samples() -> Vec<Frame> {
         }),
         Frame::ResyncData(ResyncData::build(4096, &data, Compression::None).unwrap()),
         Frame::ResyncData(ResyncData::build(4096, &data, Compression::Zstd(3)).unwrap()),
+        Frame::ResyncData(ResyncData {
+            horizon_seq: 1234,
+            ..ResyncData::build(0, &data, Compression::None).unwrap()
+        }),
         Frame::Ack(Ack {
             durable_seq: 20,
             applied_seq: 10,
@@ -230,7 +244,7 @@ fn header_layout_is_documented_one() {
     let b = f.encode(MAX).unwrap();
     assert_eq!(b.len(), HEADER_LEN + 8);
     assert_eq!(&b[0..4], b"RWND");
-    assert_eq!(&b[4..6], &[1, 0]); // version 1, LE
+    assert_eq!(&b[4..6], &[2, 0]); // version 2, LE
     assert_eq!(b[6], 9); // Heartbeat
     assert_eq!(b[7], 0); // flags
     assert_eq!(&b[8..12], &[8, 0, 0, 0]); // payload length
@@ -276,12 +290,14 @@ fn header_errors() {
     let mut b = buf.clone();
     b[0] = b'X';
     assert!(matches!(decode(&b, MAX), Err(WireError::BadMagic(_))));
-    let mut b = buf.clone();
-    b[4] = 2;
-    assert!(matches!(
-        decode(&b, MAX),
-        Err(WireError::UnsupportedVersion(2))
-    ));
+    for v in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        let mut b = buf.clone();
+        b[4..6].copy_from_slice(&v.to_le_bytes());
+        assert!(matches!(
+            decode(&b, MAX),
+            Err(WireError::UnsupportedVersion(x)) if x == v
+        ));
+    }
     let mut b = buf.clone();
     b[6] = 200;
     assert!(matches!(decode(&b, MAX), Err(WireError::UnknownType(200))));
@@ -379,7 +395,8 @@ fn raw_chunk(extents: &[(u64, u32, u8)], comp: [u8; 2], payload: &[u8]) -> Vec<u
     let mut p = Vec::new();
     p.extend_from_slice(&1u64.to_le_bytes());
     p.extend_from_slice(&1u64.to_le_bytes());
-    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&0u64.to_le_bytes()); // source_time_ns
+    p.extend_from_slice(&0u64.to_le_bytes()); // horizon_seq
     p.extend_from_slice(&comp);
     p.extend_from_slice(&(extents.len() as u32).to_le_bytes());
     for (o, l, k) in extents {
@@ -390,7 +407,7 @@ fn raw_chunk(extents: &[(u64, u32, u8)], comp: [u8; 2], payload: &[u8]) -> Vec<u
     p.extend_from_slice(payload);
     let mut b = vec![0u8; HEADER_LEN];
     b[0..4].copy_from_slice(b"RWND");
-    b[4] = 1;
+    b[4] = 2;
     b[6] = FrameType::Chunk as u8;
     b[8..12].copy_from_slice(&(p.len() as u32).to_le_bytes());
     b.extend_from_slice(&p);
@@ -428,7 +445,7 @@ fn inconsistent_extents() {
     // Extent count claiming more than the bytes present: truncated, and the
     // Vec is never sized from the claim.
     let mut b = raw_chunk(&[], [0, 0], &[]);
-    let at = HEADER_LEN + 26;
+    let at = HEADER_LEN + 34; // seqs, time, horizon (8 each), compression (2)
     b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     reseal(&mut b);
     assert!(matches!(decode(&b, MAX), Err(WireError::Truncated(_))));
@@ -443,11 +460,21 @@ fn inconsistent_extents() {
     b[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&5u64.to_le_bytes());
     reseal(&mut b);
     assert!(matches!(decode(&b, MAX), Err(WireError::Invalid { .. })));
+    // A horizon below last_seq (the raw chunk covers 1..=1).
+    let mut b = raw_chunk(&[], [0, 0], &[]);
+    b[HEADER_LEN + 24..HEADER_LEN + 32].copy_from_slice(&7u64.to_le_bytes());
+    reseal(&mut b);
+    assert!(decode(&b, MAX).is_ok(), "horizon above last_seq is valid");
+    b[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&9u64.to_le_bytes());
+    b[HEADER_LEN + 8..HEADER_LEN + 16].copy_from_slice(&9u64.to_le_bytes());
+    reseal(&mut b);
+    assert!(matches!(decode(&b, MAX), Err(WireError::Invalid { .. })));
     // Encoder refuses the same inconsistencies.
     let bad = Chunk {
         first_seq: 1,
         last_seq: 1,
         source_time_ns: 0,
+        horizon_seq: 0,
         compression: Compression::None,
         extents: vec![Extent {
             offset: 0,

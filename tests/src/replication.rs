@@ -573,16 +573,26 @@ impl Setup {
         tweak_target: impl FnOnce(&mut TargetOpts),
         tweak_repl: impl FnOnce(&mut ReplicatorOpts),
     ) -> Setup {
+        Self::start_full(s, backing, compression, |_| {}, tweak_target, tweak_repl)
+    }
+
+    /// Like [`Setup::start_with`], also adjusting the export's options.
+    pub fn start_full(
+        s: &Scratch,
+        backing: &Path,
+        compression: &str,
+        tweak_export: impl FnOnce(&mut crate::ExportOpts),
+        tweak_target: impl FnOnce(&mut TargetOpts),
+        tweak_repl: impl FnOnce(&mut ReplicatorOpts),
+    ) -> Setup {
         let pki = Pki::new(s, "pki");
-        let export = crate::Export::start(
-            s,
-            backing,
-            crate::ExportOpts {
-                volume: Some("vol0".into()),
-                export_name: Some("vol0".into()),
-                ..Default::default()
-            },
-        );
+        let mut eopts = crate::ExportOpts {
+            volume: Some("vol0".into()),
+            export_name: Some("vol0".into()),
+            ..Default::default()
+        };
+        tweak_export(&mut eopts);
+        let export = crate::Export::start(s, backing, eopts);
         let mut topts = TargetOpts::tls(&pki);
         tweak_target(&mut topts);
         let target = Target::start(s, topts);

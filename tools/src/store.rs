@@ -301,6 +301,7 @@ fn to_chunk(c: &StoreChunk) -> ChunkIn {
         first_seq: c.first_seq,
         last_seq: c.last_seq,
         source_time_ns: c.source_time_ns,
+        horizon_seq: c.horizon_seq,
         extents: c
             .extents
             .iter()
