@@ -110,6 +110,26 @@ pub enum JournalError {
     Locked(PathBuf),
 }
 
+impl JournalError {
+    /// Whether this is the file system holding the target directory or the
+    /// replica running out of space (`ENOSPC`, or `EDQUOT` for a quota): the
+    /// call failed like any I/O error (the handle is poisoned and must be
+    /// reopened), but the condition is expected to pass once space is freed,
+    /// so callers report it as "storage full" and retry the reopen instead of
+    /// giving up. Nothing acknowledged is lost: see "Full disk" in the crate docs.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            JournalError::Io { source, .. } => is_no_space_io(source),
+            _ => false,
+        }
+    }
+}
+
+/// `ENOSPC` or `EDQUOT`.
+fn is_no_space_io(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
 /// Result alias.
 pub type Result<T> = std::result::Result<T, JournalError>;
 

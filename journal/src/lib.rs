@@ -71,6 +71,19 @@
 //!   during a mutating call, further calls return [`JournalError::Poisoned`];
 //!   drop the handle and reopen, which runs recovery (the fsync-gate rule: never
 //!   retry a failed fsync on the same state).
+//! * **Full disk** (`ENOSPC`/`EDQUOT`, [`JournalError::is_no_space`]) is such
+//!   an I/O error, wherever it hits: a spool group append (the call fails, so
+//!   nothing of it was acknowledged), an undo append (the replica is not
+//!   touched yet), a replica write (the undo records are durable: reopen
+//!   re-writes the chunk from them, idempotently by chunk id), a commit record
+//!   (reopen re-applies the chunk), a new spool file or segment (a torn
+//!   header is removed at open), a bookmark. Reopening runs the usual
+//!   recovery; it first fdatasyncs the spool files, the last segment and the
+//!   bookmark log, because a failed write that was *not* a crash leaves
+//!   complete but unsynced records in the page cache that recovery would
+//!   otherwise trust. Reopening needs no free space unless there is a tail to
+//!   re-apply (the catalogue is skipped, with a warning, when SQLite cannot
+//!   write), so the owner retries it until space is back.
 //! * Data read from disk is checksummed (blake3) and never used unverified; a
 //!   torn tail (crash mid-append) is truncated on open with a warning; any
 //!   other corruption is a [`JournalError::Corrupt`].
@@ -382,13 +395,65 @@ impl TargetVolume {
         }
         v.publish_applied();
         v.load_spool(journal_top)?;
+        v.sync_loaded()?;
         v.recover_tail(tail_start)?;
         v.reclaim()?;
-        let mut cat = catalogue::Catalogue::open(&v.dir.join(CATALOGUE_FILE))?;
-        cat.rebuild(&v.segments())?;
-        cat.rebuild_bookmarks(&v.index().bookmarks)?;
-        v.catalogue = Some(cat);
+        match v.open_catalogue() {
+            Ok(cat) => v.catalogue = Some(cat),
+            // Derived data: serving without it only loses the indexed lookups
+            // (`catalogue_sealed_before`); it is rebuilt at the next open. On
+            // a full disk SQLite cannot write, and the volume must still open
+            // so that replication resumes the moment space is back.
+            Err(e) => {
+                warn!(error = %e, "catalogue not rebuilt (retried at the next open)");
+            }
+        }
         Ok(v)
+    }
+
+    fn open_catalogue(&self) -> Result<catalogue::Catalogue> {
+        let mut cat = catalogue::Catalogue::open(&self.dir.join(CATALOGUE_FILE))?;
+        cat.rebuild(&self.segments())?;
+        cat.rebuild_bookmarks(&self.index().bookmarks)?;
+        Ok(cat)
+    }
+
+    /// Make durable what recovery is about to trust. After a failed write
+    /// without a crash (e.g. `ENOSPC` part-way through a group append) the
+    /// records written before the failure are complete in the page cache but
+    /// were never fdatasync'ed; a reopen in the same boot reads them as valid.
+    /// Spool records then count towards `durable_seq` (and are acknowledged
+    /// as duplicates on re-delivery), bookmark records as recorded, and undo
+    /// records are re-applied by `recover_tail`, which writes the replica:
+    /// each of those must be on stable storage first, or a power loss later
+    /// could lose an acknowledged chunk or leave a replica write without its
+    /// undo data. After a crash this is a no-op (the pages are clean).
+    fn sync_loaded(&mut self) -> Result<()> {
+        if let Some(s) = self.segments.last() {
+            s.sf.file
+                .sync_data()
+                .map_err(ioe(|| format!("fdatasync {}", s.sf.path.display())))?;
+        }
+        for f in &self.spool_files {
+            f.file
+                .sync_data()
+                .map_err(ioe(|| format!("fdatasync {}", f.path.display())))?;
+        }
+        let b = self.dir.join(bookmark::BOOKMARK_FILE);
+        match File::open(&b) {
+            Ok(f) => f
+                .sync_data()
+                .map_err(ioe(|| format!("fdatasync {}", b.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(JournalError::Io {
+                    context: format!("open {}", b.display()),
+                    source: e,
+                })
+            }
+        }
+        self.counters.fsyncs += 1;
+        Ok(())
     }
 
     /// Copy the applied state into the shared index (after a commit or at open).
