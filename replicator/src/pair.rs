@@ -229,6 +229,17 @@ pub struct TargetStatus {
     pub connections: u64,
     /// Last error on this volume.
     pub last_error: Option<String>,
+    /// Set while the volume's storage is out of space (`ENOSPC`/`EDQUOT` on
+    /// the spool, journal or replica): the error. Replication is paused
+    /// (sources are answered with `SpoolFull` errors and retry; nothing is
+    /// acknowledged that is not durable) and the store is reopened
+    /// periodically; cleared as soon as a spool or apply succeeds.
+    #[serde(default)]
+    pub storage_full: Option<String>,
+    /// Times the volume's store was recovered in place (reopened, running
+    /// the journal's crash recovery) after failing.
+    #[serde(default)]
+    pub store_recoveries: u64,
 }
 
 /// A framed connection: buffered frame reading that survives read timeouts

@@ -29,6 +29,18 @@
 //! - **Apply** runs in one thread per volume calling
 //!   [`TargetStore::apply_some`] (a bounded step) under the store lock, so a
 //!   spool waits at most for one apply step.
+//! - **Full storage** ([`StoreError::NoSpace`]): the store is marked broken
+//!   and [`TargetStatus::storage_full`] set (an `error` log line once per
+//!   episode); the frame that hit it is not acknowledged: the source gets an
+//!   `Error` frame with [`ErrorCode::SpoolFull`] naming the full disk, the
+//!   connection is closed and the source reconnects with its backoff (its
+//!   change log keeps tracking meanwhile). The apply thread retries
+//!   [`TargetStore::recover`] with a backoff (0.5 s doubling to 5 s), so
+//!   once space is back the store recovers and applies what it holds even
+//!   if no source reconnects; a reconnecting source also reopens a broken
+//!   store. `storage_full` is cleared by the next spool or apply that
+//!   succeeds (a reopen needs almost no space, so it proves nothing). No
+//!   restart, no resync: the source resumes after the target's `durable_seq`.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -38,7 +50,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::handshake::{self, check_known, KnownVolume, Refusal};
 use crate::pair::{now_ns, FrameConn, TargetStatus};
@@ -198,6 +210,20 @@ pub enum StoreError {
     /// `Internal` error and the source retries later.
     #[error("store failed: {0}")]
     Failed(String),
+    /// The store's file system is full (`ENOSPC`/`EDQUOT`). Like
+    /// [`StoreError::Failed`] (nothing of the call may be acknowledged; the
+    /// store is reopened before it is used again), but expected to pass when
+    /// space is freed: reported as storage full, answered with
+    /// [`ErrorCode::SpoolFull`], recovery retried with a backoff.
+    #[error("target storage full: {0}")]
+    NoSpace(String),
+}
+
+impl StoreError {
+    /// Whether the store must be reopened before further use.
+    pub fn breaks_store(&self) -> bool {
+        matches!(self, StoreError::Failed(_) | StoreError::NoSpace(_))
+    }
 }
 
 /// The storage behind one replicated volume at the target (implemented over
@@ -299,6 +325,16 @@ pub trait TargetStore: Send {
     /// Called when the source starts a resync pass at offset 0 (the reason
     /// from [`TargetStore::resync_reason`] has been heard and may be cleared).
     fn resync_started(&mut self) {}
+    /// Brings a store that failed ([`StoreError::breaks_store`]) back in
+    /// place: for the journal, drop the handle and open it again (crash
+    /// recovery: torn tails cut, journaled-but-uncommitted chunks re-applied
+    /// by chunk id, nothing acknowledged lost). `Ok(true)`: usable again;
+    /// `Ok(false)`: not supported (the default; the next connection reopens
+    /// the store through its [`StoreProvider`]); `Err`: still failing (e.g.
+    /// [`StoreError::NoSpace`] while the disk is full), retried later.
+    fn recover(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
 /// Opens (or creates) the store for a volume named in a `Hello`, or refuses
@@ -413,6 +449,33 @@ impl TargetStore for Closed {
 }
 
 impl Volume {
+    /// Records a store failure: marks the store broken if it must be
+    /// reopened, and reports a full disk (logged once per episode).
+    fn store_failed(&self, what: &str, e: &StoreError) {
+        if e.breaks_store() {
+            self.broken.store(true, Ordering::SeqCst);
+        }
+        let mut st = lock(&self.status);
+        if let StoreError::NoSpace(m) = e {
+            if st.storage_full.is_none() {
+                error!(volume = %st.volume, during = what, error = %m,
+                    "target storage full: replication paused, nothing more is acknowledged until space is freed (the source keeps tracking and retries)");
+            }
+            st.storage_full = Some(m.clone());
+        } else {
+            warn!(volume = %st.volume, during = what, error = %e, "target store failed");
+        }
+        st.last_error = Some(format!("{what}: {e}"));
+    }
+
+    /// The store wrote successfully (spool or apply): a full disk is over.
+    fn store_ok(&self) {
+        let mut st = lock(&self.status);
+        if st.storage_full.take().is_some() {
+            info!(volume = %st.volume, "target storage available again: replication resumes");
+        }
+    }
+
     fn kick(&self) {
         *lock(&self.wake.0) += 1;
         self.wake.1.notify_all();
@@ -662,7 +725,12 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
         .name("rewind-target-apply".into())
         .spawn(move || {
             let mut window = (Instant::now(), 0u64);
+            let mut recovery = Recovery::new();
             while !sh.stop.load(Ordering::SeqCst) {
+                if v.broken.load(Ordering::SeqCst) {
+                    recovery.step(&v);
+                    continue;
+                }
                 // A mutex is not fair: re-locking right after a step would
                 // often win against a connection thread waiting to spool,
                 // delaying its ack by several steps. Let waiters in first
@@ -682,6 +750,7 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
                 };
                 match r {
                     Ok(Some(rep)) => {
+                        v.store_ok();
                         let mut st = lock(&v.status);
                         st.applied_bytes += rep.bytes;
                         if rep.last_source_time_ns != 0 {
@@ -709,11 +778,7 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
                         }
                     }
                     Err(e) => {
-                        if matches!(e, StoreError::Failed(_)) {
-                            v.broken.store(true, Ordering::SeqCst);
-                        }
-                        warn!(volume = %lock(&v.status).volume, error = %e, "apply failed");
-                        lock(&v.status).last_error = Some(format!("apply: {e}"));
+                        v.store_failed("apply", &e);
                         std::thread::sleep(Duration::from_millis(500));
                     }
                 }
@@ -722,6 +787,78 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
     match h {
         Ok(h) => *lock(&vol.applier) = Some(h),
         Err(e) => warn!(error = %e, "cannot spawn the apply thread"),
+    }
+}
+
+/// Retries [`TargetStore::recover`] of a broken store from the apply thread,
+/// with a backoff (0.5 s doubling to 5 s; a reopen of a big journal reads
+/// its whole index, so it is not retried in a tight loop).
+struct Recovery {
+    next: Instant,
+    backoff: Duration,
+}
+
+impl Recovery {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Recovery {
+            next: Instant::now(),
+            backoff: Self::FIRST,
+        }
+    }
+
+    /// One step: wait (at most 50 ms, so stop is noticed) or try once.
+    fn step(&mut self, v: &Volume) {
+        let now = Instant::now();
+        if now < self.next {
+            std::thread::sleep((self.next - now).min(Duration::from_millis(50)));
+            return;
+        }
+        let r = {
+            let mut s = lock(&v.store);
+            if !v.broken.load(Ordering::SeqCst) {
+                // A connection reopened it meanwhile.
+                Ok(true)
+            } else {
+                let r = s.recover();
+                if matches!(r, Ok(true)) {
+                    v.broken.store(false, Ordering::SeqCst);
+                    lock(&v.status).store_recoveries += 1;
+                    v.refresh(s.as_ref());
+                }
+                r
+            }
+        };
+        match r {
+            Ok(true) => {
+                // Reopening needs (almost) no space, so it says nothing about
+                // the disk: `storage_full` is cleared by the next spool or
+                // apply that really writes.
+                info!(volume = %lock(&v.status).volume, "target store recovered in place");
+                self.backoff = Self::FIRST;
+                v.kick();
+            }
+            Ok(false) => self.next = Instant::now() + Self::FIRST,
+            Err(e) => {
+                v.store_failed("recover", &e);
+                debug!(retry_in = ?self.backoff, "store recovery failed");
+                self.next = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(Self::MAX);
+            }
+        }
+    }
+}
+
+/// The refusal for a store that cannot be used (still failing to recover).
+fn store_refusal(name: &str, e: &StoreError) -> Refusal {
+    match e {
+        StoreError::NoSpace(m) => Refusal::new(
+            ErrorCode::SpoolFull,
+            format!("volume {name:?}: target storage full: {m}"),
+        ),
+        e => Refusal::new(ErrorCode::Internal, format!("volume {name:?}: {e}")),
     }
 }
 
@@ -758,12 +895,23 @@ fn admit(
     drop(vols);
     let mut s = lock(&vol.store);
     if vol.broken.load(Ordering::SeqCst) {
-        // Drop the failed handle first (it may hold locks), then reopen.
         warn!(volume = %hello.volume_name, "reopening a failed store");
-        let id = s.identity();
-        *s = Box::new(Closed(id));
-        *s = sh.provider.open(hello, peer)?;
+        match s.recover() {
+            Ok(true) => {}
+            Ok(false) => {
+                // Drop the failed handle first (it may hold locks), then reopen.
+                let id = s.identity();
+                *s = Box::new(Closed(id));
+                *s = sh.provider.open(hello, peer)?;
+            }
+            Err(e) => {
+                drop(s);
+                vol.store_failed("reopen", &e);
+                return Err(store_refusal(&hello.volume_name, &e));
+            }
+        }
         vol.broken.store(false, Ordering::SeqCst);
+        lock(&vol.status).store_recoveries += 1;
     }
     let id = s.identity();
     check_known(
@@ -809,6 +957,15 @@ fn admit(
     vol.refresh(s.as_ref());
     drop(s);
     Ok((vol, w, epoch))
+}
+
+/// The error code a source hears for a store error.
+fn error_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::NoSpace(_) | StoreError::SpoolFull => ErrorCode::SpoolFull,
+        StoreError::Invalid(_) => ErrorCode::BadFrame,
+        StoreError::Failed(_) => ErrorCode::Internal,
+    }
 }
 
 fn send_error(conn: &mut FrameConn, code: ErrorCode, msg: String) {
@@ -1003,8 +1160,23 @@ fn spool_batch(
         if !current() {
             return Ok(());
         }
+        if vol.broken.load(Ordering::SeqCst) {
+            // Failed under this connection (e.g. apply hit a full disk):
+            // nothing more is acknowledged until the store is recovered.
+            drop(s);
+            let (code, m) = match lock(&vol.status).storage_full.clone() {
+                Some(m) => (ErrorCode::SpoolFull, format!("target storage full: {m}")),
+                None => (
+                    ErrorCode::Internal,
+                    "target store failed: recovering".into(),
+                ),
+            };
+            send_error(conn, code, m.clone());
+            return Err(m);
+        }
         match s.spool(&chunks) {
             Ok(_) => {
+                vol.store_ok();
                 vol.refresh(s.as_ref());
                 let a = ack(s.as_ref());
                 break vec![a; n];
@@ -1021,8 +1193,8 @@ fn spool_batch(
             }
             Err(e) => {
                 drop(s);
-                vol.broken.store(true, Ordering::SeqCst);
-                send_error(conn, ErrorCode::Internal, format!("spool failed: {e}"));
+                vol.store_failed("spool", &e);
+                send_error(conn, error_code(&e), format!("spool failed: {e}"));
                 return Err(format!("spool failed: {e}"));
             }
         }
@@ -1066,9 +1238,8 @@ fn handle_other(
                 }
                 Err(e) => {
                     drop(s);
-                    vol.broken
-                        .store(matches!(e, StoreError::Failed(_)), Ordering::SeqCst);
-                    send_error(conn, ErrorCode::Internal, format!("tag failed: {e}"));
+                    vol.store_failed("tag", &e);
+                    send_error(conn, error_code(&e), format!("tag failed: {e}"));
                     Err(format!("tag failed: {e}"))
                 }
             }
@@ -1115,9 +1286,8 @@ fn handle_other(
                 }
                 Err(e) => {
                     drop(s);
-                    vol.broken
-                        .store(matches!(e, StoreError::Failed(_)), Ordering::SeqCst);
-                    send_error(conn, ErrorCode::Internal, format!("hashes failed: {e}"));
+                    vol.store_failed("resync hashes", &e);
+                    send_error(conn, error_code(&e), format!("hashes failed: {e}"));
                     Err(format!("hashes failed: {e}"))
                 }
             }

@@ -45,6 +45,13 @@ struct MemState {
     chunks_stored: u64,
     apply_delay: Duration,
     fail_spools: u32,
+    /// A full disk: spool and apply fail with `NoSpace` (apply only when
+    /// `disk_full_apply_only`), which poisons the store like the journal.
+    disk_full: bool,
+    disk_full_apply_only: bool,
+    /// Like a poisoned journal handle: every call fails until `recover`.
+    poisoned: bool,
+    recoveries: u64,
 }
 
 /// In-memory `TargetStore` test double: spool = a queue, replica = a Vec.
@@ -67,6 +74,10 @@ impl MemStore {
             chunks_stored: 0,
             apply_delay: Duration::ZERO,
             fail_spools: 0,
+            disk_full: false,
+            disk_full_apply_only: false,
+            poisoned: false,
+            recoveries: 0,
         })))
     }
     fn st(&self) -> std::sync::MutexGuard<'_, MemState> {
@@ -123,6 +134,15 @@ impl TargetStore for MemStore {
             st.fail_spools -= 1;
             return Err(StoreError::Failed("injected I/O error".into()));
         }
+        if st.poisoned {
+            return Err(StoreError::Failed("poisoned".into()));
+        }
+        if st.disk_full && !st.disk_full_apply_only && !chunks.is_empty() {
+            st.poisoned = true;
+            return Err(StoreError::NoSpace(
+                "write spool: No space left on device".into(),
+            ));
+        }
         st.spool_calls += 1;
         for c in chunks {
             if c.is_ordered() && c.last_seq <= st.durable_seq {
@@ -143,6 +163,15 @@ impl TargetStore for MemStore {
             std::thread::sleep(delay);
         }
         let mut st = self.st();
+        if st.poisoned {
+            return Err(StoreError::Failed("poisoned".into()));
+        }
+        if st.disk_full && !st.spool.is_empty() {
+            st.poisoned = true;
+            return Err(StoreError::NoSpace(
+                "append journal: No space left on device".into(),
+            ));
+        }
         let mut rep = ApplyReport::default();
         for _ in 0..8 {
             let Some(c) = st.spool.pop_front() else { break };
@@ -189,6 +218,19 @@ impl TargetStore for MemStore {
     }
     fn resync_started(&mut self) {
         self.st().resync = None;
+    }
+    fn recover(&mut self) -> Result<bool, StoreError> {
+        let mut st = self.st();
+        if st.disk_full {
+            return Err(StoreError::NoSpace(
+                "reopen: No space left on device".into(),
+            ));
+        }
+        if st.poisoned {
+            st.poisoned = false;
+            st.recoveries += 1;
+        }
+        Ok(true)
     }
 }
 
@@ -1009,6 +1051,93 @@ fn store_failure_reopens_and_converges() {
     let st = pair.status();
     assert!(st.reconnects >= 2, "{st:#?}");
     assert!(server.status()[0].connections >= 3);
+    pair.stop();
+    server.shutdown();
+}
+
+/// A full disk at the target. (1) Apply fails with `NoSpace` while the
+/// source is idle (its one chunk was spooled and acknowledged): the status
+/// says storage full, and when space is back the apply thread recovers the
+/// store in place and applies, without any new connection. (2) Spooling
+/// fails with `NoSpace`: the source hears `SpoolFull` naming the full disk,
+/// keeps its data and retries; once space is back it converges.
+#[test]
+fn disk_full_is_reported_and_recovers_in_place() {
+    let env = Env::new();
+    let stores = Stores::default();
+    let server = env.server(&stores, "127.0.0.1:0");
+    let addr = server.local_addr().to_string();
+    let src = Source::new(&env.dir, "full", 4 << 20, 1 << 20);
+    let pair = synced_pair(&env, &src, &stores, &addr, Compression::None);
+    let store = stores.get("full");
+    let conns = server.status()[0].connections;
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:#?}\n{:#?}",
+                server.status(),
+                pair.status()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // (1) apply hits the full disk; the source is idle afterwards.
+    {
+        let mut st = store.st();
+        st.disk_full = true;
+        st.disk_full_apply_only = true;
+    }
+    src.write(4096, &[7u8; 64 << 10]);
+    wait("apply failure reported", &|| {
+        server.status()[0]
+            .storage_full
+            .as_deref()
+            .is_some_and(|m| m.contains("No space left"))
+    });
+    assert!(
+        pair.wait_drained(Duration::from_secs(20)),
+        "the chunk was acknowledged"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !store.st().spool.is_empty(),
+        "nothing was applied while full"
+    );
+    assert!(server.status()[0].storage_full.is_some());
+    store.st().disk_full = false;
+    wait_equal(&src, &store, &pair, "after the apply failure");
+    let ts = &server.status()[0];
+    assert!(ts.storage_full.is_none(), "{ts:#?}");
+    assert_eq!(
+        ts.connections, conns,
+        "recovered without a reconnect: {ts:#?}"
+    );
+    assert!(ts.store_recoveries >= 1, "{ts:#?}");
+    assert_eq!(store.st().recoveries, 1);
+
+    // (2) spool hits the full disk.
+    {
+        let mut st = store.st();
+        st.disk_full = true;
+        st.disk_full_apply_only = false;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    random_workload(&src, &mut rng, 100, false);
+    wait("the source hears the full disk", &|| {
+        pair.status()
+            .last_error
+            .is_some_and(|e| e.contains("SpoolFull") && e.contains("target storage full"))
+    });
+    assert!(server.status()[0].storage_full.is_some());
+    std::thread::sleep(Duration::from_millis(500));
+    store.st().disk_full = false;
+    wait_equal(&src, &store, &pair, "after the spool failures");
+    let ts = &server.status()[0];
+    assert!(ts.storage_full.is_none(), "{ts:#?}");
+    assert!(ts.connections > conns, "{ts:#?}");
     pair.stop();
     server.shutdown();
 }
