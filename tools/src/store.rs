@@ -286,6 +286,9 @@ impl JournalStore {
 }
 
 fn store_err(e: JournalError) -> StoreError {
+    if e.is_no_space() {
+        return StoreError::NoSpace(e.to_string());
+    }
     match e {
         JournalError::SpoolFull { .. } => StoreError::SpoolFull,
         JournalError::InvalidChunk(m) => StoreError::Invalid(m),
@@ -450,6 +453,24 @@ impl TargetStore for JournalStore {
             .join(NEEDS_SYNC)
             .exists()
             .then_some(ResyncReason::NewReplica)
+    }
+
+    /// Reopens a failed volume (journal crash recovery) unless another user
+    /// of the [`SharedVolume`] did already. While the disk is still full the
+    /// open fails with [`StoreError::NoSpace`] and the engine retries.
+    fn recover(&mut self) -> Result<bool, StoreError> {
+        if self.fence_check().is_err() {
+            // Failed over or re-seeded: only a new connection (through the
+            // provider) may bring it back, and hears why.
+            return Ok(false);
+        }
+        if self.vol.failed() {
+            warn!(volume = %self.name, "reopening the failed target volume (journal recovery)");
+            self.vol.reopen().map_err(store_err)?;
+            info!(volume = %self.name, "target volume reopened");
+        }
+        self.publish();
+        Ok(true)
     }
 
     fn resync_started(&mut self) {
@@ -677,9 +698,7 @@ impl Volumes {
             }
             if v.failed() {
                 warn!(volume = %name, "reopening a failed volume");
-                v.reopen().map_err(|e| {
-                    Refusal::new(ErrorCode::Internal, format!("volume {name:?}: {e}"))
-                })?;
+                v.reopen().map_err(|e| open_refusal(name, e))?;
             }
             adopt_identity(v, hello)?;
             return Ok(v.clone());
@@ -690,10 +709,7 @@ impl Volumes {
         }
         let internal = |e: JournalError| {
             warn!(volume = %name, error = %e, "cannot open the target volume");
-            match e {
-                JournalError::Locked(_) => Refusal::new(ErrorCode::Busy, e.to_string()),
-                _ => Refusal::new(ErrorCode::Internal, format!("volume {name:?}: {e}")),
-            }
+            open_refusal(name, e)
         };
         let opts = journal_opts(&place);
         let mut vol = if dir.join("identity").exists() {
@@ -739,6 +755,18 @@ impl Volumes {
         adopt_identity(&v, hello)?;
         m.insert(name.clone(), v.clone());
         Ok(v)
+    }
+}
+
+/// How a source hears that a volume cannot be opened.
+fn open_refusal(name: &str, e: JournalError) -> Refusal {
+    match e {
+        JournalError::Locked(_) => Refusal::new(ErrorCode::Busy, e.to_string()),
+        e if e.is_no_space() => Refusal::new(
+            ErrorCode::SpoolFull,
+            format!("volume {name:?}: target storage full: {e}"),
+        ),
+        e => Refusal::new(ErrorCode::Internal, format!("volume {name:?}: {e}")),
     }
 }
 

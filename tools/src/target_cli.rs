@@ -320,6 +320,15 @@ pub fn serve(
                     } else if s.flow_controlled {
                         alerts.push("flow controlled: the spool is at its budget".into());
                     }
+                    if let Some(e) = &s.storage_full {
+                        alerts.push(format!(
+                            "target storage full: {e}; replication paused (the source keeps tracking and retries, nothing acknowledged is lost): free space on the file system of {}",
+                            place
+                                .as_ref()
+                                .map(|p| p.journal_dir.display().to_string())
+                                .unwrap_or_default()
+                        ));
+                    }
                     if let Some(e) = &s.last_error {
                         alerts.push(format!("last error: {e}"));
                     }
