@@ -15,6 +15,7 @@
 //! - `REWIND_TEST_KEEP=1`: keep scratch directories for post-mortems.
 
 pub mod agent;
+pub mod diskfull;
 pub mod faultproxy;
 pub mod recovery;
 pub mod replay;

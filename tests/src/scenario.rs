@@ -14,8 +14,14 @@
 //! `POSITION:FAULT`, FAULT one of `kill=replicator`, `kill=target` (SIGKILL,
 //! restarted after `--restart-delay`), `cut=DURATION` (the replication link
 //! is reset and refused for DURATION, e.g. `cut=3s`), `stall=DURATION` (the
-//! link black-holes traffic for DURATION). Example: `800:kill=replicator,1600:cut=2s,2400:kill=target`.
+//! link black-holes traffic for DURATION), `diskfull=DURATION` (the file
+//! system holding the target's directory, a small loop-mounted ext4 the
+//! runner creates when the schedule has this fault, is filled with a ballast
+//! file until writes fail with `ENOSPC`, kept full for DURATION while the
+//! replay goes on, then the ballast is deleted). Example:
+//! `800:kill=replicator,1600:cut=2s,2000:diskfull=4s,2400:kill=target`.
 
+use crate::diskfull::{Ballast, SmallFs};
 use crate::faultproxy::FaultProxy;
 use crate::replay::SyncedReplay;
 use crate::replication::*;
@@ -43,6 +49,8 @@ pub enum Fault {
     Cut(Duration),
     /// Forward nothing on the link for this long (connections stay open).
     Stall(Duration),
+    /// Fill the target's file system (`ENOSPC`) for this long.
+    DiskFull(Duration),
 }
 
 /// A fault at a trace position (operations done).
@@ -81,9 +89,10 @@ pub fn parse_schedule(s: &str) -> Result<Vec<Step>, String> {
             Some(("kill", "target")) => Fault::Kill(Victim::Target),
             Some(("cut", d)) => Fault::Cut(parse_dur(d)?),
             Some(("stall", d)) => Fault::Stall(parse_dur(d)?),
+            Some(("diskfull", d)) => Fault::DiskFull(parse_dur(d)?),
             _ => {
                 return Err(format!(
-                    "{f:?}: expected kill=replicator|target, cut=DUR or stall=DUR"
+                    "{f:?}: expected kill=replicator|target, cut=DUR, stall=DUR or diskfull=DUR"
                 ))
             }
         };
@@ -103,6 +112,50 @@ pub struct Options {
     pub bookmark_every: u64,
     /// Delay before a killed process is restarted.
     pub restart_delay: Duration,
+    /// Size of the target's own file system when the schedule has a
+    /// `diskfull` fault (it holds replica, journal and spool).
+    pub target_fs_size: u64,
+    /// Change-log ring size of the export (`None`: the default). A ring
+    /// that overflows during a long fault puts the source in bitmap mode
+    /// (reported as `bitmap_mode_entered`).
+    pub ring_size: Option<u64>,
+}
+
+/// Polls the target's status (`rewind status --json` view of its status
+/// file) while the disk is full: the first alert naming the full disk, and
+/// whether the target process stayed up.
+fn watch_disk_full(state_dir: &Path, ballast: Ballast, d: Duration) -> Value {
+    let t0 = Instant::now();
+    let mut alert: Option<(f64, String)> = None;
+    let mut storage_full = None;
+    while t0.elapsed() < d {
+        if let Some(v) = read_status_file(state_dir) {
+            let vol = v["volumes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["name"] == "vol0").cloned())
+                .unwrap_or(Value::Null);
+            if alert.is_none() {
+                if let Some(a) = vol["alerts"].as_array().and_then(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .find(|s| s.starts_with("target storage full"))
+                }) {
+                    alert = Some((t0.elapsed().as_secs_f64(), a.to_string()));
+                }
+            }
+            if storage_full.is_none() && !vol["status"]["storage_full"].is_null() {
+                storage_full = Some(vol["status"]["storage_full"].clone());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bytes = ballast.release();
+    json!({
+        "ballast_bytes": bytes,
+        "alert_after_seconds": alert.as_ref().map(|a| a.0),
+        "alert": alert.map(|a| a.1),
+        "storage_full": storage_full,
+    })
 }
 
 /// Runs `trace` with `steps` in `scratch`; returns the replay's JSON report
@@ -117,10 +170,25 @@ pub fn run(scratch: &Scratch, trace: &Path, steps: &[Step], opts: &Options) -> V
         ExportOpts {
             volume: Some("vol0".into()),
             export_name: Some("vol0".into()),
+            ring_size: opts.ring_size,
             ..Default::default()
         },
     );
-    let mut target = Target::start(scratch, TargetOpts::tls(&pki));
+    // The target's directory lives on its own small file system when the
+    // disk is to be filled (declared before the daemons: dropped after them).
+    let small_fs = steps
+        .iter()
+        .any(|s| matches!(s.fault, Fault::DiskFull(_)))
+        .then(|| SmallFs::create(scratch, "targetfs", opts.target_fs_size));
+    let mut target = match &small_fs {
+        Some(fs) => Target::start_in(
+            scratch,
+            fs.mount.join("target"),
+            scratch.join("tstate-fs"),
+            TargetOpts::tls(&pki),
+        ),
+        None => Target::start(scratch, TargetOpts::tls(&pki)),
+    };
     let proxy = Arc::new(FaultProxy::start(target.addr));
     let ropts = ReplicatorOpts {
         auth: Auth::Tls(pki.dir.clone()),
@@ -174,6 +242,7 @@ pub fn run(scratch: &Scratch, trace: &Path, steps: &[Step], opts: &Options) -> V
     let mut r = SyncedReplay::start(&argv);
     let mut fired = Vec::new();
     let mut healers = Vec::new();
+    let mut disk_full = Vec::new();
     for s in steps {
         let pos = r.wait_sync();
         let what = match s.fault {
@@ -207,6 +276,14 @@ pub fn run(scratch: &Scratch, trace: &Path, steps: &[Step], opts: &Options) -> V
                 }));
                 format!("link stalled for {d:?}")
             }
+            Fault::DiskFull(d) => {
+                let ballast = Ballast::fill(&target.dir);
+                let state = target.state_dir.clone();
+                disk_full.push(std::thread::spawn(move || {
+                    watch_disk_full(&state, ballast, d)
+                }));
+                format!("target disk full for {d:?}")
+            }
         };
         eprintln!("scenario: at trace position {pos}: {what}");
         fired.push(
@@ -218,6 +295,10 @@ pub fn run(scratch: &Scratch, trace: &Path, steps: &[Step], opts: &Options) -> V
     for h in healers {
         let _ = h.join();
     }
+    let disk_full: Vec<Value> = disk_full
+        .into_iter()
+        .map(|h| h.join().unwrap_or(Value::Null))
+        .collect();
     let doc = wait_drained(&repl, &target, Duration::from_secs(120));
     assert_same(&backing, &replica, "after the scenario");
     report["scenario"] = json!({
@@ -226,10 +307,16 @@ pub fn run(scratch: &Scratch, trace: &Path, steps: &[Step], opts: &Options) -> V
         "seconds": t0.elapsed().as_secs_f64(),
         "proxy_connections_accepted": proxy.accepted(),
         "pair": doc["source"]["pairs"][0]["status"]["state"],
+        "disk_full": disk_full,
+        "target_alerts_after": target.volume_status("vol0")["alerts"],
+        "resync_passes": target.volume_status("vol0")["resync_passes"],
+        "resync_step1_entered": doc["source"]["pairs"][0]["resync_step1_entered"],
+        "bitmap_mode_entered": doc["source"]["pairs"][0]["bitmap_mode_entered"],
     });
     repl.daemon.stop();
     target.daemon.stop();
     drop(export);
+    drop(small_fs);
     report
 }
 
@@ -239,10 +326,12 @@ mod tests {
 
     #[test]
     fn schedules_parse() {
-        let s =
-            parse_schedule("800:kill=replicator, 1600:cut=2s,2400:kill=target,3000:stall=500ms")
-                .unwrap();
-        assert_eq!(s.len(), 4);
+        let s = parse_schedule(
+            "800:kill=replicator, 1600:cut=2s,2400:kill=target,3000:stall=500ms,3500:diskfull=4s",
+        )
+        .unwrap();
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[4].fault, Fault::DiskFull(Duration::from_secs(4)));
         assert_eq!(
             s[0],
             Step {

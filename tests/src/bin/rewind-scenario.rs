@@ -2,7 +2,7 @@
 //! fire at given trace positions, then verify (see `rewind_tests::scenario`).
 //!
 //! Usage: rewind-scenario --trace FILE --schedule SCHEDULE [--size-mb N]
-//!        [--bookmark-every N] [--restart-delay SECS]
+//!        [--bookmark-every N] [--restart-delay SECS] [--target-fs-mb N] [--ring-mb N]
 //! e.g.   rewind-scenario --trace tests/traces/fio-mixed-ext4.iolog.zst \
 //!            --schedule 700:kill=replicator,1400:cut=2s,2100:kill=target
 //! Prints the replay report (JSON) with a `scenario` section; exit status 1 on
@@ -13,7 +13,7 @@ use rewind_tests::Scratch;
 use std::time::Duration;
 
 fn usage(why: &str) -> ! {
-    eprintln!("rewind-scenario: {why}\nusage: rewind-scenario --trace FILE --schedule SCHEDULE [--size-mb N] [--bookmark-every N] [--restart-delay SECS]");
+    eprintln!("rewind-scenario: {why}\nusage: rewind-scenario --trace FILE --schedule SCHEDULE [--size-mb N] [--bookmark-every N] [--restart-delay SECS] [--target-fs-mb N] [--ring-mb N]");
     std::process::exit(2)
 }
 
@@ -24,6 +24,8 @@ fn main() {
         size: 160 << 20,
         bookmark_every: 1000,
         restart_delay: Duration::from_millis(500),
+        target_fs_size: 256 << 20,
+        ring_size: None,
     };
     while let Some(a) = args.next() {
         let mut val = || {
@@ -38,6 +40,20 @@ fn main() {
                     .parse::<u64>()
                     .unwrap_or_else(|_| usage("--size-mb N"))
                     << 20
+            }
+            "--target-fs-mb" => {
+                opts.target_fs_size = val()
+                    .parse::<u64>()
+                    .unwrap_or_else(|_| usage("--target-fs-mb N"))
+                    << 20
+            }
+            "--ring-mb" => {
+                opts.ring_size = Some(
+                    val()
+                        .parse::<u64>()
+                        .unwrap_or_else(|_| usage("--ring-mb N"))
+                        << 20,
+                )
             }
             "--bookmark-every" => {
                 opts.bookmark_every = val()
