@@ -4,7 +4,13 @@
 //! error), the source hears it and keeps tracking; once the ballast is
 //! deleted, everything converges by itself (same target process, no restart
 //! by hand), every acknowledged write is in the replica, and no resync runs.
+//!
+//! And the journal alone, with its directory and its replica on two small
+//! file systems filled in turn: a volume opens on a full journal disk, and
+//! the apply that fails on the replica write *after* its undo record is
+//! durable is finished by the reopen once space is back.
 
+use journal::{ChunkExtent, ChunkIn, ExtentData, RecoveryPoint, TargetVolume, VolumeIdentity};
 use rewind_tests::diskfull::{Ballast, SmallFs};
 use rewind_tests::replication::*;
 use rewind_tests::*;
@@ -149,4 +155,107 @@ fn target_disk_full_is_reported_and_converges_without_resync() {
     target.daemon.stop();
     drop(export);
     drop(small);
+}
+
+fn chunk(seq: u64, offset: u64, data: &[u8]) -> ChunkIn {
+    ChunkIn {
+        first_seq: seq,
+        last_seq: seq,
+        source_time_ns: 1_700_000_000_000_000_000 + seq,
+        horizon_seq: 0,
+        extents: vec![ChunkExtent {
+            offset,
+            data: ExtentData::Data(data.to_vec()),
+        }],
+    }
+}
+
+#[test]
+fn journal_on_full_disks_reopens_and_finishes_the_interrupted_apply() {
+    let s = Scratch::new("journal-diskfull");
+    let jfs = SmallFs::create(&s, "jfs", 32 * MIB);
+    let rfs = SmallFs::create(&s, "rfs", 16 * MIB);
+    let dir = jfs.mount.join("vol");
+    let replica = rfs.mount.join("replica.img");
+    let ident = VolumeIdentity {
+        name: "vol0".into(),
+        uuid: [7; 16],
+        generation: 1,
+        size: 8 * MIB,
+        block_size: 4096,
+    };
+    let mut d = vec![vec![0u8; MIB as usize]; 3];
+    for (i, b) in d.iter_mut().enumerate() {
+        fill_random(b, 100 + i as u64);
+    }
+    let mut v = TargetVolume::create(&dir, ident, &replica).expect("create");
+    v.spool(&chunk(1, 0, &d[0])).unwrap();
+    v.apply_all().unwrap();
+    v.spool(&chunk(2, 4 * MIB, &d[1])).unwrap();
+
+    // (A) the journal's file system fills up: the spool append fails and
+    // nothing of it counts; the volume still opens on the full disk (no
+    // tail to re-apply; the catalogue is skipped) with chunk 2 pending.
+    let ballast = Ballast::fill(&dir);
+    let e = v
+        .spool(&chunk(3, 6 * MIB, &d[2]))
+        .expect_err("spool on a full disk");
+    assert!(e.is_no_space(), "{e}");
+    drop(v);
+    // A catalogue that must be made from scratch (derived data: lost, or a
+    // version change; SQLite also recreates one it finds unreadable) cannot
+    // be written now. (The ballast takes back the space it frees.)
+    for f in [
+        "catalogue.sqlite",
+        "catalogue.sqlite-wal",
+        "catalogue.sqlite-shm",
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let v = TargetVolume::open(&dir).unwrap_or_else(|e| panic!("open on a full disk: {e}"));
+    assert_eq!(v.durable_seq(), 2, "chunk 3 was never acknowledged");
+    assert_eq!(v.counters().pending_chunks, 1);
+    drop(v);
+    ballast.release();
+
+    // (B) the replica's file system fills up: chunk 2's undo record is
+    // durable, then its replica write (into a hole) fails.
+    let mut v = TargetVolume::open(&dir).unwrap();
+    let ballast = Ballast::fill(&rfs.mount);
+    let e = v.apply_all().expect_err("apply on a full replica disk");
+    assert!(e.is_no_space(), "{e}");
+    assert!(e.to_string().contains("replica"), "{e}");
+    drop(v);
+    // Reopening re-applies the journaled chunk: still no space.
+    let e = TargetVolume::open(&dir)
+        .err()
+        .expect("open cannot finish the apply while the replica disk is full");
+    assert!(e.is_no_space(), "{e}");
+    ballast.release();
+    let mut v = TargetVolume::open(&dir).expect("open after space is back");
+    assert_eq!(v.counters().recovered_chunks, 1);
+    assert_eq!(v.applied_seq(), 2);
+    let mut buf = vec![0u8; MIB as usize];
+    let now = v.snapshot(&RecoveryPoint::Latest).unwrap();
+    now.read_at(&mut buf, 4 * MIB).unwrap();
+    assert!(buf == d[1], "chunk 2 is in the replica");
+    // The undo data is the replica before the first attempt (a hole).
+    let before = v.snapshot(&RecoveryPoint::Seq(1)).unwrap();
+    before.read_at(&mut buf, 4 * MIB).unwrap();
+    assert!(
+        buf.iter().all(|b| *b == 0),
+        "point 1 sees the old (zero) data"
+    );
+    before.read_at(&mut buf, 0).unwrap();
+    assert!(buf == d[0]);
+    drop((now, before));
+    // The source re-sends chunk 3 (never acknowledged): stored and applied.
+    v.spool(&chunk(3, 6 * MIB, &d[2])).unwrap();
+    v.apply_all().unwrap();
+    assert_eq!(v.applied_seq(), 3);
+    drop(v);
+    let img = std::fs::read(&replica).unwrap();
+    assert!(img[6 * MIB as usize..7 * MIB as usize] == d[2][..]);
+    drop((jfs, rfs));
 }
