@@ -1,8 +1,10 @@
 //! Snapshot views opened from a target directory by another process (the DR
 //! drill while the target daemon keeps applying): [`SnapshotView::open_dir`].
 //!
-//! The view builds a private index by scanning the segments read-only (no lock,
-//! no repair: it stops at the first incomplete record of the newest segment)
+//! The view builds a private index read-only (no lock, no repair): sealed
+//! segments from their index sidecars when those verify against the open
+//! segment file (`sidecar.rs`), the rest by scanning (it stops at the first
+//! incomplete record of the newest segment),
 //! and keeps every segment it indexed open, so the daemon deleting or
 //! compacting segments never affects it (an unlinked file stays readable
 //! through an open descriptor; its space is freed when the view closes).
@@ -27,8 +29,9 @@ use crate::fsutil::*;
 use crate::identity::read_identity;
 use crate::point::RecoveryPoint;
 use crate::segment::{SegFile, SegReader, UndoRec};
+use crate::sidecar;
 use crate::view::{BasePoint, Index, Shared, SnapshotView};
-use crate::{TargetVolume, JOURNAL_DIR};
+use crate::{IndexLoad, TargetVolume, JOURNAL_DIR};
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -46,6 +49,12 @@ pub(crate) struct Tail {
     generation: u64,
     seg: Option<Arc<SegFile>>,
     pos: u64,
+    /// `seg` was just opened: try its sidecar before scanning it.
+    fresh: bool,
+    /// Append records without indexing them (the caller runs `Index::reindex`).
+    bulk: bool,
+    /// How the segments were loaded.
+    pub(crate) load: IndexLoad,
 }
 
 /// A held pin file (removed when dropped).
@@ -89,12 +98,15 @@ impl Tail {
                     .metadata()
                     .map_err(ioe(|| format!("stat {}", sf.path.display())))?
                     .len();
+                if std::mem::take(&mut self.fresh) {
+                    self.load_sidecar(idx, &sf, flen);
+                }
                 short = true;
                 let mut rd = SegReader::new(&sf.file);
                 while self.pos < flen {
                     match TargetVolume::read_record(&mut rd, self.pos, flen) {
                         Ok((h, exts, len)) => {
-                            take_record(idx, &sf, &h, exts, self.pos);
+                            take_record(idx, &sf, &h, exts, self.pos, self.bulk);
                             self.pos += len;
                         }
                         // incomplete (being appended) or torn: stop here, retry next time
@@ -171,8 +183,44 @@ impl Tail {
                 file,
             }));
             self.pos = FILE_HDR as u64;
+            self.fresh = true;
             rescanned = false;
         }
+    }
+
+    /// A just-opened segment that is sealed (a later one exists): take its
+    /// records and commits from its sidecar if that verifies against the open
+    /// file, and move the scan position to its end; otherwise leave it to the scan.
+    fn load_sidecar(&mut self, idx: &mut Index, sf: &Arc<SegFile>, flen: u64) {
+        let sealed = self.pos == FILE_HDR as u64
+            && self
+                .dir
+                .join(JOURNAL_DIR)
+                .join(format!("{:016x}.seg", sf.index + 1))
+                .exists();
+        if sealed {
+            match sidecar::load(sf, flen, self.ident_uuid, self.generation) {
+                Ok(c) => {
+                    if let Some(cm) = c.commit {
+                        idx.applied_through = cm.id;
+                        idx.applied_seq = idx.applied_seq.max(cm.max_seq);
+                        idx.applied_time_ns = cm.time_ns;
+                    }
+                    for r in c.records {
+                        add_record(idx, r, self.bulk);
+                    }
+                    self.pos = c.len;
+                    self.load.sidecar_segments += 1;
+                    return;
+                }
+                Err(sidecar::Rejected::Missing) => {}
+                Err(sidecar::Rejected::Invalid(reason)) => {
+                    tracing::warn!(path = %sf.path.display(), %reason, "index sidecar rejected: scanning the segment");
+                    self.load.rejected_sidecars += 1;
+                }
+            }
+        }
+        self.load.scanned_segments += 1;
     }
 }
 
@@ -182,6 +230,7 @@ fn take_record(
     h: &RecHeader,
     exts: Option<Vec<crate::segment::UndoExtent>>,
     pos: u64,
+    bulk: bool,
 ) {
     if h.magic == REC_COMMIT {
         idx.applied_through = h.id;
@@ -190,10 +239,7 @@ fn take_record(
         return;
     }
     let Some(extents) = exts else { return };
-    if h.id <= idx.base.chunk_id || idx.records.back().is_some_and(|r| r.chunk_id >= h.id) {
-        return;
-    }
-    idx.push(UndoRec {
+    let r = UndoRec {
         chunk_id: h.id,
         first_seq: h.first_seq,
         last_seq: h.last_seq,
@@ -203,7 +249,23 @@ fn take_record(
         merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
         rec_off: pos,
         extents,
-    });
+    };
+    add_record(idx, r, bulk);
+}
+
+/// Append `r` unless pruned (≤ base) or already indexed; `bulk`: without
+/// indexing its extents (a `reindex` follows).
+fn add_record(idx: &mut Index, r: UndoRec, bulk: bool) {
+    if r.chunk_id <= idx.base.chunk_id
+        || idx.records.back().is_some_and(|x| x.chunk_id >= r.chunk_id)
+    {
+        return;
+    }
+    if bulk {
+        idx.records.push_back(r);
+    } else {
+        idx.push(r);
+    }
 }
 
 /// Chunk ids pinned by live pin files in `dir` (stale ones, whose process died,
@@ -245,8 +307,10 @@ pub(crate) fn live_pin_files(dir: &Path) -> Result<Vec<u64>> {
 
 impl SnapshotView {
     /// Open a view at `rp` from the target directory `dir` without taking the
-    /// directory lock (the target daemon may be running and applying). Costs a
-    /// scan of the record headers and tables (no payload is read or copied).
+    /// directory lock (the target daemon may be running and applying). Sealed
+    /// segments are loaded from their index sidecars when those verify against
+    /// the segment files (otherwise scanned); the newest segment is scanned
+    /// (record headers and tables: no payload is read or copied).
     /// Errors as [`TargetVolume::resolve`]; the newest applied state is the last
     /// commit record found, so `Time` after it is `InFuture`.
     pub fn open_dir(dir: &Path, rp: &RecoveryPoint) -> Result<SnapshotView> {
@@ -258,6 +322,9 @@ impl SnapshotView {
             generation: ident.generation,
             seg: None,
             pos: 0,
+            fresh: false,
+            bulk: true,
+            load: IndexLoad::default(),
         };
         let jd = dir.join(JOURNAL_DIR);
         let first = list_indexed(&jd, "seg")?.first().map(|(i, _)| *i);
@@ -296,8 +363,11 @@ impl SnapshotView {
                     file,
                 }));
                 tail.pos = FILE_HDR as u64;
+                tail.fresh = true;
             }
             tail.refresh(&mut idx)?;
+            idx.reindex();
+            tail.bulk = false;
             let bc = idx.base.chunk_id;
             idx.bookmarks.retain(|b| b.chunk_id >= bc);
         }

@@ -62,6 +62,11 @@ pub enum FaultPoint {
     CompactAfterWrite,
     /// Compaction: the rewritten segment replaced the original (directory not yet synced).
     CompactAfterRename,
+    /// Seal: the index sidecar of the segment being sealed is complete and synced
+    /// under its temporary name; not renamed, the next segment not created.
+    SidecarAfterWrite,
+    /// Seal: the sidecar was renamed into place; the next segment is not created yet.
+    SidecarAfterRename,
 }
 
 impl FaultPoint {
@@ -99,6 +104,12 @@ impl FaultPoint {
         FaultPoint::CompactAfterRename,
     ];
 
+    /// Every fault point of segment sealing (index sidecar writing).
+    pub const SIDECAR: [FaultPoint; 2] = [
+        FaultPoint::SidecarAfterWrite,
+        FaultPoint::SidecarAfterRename,
+    ];
+
     /// Stable name (used in the environment variable).
     pub fn name(self) -> &'static str {
         match self {
@@ -124,6 +135,8 @@ impl FaultPoint {
             FaultPoint::PruneMidDelete => "prune-mid-delete",
             FaultPoint::CompactAfterWrite => "compact-after-write",
             FaultPoint::CompactAfterRename => "compact-after-rename",
+            FaultPoint::SidecarAfterWrite => "sidecar-after-write",
+            FaultPoint::SidecarAfterRename => "sidecar-after-rename",
         }
     }
 
@@ -133,6 +146,7 @@ impl FaultPoint {
             .into_iter()
             .chain(FaultPoint::ROLLBACK)
             .chain(FaultPoint::RETENTION)
+            .chain(FaultPoint::SIDECAR)
             .find(|p| p.name() == s)
     }
 }

@@ -103,6 +103,7 @@ mod point;
 mod retention;
 mod rollback;
 mod segment;
+mod sidecar;
 mod spool;
 mod summary;
 mod types;
@@ -296,7 +297,12 @@ impl TargetVolume {
         let lock = lock_dir(dir)?;
         let (_, replica) = read_identity(dir)?;
         Self::prepare_replica(&replica, ident.size)?;
-        for (sub, ext) in [(SPOOL_DIR, "spl"), (JOURNAL_DIR, "seg")] {
+        for (sub, ext) in [
+            (SPOOL_DIR, "spl"),
+            (JOURNAL_DIR, "seg"),
+            (JOURNAL_DIR, "idx"),
+            (JOURNAL_DIR, "idx.tmp"),
+        ] {
             let d = dir.join(sub);
             for (_, p) in list_indexed(&d, ext)? {
                 fs::remove_file(&p).map_err(ioe(|| format!("remove {}", p.display())))?;

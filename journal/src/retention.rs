@@ -478,6 +478,7 @@ impl TargetVolume {
         {
             idx.pop_front();
         }
+        idx.drop_stale();
         let nb = idx.bookmarks.len();
         idx.bookmarks.retain(|b| b.chunk_id >= base.chunk_id);
         let dropped = (nb - idx.bookmarks.len()) as u64;
@@ -492,6 +493,7 @@ impl TargetVolume {
             && first_kept_seg.is_none_or(|k| self.segments[0].sf.index < k)
         {
             let s = self.segments.remove(0);
+            crate::sidecar::remove(&self.dir.join(JOURNAL_DIR), s.sf.index)?;
             fs::remove_file(&s.sf.path)
                 .map_err(ioe(|| format!("remove {}", s.sf.path.display())))?;
             deleted += 1;
@@ -641,6 +643,8 @@ impl TargetVolume {
             .and_then(|_| f.sync_data())
             .map_err(ioe(|| format!("write {}", tmp.display())))?;
         self.faults.hit(FaultPoint::CompactAfterWrite)?;
+        // The old sidecar describes the old file: gone before the new file takes its name.
+        crate::sidecar::remove(&jd, sf.index)?;
         fs::rename(&tmp, &sf.path).map_err(ioe(|| format!("rename {}", tmp.display())))?;
         self.faults.hit(FaultPoint::CompactAfterRename)?;
         fsync_dir(&jd)?;
@@ -682,6 +686,7 @@ impl TargetVolume {
             sf: nsf,
             len: out.len() as u64,
         };
+        self.seal_sidecar(si)?;
         Ok((merged, true))
     }
 }

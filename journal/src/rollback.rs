@@ -219,8 +219,10 @@ fn run(
         write_intent(dir, &i)?;
         faults.hit(FaultPoint::RollbackAfterPhase2)?;
     }
-    // Phase 2: cut the journal.
+    // Phase 2: cut the journal. Sidecars of the cut segment and later ones go
+    // first (they would describe bytes about to be removed).
     let jd = dir.join(JOURNAL_DIR);
+    crate::sidecar::remove_from(&jd, i.seg)?;
     let mut later: Vec<_> = list_indexed(&jd, "seg")?
         .into_iter()
         .filter(|(x, _)| *x > i.seg)

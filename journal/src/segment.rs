@@ -5,6 +5,7 @@ use crate::error::{corrupt, ioe, JournalError, Result};
 use crate::fault::FaultPoint;
 use crate::format::*;
 use crate::fsutil::*;
+use crate::sidecar;
 use crate::{TargetVolume, VolumeIdentity, JOURNAL_DIR, UNDO_PIECE};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -36,7 +37,7 @@ impl Segment {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct UndoExtent {
     pub(crate) offset: u64,
     pub(crate) len: u64,
@@ -165,6 +166,10 @@ impl TargetVolume {
             warn!(path = %p.display(), "removing unfinished compaction output");
             std::fs::remove_file(&p).map_err(ioe(|| format!("remove {}", p.display())))?;
         }
+        // A sidecar write interrupted before its rename.
+        for (_, p) in list_indexed(&jd, "idx.tmp")? {
+            std::fs::remove_file(&p).map_err(ioe(|| format!("remove {}", p.display())))?;
+        }
         let names = list_indexed(&jd, "seg")?;
         let nseg = names.len();
         let mut tail_start = 0usize;
@@ -193,66 +198,91 @@ impl TargetVolume {
                 continue;
             }
             let sf = Arc::new(SegFile { index, path, file });
-            let (path, file) = (&sf.path, &sf.file);
-            let mut rd = SegReader::new(file);
-            let mut pos = FILE_HDR as u64;
-            let mut bad: Option<(u64, String)> = None;
-            while pos < flen {
-                match Self::read_record(&mut rd, pos, flen) {
-                    Ok((h, exts, len)) => {
-                        if h.magic == REC_COMMIT {
-                            self.applied_through = h.id;
-                            self.applied_seq = self.applied_seq.max(h.last_seq);
-                            self.applied_time_ns = h.time_ns;
-                            self.horizon_max = self.horizon_max.max(h.aux);
-                            tail_start = records.len();
-                            direct.clear();
-                        } else if let Some(extents) = exts {
-                            direct.push(h.flags & FLAG_DIRECT != 0);
-                            records.push(UndoRec {
-                                chunk_id: h.id,
-                                first_seq: h.first_seq,
-                                last_seq: h.last_seq,
-                                time_ns: h.time_ns,
-                                seg: sf.clone(),
-                                inconsistent: h.flags & FLAG_INCONSISTENT != 0,
-                                merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
-                                rec_off: pos,
-                                extents,
-                            });
+            // A sealed segment (a later one exists) comes from its sidecar if that verifies.
+            let from_sidecar = if last {
+                None
+            } else {
+                match sidecar::load(&sf, flen, self.ident.uuid, self.ident.generation) {
+                    Ok(c) => Some(c),
+                    Err(sidecar::Rejected::Missing) => None,
+                    Err(sidecar::Rejected::Invalid(reason)) => {
+                        warn!(path = %sf.path.display(), %reason, "index sidecar rejected: scanning the segment");
+                        self.counters.index_load.rejected_sidecars += 1;
+                        None
+                    }
+                }
+            };
+            let c = match from_sidecar {
+                Some(c) => {
+                    self.counters.index_load.sidecar_segments += 1;
+                    c
+                }
+                None => {
+                    self.counters.index_load.scanned_segments += 1;
+                    let (mut c, bad) = sidecar::scan_segment(&sf, flen)?;
+                    let (path, file) = (&sf.path, &sf.file);
+                    if let Some((bpos, reason)) = bad {
+                        if !last {
+                            return Err(corrupt(path, bpos, reason));
                         }
-                        pos += len;
+                        let mut rest = vec![0u8; (flen - bpos) as usize];
+                        let n = read_fill(file, &mut rest, bpos)
+                            .map_err(ioe(|| format!("read {}", path.display())))?;
+                        rest.truncate(n);
+                        if later_valid(&rest, REC_COMMIT, valid_commit) {
+                            return Err(corrupt(
+                                path,
+                                bpos,
+                                format!(
+                                    "{reason} (followed by committed records: not a torn tail)"
+                                ),
+                            ));
+                        }
+                        warn!(path = %path.display(), offset = bpos, %reason, "truncating torn journal tail");
+                        file.set_len(bpos)
+                            .and_then(|_| file.sync_all())
+                            .map_err(ioe(|| format!("truncate {}", path.display())))?;
+                        self.counters.torn_tails += 1;
+                        c.len = bpos;
+                    } else if !last {
+                        // Sealed, scanned cleanly, no usable sidecar (older journal,
+                        // crash before the sidecar, rejected one): write it now.
+                        self.heal_sidecar(&sf, flen, &c);
                     }
-                    Err(JournalError::Corrupt { reason, .. }) => {
-                        bad = Some((pos, reason));
-                        break;
-                    }
-                    Err(e) => return Err(e),
+                    c
                 }
+            };
+            match c.commit {
+                Some(cm) => {
+                    self.applied_through = cm.id;
+                    self.applied_seq = self.applied_seq.max(cm.max_seq);
+                    self.applied_time_ns = cm.time_ns;
+                    self.horizon_max = self.horizon_max.max(cm.max_horizon);
+                    tail_start = records.len() + c.before_last_commit;
+                    direct.clear();
+                    direct.extend(
+                        c.flags[c.before_last_commit..]
+                            .iter()
+                            .map(|f| f & FLAG_DIRECT != 0),
+                    );
+                }
+                None => direct.extend(c.flags.iter().map(|f| f & FLAG_DIRECT != 0)),
             }
-            if let Some((bpos, reason)) = bad {
-                if !last {
-                    return Err(corrupt(path, bpos, reason));
-                }
-                let mut rest = vec![0u8; (flen - bpos) as usize];
-                let n = read_fill(file, &mut rest, bpos)
-                    .map_err(ioe(|| format!("read {}", path.display())))?;
-                rest.truncate(n);
-                if later_valid(&rest, REC_COMMIT, valid_commit) {
-                    return Err(corrupt(
-                        path,
-                        bpos,
-                        format!("{reason} (followed by committed records: not a torn tail)"),
-                    ));
-                }
-                warn!(path = %path.display(), offset = bpos, %reason, "truncating torn journal tail");
-                file.set_len(bpos)
-                    .and_then(|_| file.sync_all())
-                    .map_err(ioe(|| format!("truncate {}", path.display())))?;
-                self.counters.torn_tails += 1;
-                pos = bpos;
+            records.extend(c.records);
+            self.segments.push(Segment { sf, len: c.len });
+        }
+        // Sidecars of the newest segment (it grows from here) or of no segment: stale.
+        let newest = self.segments.last().map_or(0, |s| s.sf.index);
+        let mut removed = false;
+        for (i, p) in list_indexed(&jd, "idx")? {
+            let has_seg = self.segments.iter().any(|s| s.sf.index == i);
+            if i >= newest || !has_seg {
+                std::fs::remove_file(&p).map_err(ioe(|| format!("remove {}", p.display())))?;
+                removed = true;
             }
-            self.segments.push(Segment { sf, len: pos });
+        }
+        if removed {
+            fsync_dir(&jd)?;
         }
         let top = records
             .iter()
@@ -290,6 +320,7 @@ impl TargetVolume {
                     return Err(JournalError::Poisoned);
                 };
                 warn!(path = %seg.sf.path.display(), offset = r.rec_off, "truncating torn journal tail (payload)");
+                sidecar::remove_from(&jd, seg.sf.index)?;
                 seg.sf
                     .file
                     .set_len(r.rec_off)
@@ -342,6 +373,7 @@ impl TargetVolume {
         }))?;
         let first = &tail[0];
         let (cut_seg, cut_off) = (first.seg.index, first.rec_off);
+        sidecar::remove_from(&self.dir.join(JOURNAL_DIR), cut_seg)?;
         while self.segments.len() > 1 && self.segments.last().is_some_and(|s| s.sf.index > cut_seg)
         {
             if let Some(s) = self.segments.pop() {
@@ -446,6 +478,8 @@ impl TargetVolume {
         let index = self.cur_seg().sf.index + 1;
         // The previous segment's tail (commit record) must be durable before we move on.
         self.sync_journal()?;
+        // Sealed from here on: its index sidecar is durable before the next segment exists.
+        self.seal_sidecar(self.segments.len() - 1)?;
         let (file, path) = Self::write_segment_header(&jd, index, &self.ident)?;
         self.counters.fsyncs += 1;
         self.faults.hit(FaultPoint::SegmentAfterCreate)?;

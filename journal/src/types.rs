@@ -245,6 +245,21 @@ pub struct Counters {
     pub torn_tails: u64,
     /// Journaled-but-uncommitted chunks re-applied at open.
     pub recovered_chunks: u64,
+    /// How the journal index was loaded at open.
+    pub index_load: IndexLoad,
+}
+
+/// How an index of the journal was loaded (at [`crate::TargetVolume::open`] or
+/// [`crate::SnapshotView::open_dir`]): sealed segments come from their index
+/// sidecar when it verifies, everything else is scanned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexLoad {
+    /// Sealed segments loaded from their sidecar.
+    pub sidecar_segments: u64,
+    /// Segments scanned record by record (the newest one, and sealed ones without a usable sidecar).
+    pub scanned_segments: u64,
+    /// Sidecars that existed but were rejected (corrupt, torn or stale; logged), their segment scanned.
+    pub rejected_sidecars: u64,
 }
 
 /// Metadata of one undo record (one applied chunk), oldest first.
