@@ -12,6 +12,9 @@
 //! 3. vsnap sequential read throughput vs a sequential read of the replica.
 //! 4. materialize throughput (the script times `cp`/`dd` of the replica).
 //!
+//! `MiB` = 0 runs only part 2; `JOURNAL_BENCH_KEEP=1` keeps the part-2 journal
+//! under `DIR/many` and reuses it in the next run (no rebuild).
+//!
 //! Output: `key value` lines (parsed by the script).
 
 use journal::*;
@@ -170,13 +173,60 @@ fn raw_run(dir: &Path, size: u64, chunks: &[ChunkIn]) {
 /// then: open time, vsnap creation in-process and from the directory.
 fn vsnap_creation(dir: &Path, records: u64) {
     let d = dir.join("many");
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("mkdir");
     let size = 64u64 << 20;
     let opts = TargetOptions {
         undo_zstd_level: None,
         ..TargetOptions::default()
     };
+    // JOURNAL_BENCH_KEEP=1: keep the journal and reuse it in the next run
+    // (iterating on open times without rebuilding 10^6 records).
+    let keep = std::env::var_os("JOURNAL_BENCH_KEEP").is_some();
+    if !(keep && d.join("t").join("identity").exists()) {
+        build_many(&d, size, records, &opts);
+    }
+    let t = Instant::now();
+    let v = TargetVolume::open_with(&d.join("t"), opts).expect("open");
+    println!("many.open_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
+    let records = v.counters().journal_records;
+    let mut worst = 0f64;
+    for s in [1, records / 2, records - 1] {
+        let t = Instant::now();
+        let view = v.snapshot(&RecoveryPoint::Seq(s)).expect("snapshot");
+        worst = worst.max(t.elapsed().as_secs_f64() * 1e3);
+        let mut b = [0u8; 4096];
+        view.read_at(&mut b, 0).expect("read");
+    }
+    println!("many.vsnap_create_ms {worst:.3}");
+    let t = Instant::now();
+    let view =
+        SnapshotView::open_dir(&d.join("t"), &RecoveryPoint::Seq(records / 2)).expect("open_dir");
+    println!(
+        "many.vsnap_open_dir_ms {:.1}",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    // random 4 KiB reads through the view with a big journal
+    let t = Instant::now();
+    let mut b = [0u8; 4096];
+    let n = 2000;
+    for i in 0..n {
+        let off = (i * 7919 % (size / 4096)) * 4096;
+        view.read_at(&mut b, off).expect("read");
+    }
+    println!(
+        "many.view_4k_read_us {:.1}",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    drop(view);
+    drop(v);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+/// Build a journal of `records` one-extent (512-byte) undo records in `d`.
+fn build_many(d: &Path, size: u64, records: u64, opts: &TargetOptions) {
+    let _ = std::fs::remove_dir_all(d);
+    std::fs::create_dir_all(d).expect("mkdir");
     let mut v = TargetVolume::create_with(
         &d.join("t"),
         ident(size, 2),
@@ -209,41 +259,6 @@ fn vsnap_creation(dir: &Path, records: u64) {
     v.apply_all().expect("apply");
     println!("many.records {}", v.counters().journal_records);
     println!("many.build_secs {:.1}", t0.elapsed().as_secs_f64());
-    drop(v);
-    let t = Instant::now();
-    let v = TargetVolume::open_with(&d.join("t"), opts).expect("open");
-    println!("many.open_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
-    let mut worst = 0f64;
-    for s in [1, records / 2, records - 1] {
-        let t = Instant::now();
-        let view = v.snapshot(&RecoveryPoint::Seq(s)).expect("snapshot");
-        worst = worst.max(t.elapsed().as_secs_f64() * 1e3);
-        let mut b = [0u8; 4096];
-        view.read_at(&mut b, 0).expect("read");
-    }
-    println!("many.vsnap_create_ms {worst:.3}");
-    let t = Instant::now();
-    let view =
-        SnapshotView::open_dir(&d.join("t"), &RecoveryPoint::Seq(records / 2)).expect("open_dir");
-    println!(
-        "many.vsnap_open_dir_ms {:.1}",
-        t.elapsed().as_secs_f64() * 1e3
-    );
-    // random 4 KiB reads through the view with a big journal
-    let t = Instant::now();
-    let mut b = [0u8; 4096];
-    let n = 2000;
-    for i in 0..n {
-        let off = (i * 7919 % (size / 4096)) * 4096;
-        view.read_at(&mut b, off).expect("read");
-    }
-    println!(
-        "many.view_4k_read_us {:.1}",
-        t.elapsed().as_secs_f64() * 1e6 / n as f64
-    );
-    drop(view);
-    drop(v);
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// vsnap sequential read vs replica read, and materialize throughput.
@@ -316,11 +331,14 @@ fn main() {
     let records: u64 = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     std::fs::create_dir_all(&dir).expect("mkdir");
     let size = 1u64 << 30;
-    let chunks = workload(size, mib, 1);
-    raw_run(&dir, size, &chunks);
-    apply_run(&dir, size, &chunks, false, "spool");
-    apply_run(&dir, size, &chunks, true, "direct");
-    read_and_materialize(&dir, size, &chunks);
+    // MiB = 0: only the vsnap-creation / open figures (section 2)
+    if mib > 0 {
+        let chunks = workload(size, mib, 1);
+        raw_run(&dir, size, &chunks);
+        apply_run(&dir, size, &chunks, false, "spool");
+        apply_run(&dir, size, &chunks, true, "direct");
+        read_and_materialize(&dir, size, &chunks);
+    }
     if records > 0 {
         vsnap_creation(&dir, records);
     }
