@@ -8,7 +8,8 @@
 //!    cadence on the same filesystem.
 //! 2. vsnap creation time with a journal of `records` undo records (default
 //!    1,000,000): in-process (`TargetVolume::snapshot`) and from the directory
-//!    (`SnapshotView::open_dir`), plus the open time of the volume.
+//!    (`SnapshotView::open_dir`), plus the open time of the volume; both
+//!    again with the index sidecars moved aside (the scan they replace).
 //! 3. vsnap sequential read throughput vs a sequential read of the replica.
 //! 4. materialize throughput (the script times `cp`/`dd` of the replica).
 //!
@@ -185,7 +186,7 @@ fn vsnap_creation(dir: &Path, records: u64) {
         build_many(&d, size, records, &opts);
     }
     let t = Instant::now();
-    let v = TargetVolume::open_with(&d.join("t"), opts).expect("open");
+    let v = TargetVolume::open_with(&d.join("t"), opts.clone()).expect("open");
     println!("many.open_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
     let records = v.counters().journal_records;
     let mut worst = 0f64;
@@ -204,6 +205,10 @@ fn vsnap_creation(dir: &Path, records: u64) {
         "many.vsnap_open_dir_ms {:.1}",
         t.elapsed().as_secs_f64() * 1e3
     );
+    let l = view.index_load();
+    println!("many.sealed_segments {}", v.counters().journal_segments - 1);
+    println!("many.sidecar_segments {}", l.sidecar_segments);
+    println!("many.scanned_segments {}", l.scanned_segments);
     // random 4 KiB reads through the view with a big journal
     let t = Instant::now();
     let mut b = [0u8; 4096];
@@ -218,6 +223,34 @@ fn vsnap_creation(dir: &Path, records: u64) {
     );
     drop(view);
     drop(v);
+    // The peer in the same run: the same journal without index sidecars (the
+    // scan every segment needed before them). Open writes them back.
+    let jd = d.join("t").join("journal");
+    let mut moved = Vec::new();
+    for e in std::fs::read_dir(&jd).expect("readdir") {
+        let p = e.expect("entry").path();
+        if p.extension().is_some_and(|x| x == "idx") {
+            let q = p.with_extension("idx.aside");
+            std::fs::rename(&p, &q).expect("move sidecar");
+            moved.push(q);
+        }
+    }
+    let t = Instant::now();
+    let view =
+        SnapshotView::open_dir(&d.join("t"), &RecoveryPoint::Seq(records / 2)).expect("open_dir");
+    println!(
+        "many.vsnap_open_dir_scan_ms {:.1}",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(view.index_load().sidecar_segments, 0);
+    drop(view);
+    let t = Instant::now();
+    let v = TargetVolume::open_with(&d.join("t"), opts).expect("open");
+    println!("many.open_scan_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
+    drop(v);
+    for q in moved {
+        let _ = std::fs::remove_file(q);
+    }
     if !keep {
         let _ = std::fs::remove_dir_all(&d);
     }

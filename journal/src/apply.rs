@@ -282,7 +282,7 @@ impl TargetVolume {
                 inconsistent: p.inconsistent,
                 merged_from: 0,
                 rec_off: base + rel,
-                extents: ux,
+                extents: ux.into(),
             });
         }
         self.counters.journal_records = idx.records.len() as u64;

@@ -199,15 +199,29 @@ impl Tail {
                 .join(format!("{:016x}.seg", sf.index + 1))
                 .exists();
         if sealed {
-            match sidecar::load(sf, flen, self.ident_uuid, self.generation) {
+            // records at or below the base are pruned, at or below the last one indexed are known
+            let after = idx
+                .records
+                .back()
+                .map_or(0, |r| r.chunk_id)
+                .max(idx.base.chunk_id);
+            let first = idx.records.len();
+            match sidecar::load(
+                sf,
+                flen,
+                self.ident_uuid,
+                self.generation,
+                after,
+                &mut idx.records,
+            ) {
                 Ok(c) => {
                     if let Some(cm) = c.commit {
                         idx.applied_through = cm.id;
                         idx.applied_seq = idx.applied_seq.max(cm.max_seq);
                         idx.applied_time_ns = cm.time_ns;
                     }
-                    for r in c.records {
-                        add_record(idx, r, self.bulk);
+                    if !self.bulk {
+                        idx.index_from(first);
                     }
                     self.pos = c.len;
                     self.load.sidecar_segments += 1;
@@ -248,7 +262,7 @@ fn take_record(
         inconsistent: h.flags & FLAG_INCONSISTENT != 0,
         merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
         rec_off: pos,
-        extents,
+        extents: extents.into(),
     };
     add_record(idx, r, bulk);
 }

@@ -391,7 +391,7 @@ impl TargetVolume {
         let bookmarks = v.load_bookmarks()?;
         {
             let mut idx = v.index_mut();
-            idx.records = records.into();
+            idx.records = records;
             idx.reindex();
             idx.bookmarks = bookmarks;
         }

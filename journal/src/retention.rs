@@ -665,7 +665,7 @@ impl TargetVolume {
                 inconsistent: h.flags & FLAG_INCONSISTENT != 0,
                 merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
                 rec_off: off,
-                extents: ux,
+                extents: ux.into(),
             })
             .collect();
         let start = idx.records.iter().position(|r| Arc::ptr_eq(&r.seg, &sf));

@@ -166,7 +166,7 @@ fn records_after_cut(dir: &Path, i: &Intent) -> Result<Vec<UndoRec>> {
                     inconsistent: h.flags & FLAG_INCONSISTENT != 0,
                     merged_from: 0,
                     rec_off: pos,
-                    extents,
+                    extents: extents.into(),
                 });
             }
             pos += len;

@@ -19,8 +19,9 @@
 use crate::error::{ioe, JournalError, Result};
 use crate::format::*;
 use crate::fsutil::*;
-use crate::segment::{SegFile, SegReader, UndoExtent, UndoRec};
+use crate::segment::{Extents, SegFile, SegReader, UndoExtent, UndoRec};
 use crate::{TargetVolume, UNDO_PIECE};
+use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -52,7 +53,8 @@ pub(crate) struct CommitSummary {
 
 /// What a segment holds, from a scan or from its sidecar.
 pub(crate) struct SegContent {
-    /// Undo records in file order.
+    /// Undo records in file order (from a scan; [`load`] appends them to the
+    /// caller's collection instead and leaves this empty).
     pub(crate) records: Vec<UndoRec>,
     /// Record flags (`FLAG_DIRECT`, `FLAG_MERGED`), parallel to `records`.
     pub(crate) flags: Vec<u8>,
@@ -105,7 +107,7 @@ pub(crate) fn scan_segment(
                         inconsistent: h.flags & FLAG_INCONSISTENT != 0,
                         merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
                         rec_off: pos,
-                        extents,
+                        extents: extents.into(),
                     });
                 }
                 pos += len;
@@ -209,20 +211,37 @@ pub(crate) enum Rejected {
 }
 
 /// Load the sidecar of the sealed segment `sf` (file length `flen`), checking it
-/// against the segment as described in the module documentation.
+/// against the segment as described in the module documentation. Its undo
+/// records with a chunk id above `after` are appended to `out` (nothing is
+/// appended when it is rejected); `flags` in the result covers all of them.
 pub(crate) fn load(
     sf: &Arc<SegFile>,
     flen: u64,
     uuid: [u8; 16],
     generation: u64,
+    after: u64,
+    out: &mut VecDeque<UndoRec>,
 ) -> std::result::Result<SegContent, Rejected> {
     let p = sidecar_path(&sf.path);
-    let b = match fs::read(&p) {
-        Ok(b) => b,
+    let f = match File::open(&p) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Rejected::Missing),
-        Err(e) => return Err(Rejected::Invalid(format!("read: {e}"))),
+        Err(e) => return Err(Rejected::Invalid(format!("open: {e}"))),
     };
-    decode(&b, sf, flen, uuid, generation).map_err(Rejected::Invalid)
+    // SAFETY: the map is read-only and private to this call: it is checksummed,
+    // decoded into owned memory and dropped before `load` returns. rewind never
+    // modifies or truncates a sidecar in place (new ones are renamed over, old
+    // ones unlinked: a mapped inode stays intact), so the bytes cannot change
+    // under the map unless another program writes the file in place.
+    let b = match unsafe { memmap2::MmapOptions::new().populate().map(&f) } {
+        Ok(m) => m,
+        Err(e) => return Err(Rejected::Invalid(format!("map: {e}"))),
+    };
+    let n = out.len();
+    decode(&b, sf, flen, uuid, generation, after, out).map_err(|r| {
+        out.truncate(n);
+        Rejected::Invalid(r)
+    })
 }
 
 fn decode(
@@ -231,6 +250,8 @@ fn decode(
     flen: u64,
     uuid: [u8; 16],
     generation: u64,
+    after: u64,
+    out: &mut VecDeque<UndoRec>,
 ) -> std::result::Result<SegContent, String> {
     if b.len() < SC_HDR + 32 {
         return Err(format!("short sidecar ({} bytes)", b.len()));
@@ -299,7 +320,12 @@ fn decode(
     }
     let recs = &b[SC_HDR..SC_HDR + n_rec * SC_REC];
     let exts = &b[SC_HDR + n_rec * SC_REC..SC_HDR + n_rec * SC_REC + n_ext * SC_EXT];
-    let mut records = Vec::with_capacity(n_rec);
+    if n_ext > u32::MAX as usize {
+        return Err("too many extent entries".into());
+    }
+    // Pass 1: check every entry and decode all extents into one shared array.
+    let mut all: Vec<UndoExtent> = Vec::with_capacity(n_ext);
+    let mut last_id: Option<u64> = None;
     let mut flags = Vec::with_capacity(n_rec);
     let mut next_ext = 0usize;
     let mut min_off = FILE_HDR as u64;
@@ -314,7 +340,6 @@ fn decode(
         if rec_off < min_off || rec_off >= sealed_len {
             return Err(format!("bad offset of record {i}"));
         }
-        let mut extents = Vec::with_capacity(nx);
         let mut cur = rec_off + (REC_HDR + nx * UNDO_ENTRY) as u64;
         for k in next_ext..next_ext + nx {
             let x = &exts[k * SC_EXT..(k + 1) * SC_EXT];
@@ -341,19 +366,27 @@ fn decode(
                 .checked_add(ux.stored_len)
                 .filter(|c| *c + TRAILER as u64 <= sealed_len)
                 .ok_or_else(|| format!("extent {k} past the segment"))?;
-            extents.push(ux);
+            all.push(ux);
         }
         next_ext += nx;
         min_off = cur + TRAILER as u64;
         let chunk_id = rd64(e, 0);
-        if records
-            .last()
-            .is_some_and(|r: &UndoRec| r.chunk_id >= chunk_id)
-        {
+        if last_id.is_some_and(|l| l >= chunk_id) {
             return Err(format!("chunk ids not increasing at record {i}"));
         }
+        last_id = Some(chunk_id);
         flags.push(e[60]);
-        records.push(UndoRec {
+    }
+    // Pass 2: the records, sharing the extent array.
+    let all: Arc<Vec<UndoExtent>> = Arc::new(all);
+    out.reserve(n_rec);
+    for i in 0..n_rec {
+        let e = &recs[i * SC_REC..(i + 1) * SC_REC];
+        let chunk_id = rd64(e, 0);
+        if chunk_id <= after {
+            continue;
+        }
+        out.push_back(UndoRec {
             chunk_id,
             first_seq: rd64(e, 8),
             last_seq: rd64(e, 16),
@@ -361,15 +394,19 @@ fn decode(
             seg: sf.clone(),
             inconsistent: e[60] & FLAG_INCONSISTENT != 0,
             merged_from: rd64(e, 40),
-            rec_off,
-            extents,
+            rec_off: rd64(e, 32),
+            extents: Extents::Shared {
+                all: all.clone(),
+                start: rd64(e, 48) as u32,
+                len: rd32(e, 56),
+            },
         });
     }
     if next_ext != n_ext {
         return Err("extent entries not all used".into());
     }
     Ok(SegContent {
-        records,
+        records: Vec::new(),
         flags,
         commit,
         before_last_commit: before_last_commit as usize,

@@ -87,6 +87,15 @@ impl Index {
         self.records.push_back(r);
     }
 
+    /// Index the extents of `records[first..]` (appended without [`Index::push`]).
+    pub(crate) fn index_from(&mut self, first: usize) {
+        for r in self.records.range(first..) {
+            for (i, x) in r.extents.iter().enumerate() {
+                self.by_offset[len_class(x.len)].insert((x.offset, r.chunk_id, i as u32));
+            }
+        }
+    }
+
     /// Remove the oldest record (its entries in `frozen` stay until [`Index::drop_stale`]).
     pub(crate) fn pop_front(&mut self) -> Option<UndoRec> {
         let r = self.records.pop_front()?;
@@ -116,8 +125,7 @@ impl Index {
             }
         }
         for c in &mut v {
-            c.sort_unstable();
-            c.shrink_to_fit();
+            sort_by_offset(c);
         }
         self.frozen = v;
     }
@@ -125,6 +133,77 @@ impl Index {
     fn record(&self, chunk_id: u64) -> Option<&UndoRec> {
         let i = self.records.partition_point(|r| r.chunk_id < chunk_id);
         self.records.get(i).filter(|r| r.chunk_id == chunk_id)
+    }
+}
+
+/// Sort spatial index entries by volume offset (the only order range queries
+/// need; overlay orders its hits itself): an LSD radix sort on the offset bits
+/// that vary (offsets are usually sector aligned), 11 bits per pass — at 10^6
+/// entries several times faster than a comparison sort.
+pub(crate) fn sort_by_offset(v: &mut Vec<(u64, u64, u32)>) {
+    if v.len() < 1 << 12 {
+        v.sort_unstable_by_key(|e| e.0);
+        return;
+    }
+    let (mut or, mut max) = (0u64, 0u64);
+    for e in v.iter() {
+        or |= e.0;
+        max = max.max(e.0);
+    }
+    let mut shift = if or == 0 { 64 } else { or.trailing_zeros() };
+    let top = 64 - max.leading_zeros();
+    let mut tmp = vec![(0u64, 0u64, 0u32); v.len()];
+    while shift < top {
+        let mut pos = [0usize; 2048];
+        for e in v.iter() {
+            pos[((e.0 >> shift) & 2047) as usize] += 1;
+        }
+        let mut sum = 0;
+        for c in pos.iter_mut() {
+            let n = *c;
+            *c = sum;
+            sum += n;
+        }
+        for e in v.iter() {
+            let b = ((e.0 >> shift) & 2047) as usize;
+            tmp[pos[b]] = *e;
+            pos[b] += 1;
+        }
+        std::mem::swap(v, &mut tmp);
+        shift += 11;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sort_by_offset;
+
+    #[test]
+    fn radix_sort_orders_by_offset() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for (n, mask, align) in [
+            (10_000usize, u64::MAX, 0u32),
+            (50_000, (1 << 26) - 1, 9),
+            (5_000, 7, 0),
+            (100, u64::MAX, 3),
+        ] {
+            let mut v: Vec<(u64, u64, u32)> = (0..n)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    ((x & mask) >> align << align, i as u64, i as u32)
+                })
+                .collect();
+            let mut want = v.clone();
+            want.sort_by_key(|e| e.0);
+            sort_by_offset(&mut v);
+            assert!(v.windows(2).all(|w| w[0].0 <= w[1].0));
+            let mut a = v.clone();
+            a.sort();
+            want.sort();
+            assert_eq!(a, want);
+        }
     }
 }
 
