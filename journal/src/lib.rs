@@ -8,6 +8,7 @@
 //! <dir>/identity                 versioned identity (name, uuid, generation, size, block size, replica path)
 //! <dir>/spool/<16 hex>.spl       append-only spool files (chunks received, not yet applied)
 //! <dir>/journal/<16 hex>.seg     append-only undo-journal segments
+//! <dir>/journal/<16 hex>.idx     index sidecar of a sealed segment (derived, verified before use)
 //! <dir>/bookmarks.log            bookmarks (tags), durable; mirrored in catalogue.sqlite
 //! <dir>/catalogue.sqlite         segments + bookmarks index (derived, rebuilt at open)
 //! <dir>/retention, rollback      oldest kept point; rollback intent (only mid-rollback)
@@ -16,10 +17,11 @@
 //!
 //! Modules, one concept each: `spool` (receipt, group commit, reclaim),
 //! `apply` (copy-on-write apply, tail re-apply), `segment` (segment files,
-//! record scan, undo payload reads), `catalogue` (SQLite), `bookmark`,
-//! `point` (recovery point resolution), `view` (shared index, snapshot views,
-//! materialize), `dirview` (views from another process), `rollback`,
-//! `retention` (policy, prune, compaction), `summary`, `fault` (crash points).
+//! record scan, undo payload reads), `sidecar` (per-segment index sidecars),
+//! `catalogue` (SQLite), `bookmark`, `point` (recovery point resolution),
+//! `view` (shared index, snapshot views, materialize), `dirview` (views from
+//! another process), `rollback`, `retention` (policy, prune, compaction),
+//! `summary`, `fault` (crash points).
 //!
 //! Byte layouts and the crash-recovery argument are in `docs/journal-format.md`.
 //!

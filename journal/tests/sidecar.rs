@@ -340,6 +340,24 @@ fn corrupt_truncated_and_stale_sidecars_are_rejected_and_scanned() {
     assert!(!newest.exists());
     assert_eq!(files(d.path(), ".idx").len(), segs.len() - 1);
     assert!(sig(&v) == after);
+    drop(v);
+
+    // the segment changed under an intact sidecar of the same length (its last
+    // record differs): the sidecar is not trusted, and the scan finds the damage
+    let slen = std::fs::metadata(&segs[1]).unwrap().len();
+    flip(&segs[1], slen - 5);
+    assert!(matches!(
+        TargetVolume::open_with(&tdir(d.path()), opts()),
+        Err(JournalError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        SnapshotView::open_dir(&tdir(d.path()), &RecoveryPoint::Seq(35)),
+        Err(JournalError::Corrupt { .. })
+    ));
+    flip(&segs[1], slen - 5);
+    let v = open(d.path());
+    assert_eq!(v.counters().index_load.rejected_sidecars, 0);
+    assert!(sig(&v) == after);
 }
 
 #[test]
