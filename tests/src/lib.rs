@@ -99,6 +99,31 @@ pub fn tool(name: &str) -> Command {
     Command::new(require_tool(name))
 }
 
+/// A time-based fio random-write load on the NBD export `uri`: block sizes
+/// `bs` (`--bs=4k` or `--bsrange=A-B`), queue depth `iodepth`, over the first
+/// 64 MiB, for `runtime_secs` seconds, without a random map; stdout and
+/// stderr discarded (set stderr to piped to read fio's errors). The
+/// background load of the crash, restart and drain tests; spawn it and end
+/// it yourself.
+pub fn fio_write_load(uri: &str, bs: &str, iodepth: u32, runtime_secs: u32) -> Command {
+    let mut c = tool("fio");
+    c.args(["--name=load", "--ioengine=nbd", &format!("--uri={uri}")])
+        .args([
+            "--rw=randwrite",
+            bs,
+            &format!("--iodepth={iodepth}"),
+            "--size=64m",
+        ])
+        .args([
+            "--time_based",
+            &format!("--runtime={runtime_secs}"),
+            "--norandommap",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
 /// Which NBD server the client tests talk to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServerKind {
@@ -178,6 +203,16 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
         status,
         stdout: t_out.join().unwrap_or_default(),
         stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Calls `f` every `every` until it returns true; panics ("timed out waiting
+/// for `what`") when `timeout` has passed first.
+pub fn poll_until(what: &str, timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(every);
     }
 }
 
@@ -577,6 +612,34 @@ pub struct ExportOpts {
     pub state_dir: Option<PathBuf>,
     /// `--trace-out FILE`: record every request as a fio v3 iolog.
     pub trace_out: Option<PathBuf>,
+}
+
+impl ExportOpts {
+    /// Export and change-log volume both named `name` (how the replication
+    /// tests serve a volume); every other option at its default, so callers
+    /// can still adjust it: `ExportOpts { ring_size: Some(MIB), ..ExportOpts::for_volume("vol0") }`.
+    pub fn for_volume(name: &str) -> ExportOpts {
+        ExportOpts {
+            volume: Some(name.into()),
+            export_name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Fixed change-log and state directories `<scratch>/shm` and
+    /// `<scratch>/state` (created here), so that an export started again with
+    /// the same options finds what the previous one left (restart and crash
+    /// tests). Every other option at its default.
+    pub fn restartable(scratch: &Scratch) -> ExportOpts {
+        let (shm, state) = (scratch.join("shm"), scratch.join("state"));
+        fs::create_dir_all(&shm).expect("mkdir shm");
+        fs::create_dir_all(&state).expect("mkdir state");
+        ExportOpts {
+            shm_dir: Some(shm),
+            state_dir: Some(state),
+            ..Default::default()
+        }
+    }
 }
 
 /// A running NBD server on a backing file: `rewind export` (or qemu-nbd when

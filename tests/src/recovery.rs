@@ -4,7 +4,7 @@
 //! recovery commands' JSON output.
 
 use crate::replication::{blake3_file, Daemon};
-use crate::{rewind_bin, run, text, tool, Scratch};
+use crate::{rewind_bin, run, text, tool, Export, Scratch};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -150,6 +150,20 @@ pub fn rewind(args: &[&str]) -> std::process::Output {
         Command::new(rewind_bin("rewind")).args(args),
         Duration::from_secs(120),
     )
+}
+
+/// `rewind bookmark create NAME --volume VOLUME [--type KIND] --shm-dir DIR`
+/// on `export`'s volume (through its admin socket); panics with the output
+/// unless the bookmark was created.
+pub fn create_bookmark(export: &Export, name: &str, kind: Option<&str>) {
+    let shm = export.shm_dir.to_str().expect("shm dir is UTF-8");
+    let mut args = vec!["bookmark", "create", name, "--volume", &export.volume];
+    if let Some(kind) = kind {
+        args.extend(["--type", kind]);
+    }
+    args.extend(["--shm-dir", shm]);
+    let o = rewind(&args);
+    assert!(o.status.success(), "bookmark {name}: {}", text(&o));
 }
 
 /// Runs `rewind ARGS... --json` and parses its stdout; panics on failure.

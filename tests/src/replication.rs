@@ -175,6 +175,39 @@ impl Drop for Daemon {
     }
 }
 
+/// Polls `<state_dir>/status.json` every 20 ms until `ready` returns a value
+/// for it, and returns that value; panics with the daemon's log when the
+/// daemon exits first or after `timeout` (`what` names it in the message).
+pub fn wait_status<T>(
+    daemon: &mut Daemon,
+    state_dir: &Path,
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut(&Value) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        daemon.assert_alive();
+        if let Some(t) = read_status_file(state_dir).as_ref().and_then(&mut ready) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready after {timeout:?}\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The address a listening daemon (target, failback) publishes as `listen`
+/// in `<state_dir>/status.json`, waited for up to 20 s (see [`wait_status`]).
+pub fn wait_listen(daemon: &mut Daemon, state_dir: &Path, what: &str) -> SocketAddr {
+    wait_status(daemon, state_dir, what, Duration::from_secs(20), |v| {
+        v["listen"].as_str().and_then(|a| a.parse().ok())
+    })
+}
+
 /// How a daemon authenticates.
 #[derive(Clone, Debug)]
 pub enum Auth {
@@ -206,6 +239,17 @@ impl TargetOpts {
             auth: Auth::Tls(pki.dir.clone()),
             host: "127.0.0.1".into(),
             allow: vec!["replicator".into()],
+            port: None,
+            spool_budget: None,
+        }
+    }
+
+    /// `--insecure` (loopback plaintext), no spool budget.
+    pub fn insecure() -> TargetOpts {
+        TargetOpts {
+            auth: Auth::Insecure,
+            host: String::new(),
+            allow: vec![],
             port: None,
             spool_budget: None,
         }
@@ -273,24 +317,19 @@ impl Target {
         }
         let _ = fs::remove_file(state_dir.join("status.json"));
         let mut daemon = Daemon::spawn(c, log);
-        let pid = daemon.pid();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
-            daemon.assert_alive();
-            if let Some(v) = read_status_file(&state_dir) {
-                if v["pid"].as_u64() == Some(u64::from(pid)) {
-                    if let Some(a) = v["listen"].as_str().and_then(|a| a.parse().ok()) {
-                        break a;
-                    }
+        let pid = u64::from(daemon.pid());
+        let addr = wait_status(
+            &mut daemon,
+            &state_dir,
+            "target",
+            Duration::from_secs(20),
+            |v| {
+                if v["pid"].as_u64() != Some(pid) {
+                    return None;
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "target not ready after 20 s\n{}",
-                daemon.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+                v["listen"].as_str().and_then(|a| a.parse().ok())
+            },
+        );
         Target {
             daemon,
             addr,
@@ -351,6 +390,48 @@ pub struct ReplicatorOpts {
     pub max_chunk: Option<u64>,
     /// `--hash-block` (bytes).
     pub hash_block: Option<u64>,
+}
+
+impl ReplicatorOpts {
+    /// Mutual TLS with `pki` as the client `replicator` towards the target
+    /// certificate `127.0.0.1` (the certificates [`Pki::new`] issues),
+    /// replicating `device` with its change log in `shm_dir` as `volume`;
+    /// no bandwidth limit, default chunk and hash-block sizes. Adjust the
+    /// rest with `ReplicatorOpts { hash_block: Some(..), ..ReplicatorOpts::tls(..) }`.
+    pub fn tls(
+        pki: &Pki,
+        volume: &str,
+        device: &Path,
+        shm_dir: &Path,
+        compression: &str,
+    ) -> ReplicatorOpts {
+        ReplicatorOpts {
+            auth: Auth::Tls(pki.dir.clone()),
+            host: "replicator".into(),
+            ..Self::insecure(volume, device, shm_dir, compression)
+        }
+    }
+
+    /// Like [`ReplicatorOpts::tls`] but `--insecure` (loopback plaintext).
+    pub fn insecure(
+        volume: &str,
+        device: &Path,
+        shm_dir: &Path,
+        compression: &str,
+    ) -> ReplicatorOpts {
+        ReplicatorOpts {
+            auth: Auth::Insecure,
+            host: String::new(),
+            server_name: "127.0.0.1".into(),
+            volume: volume.into(),
+            device: device.to_path_buf(),
+            shm_dir: shm_dir.to_path_buf(),
+            compression: compression.into(),
+            bandwidth: None,
+            max_chunk: None,
+            hash_block: None,
+        }
+    }
 }
 
 /// A running `rewind replicator` with one pair.
@@ -415,22 +496,14 @@ impl Replicator {
         }
         let _ = fs::remove_file(state_dir.join("status.json"));
         let mut daemon = Daemon::spawn(c, log);
-        let pid = daemon.pid();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            daemon.assert_alive();
-            if read_status_file(&state_dir)
-                .is_some_and(|v| v["pid"].as_u64() == Some(u64::from(pid)))
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replicator not ready after 20 s\n{}",
-                daemon.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let pid = u64::from(daemon.pid());
+        wait_status(
+            &mut daemon,
+            &state_dir,
+            "replicator",
+            Duration::from_secs(20),
+            |v| (v["pid"].as_u64() == Some(pid)).then_some(()),
+        );
         Replicator {
             daemon,
             state_dir,
@@ -452,24 +525,30 @@ impl Replicator {
 
     /// `rewind status --json` (with the target's state when given).
     pub fn status_json(&self, target: Option<&Target>) -> Value {
-        let mut c = Command::new(rewind_bin("rewind"));
-        c.arg("status")
-            .arg("--json")
-            .arg("--state-dir")
-            .arg(&self.state_dir);
-        if let Some(t) = target {
-            c.arg("--target-state-dir").arg(&t.state_dir);
-        }
-        let o = run(&mut c, Duration::from_secs(30));
-        assert!(o.status.success(), "rewind status failed\n{}", text(&o));
-        serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("status JSON: {e}\n{}", text(&o)))
+        status_json(&self.state_dir, target.map(|t| t.state_dir.as_path()))
     }
 
     /// The pair report (`source.pairs[0]`) from the status file (cheap).
     pub fn pair(&self) -> Value {
         read_status_file(&self.state_dir).map_or(Value::Null, |v| v["pairs"][0].clone())
     }
+}
+
+/// `rewind status --json --state-dir STATE_DIR [--target-state-dir
+/// TARGET_STATE_DIR]`, parsed; panics with the output unless it succeeds
+/// within 30 s and prints JSON.
+pub fn status_json(state_dir: &Path, target_state_dir: Option<&Path>) -> Value {
+    let mut c = Command::new(rewind_bin("rewind"));
+    c.arg("status")
+        .arg("--json")
+        .arg("--state-dir")
+        .arg(state_dir);
+    if let Some(t) = target_state_dir {
+        c.arg("--target-state-dir").arg(t);
+    }
+    let o = run(&mut c, Duration::from_secs(30));
+    assert!(o.status.success(), "rewind status failed\n{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("status JSON: {e}\n{}", text(&o)))
 }
 
 /// Whether a `rewind status --json` document shows the pair fully drained
@@ -500,10 +579,21 @@ pub fn fully_drained(doc: &Value) -> bool {
 /// Polls `rewind status --json` until [`fully_drained`] (twice in a row),
 /// panicking with both logs after `timeout`. Returns the last document.
 pub fn wait_drained(r: &Replicator, t: &Target, timeout: Duration) -> Value {
+    wait_drained_dir(&r.state_dir, Some(&r.daemon), t, timeout)
+}
+
+/// Like [`wait_drained`] for a replicator known by its state directory
+/// (`replicator`, when given, adds its log to the panic message).
+pub fn wait_drained_dir(
+    state_dir: &Path,
+    replicator: Option<&Daemon>,
+    t: &Target,
+    timeout: Duration,
+) -> Value {
     let deadline = Instant::now() + timeout;
     let mut hits = 0;
     loop {
-        let doc = r.status_json(Some(t));
+        let doc = status_json(state_dir, Some(&t.state_dir));
         if fully_drained(&doc) {
             hits += 1;
             if hits >= 2 {
@@ -516,7 +606,7 @@ pub fn wait_drained(r: &Replicator, t: &Target, timeout: Duration) -> Value {
             panic!(
                 "not drained after {timeout:?}:\n{}\n{}\n{}",
                 serde_json::to_string_pretty(&doc).unwrap_or_default(),
-                r.daemon.log_text(),
+                replicator.map(Daemon::log_text).unwrap_or_default(),
                 t.daemon.log_text()
             );
         }
@@ -586,28 +676,13 @@ impl Setup {
         tweak_repl: impl FnOnce(&mut ReplicatorOpts),
     ) -> Setup {
         let pki = Pki::new(s, "pki");
-        let mut eopts = crate::ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        };
+        let mut eopts = crate::ExportOpts::for_volume("vol0");
         tweak_export(&mut eopts);
         let export = crate::Export::start(s, backing, eopts);
         let mut topts = TargetOpts::tls(&pki);
         tweak_target(&mut topts);
         let target = Target::start(s, topts);
-        let mut ropts = ReplicatorOpts {
-            auth: Auth::Tls(pki.dir.clone()),
-            host: "replicator".into(),
-            server_name: "127.0.0.1".into(),
-            volume: "vol0".into(),
-            device: backing.to_path_buf(),
-            shm_dir: export.shm_dir.clone(),
-            compression: compression.into(),
-            bandwidth: None,
-            max_chunk: None,
-            hash_block: None,
-        };
+        let mut ropts = ReplicatorOpts::tls(&pki, "vol0", backing, &export.shm_dir, compression);
         tweak_repl(&mut ropts);
         let repl = Replicator::start(s, target.addr, ropts);
         Setup {

@@ -168,10 +168,8 @@ pub fn run(scratch: &Scratch, trace: &Path, steps: &[Step], opts: &Options) -> V
         scratch,
         &backing,
         ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
             ring_size: opts.ring_size,
-            ..Default::default()
+            ..ExportOpts::for_volume("vol0")
         },
     );
     // The target's directory lives on its own small file system when the
@@ -190,18 +188,7 @@ pub fn run(scratch: &Scratch, trace: &Path, steps: &[Step], opts: &Options) -> V
         None => Target::start(scratch, TargetOpts::tls(&pki)),
     };
     let proxy = Arc::new(FaultProxy::start(target.addr));
-    let ropts = ReplicatorOpts {
-        auth: Auth::Tls(pki.dir.clone()),
-        host: "replicator".into(),
-        server_name: "127.0.0.1".into(),
-        volume: "vol0".into(),
-        device: backing.clone(),
-        shm_dir: export.shm_dir.clone(),
-        compression: "zstd:1".into(),
-        bandwidth: None,
-        max_chunk: None,
-        hash_block: None,
-    };
+    let ropts = ReplicatorOpts::tls(&pki, "vol0", &backing, &export.shm_dir, "zstd:1");
     let mut repl = Replicator::start(scratch, proxy.addr(), ropts);
     wait_drained(&repl, &target, Duration::from_secs(60));
 

@@ -144,34 +144,14 @@ fn replication_group_bookmarks_recover_mutually_consistent() {
             T,
         );
     }
-    let target = Target::start(
-        &s,
-        TargetOpts {
-            auth: Auth::Insecure,
-            host: "127.0.0.1".into(),
-            allow: vec![],
-            port: None,
-            spool_budget: None,
-        },
-    );
+    let target = Target::start(&s, TargetOpts::insecure());
     let reps: Vec<Replicator> = ["x", "y", "z"]
         .iter()
         .map(|v| {
             Replicator::start(
                 &s,
                 target.addr,
-                ReplicatorOpts {
-                    auth: Auth::Insecure,
-                    host: "replicator".into(),
-                    server_name: "127.0.0.1".into(),
-                    volume: (*v).into(),
-                    device: s.join(&format!("{v}.img")),
-                    shm_dir: s.join("shm"),
-                    compression: "off".into(),
-                    bandwidth: None,
-                    max_chunk: None,
-                    hash_block: None,
-                },
+                ReplicatorOpts::insecure(v, &s.join(&format!("{v}.img")), &s.join("shm"), "off"),
             )
         })
         .collect();

@@ -36,13 +36,7 @@ fn restart_case(tag: &str, crash: bool) {
     create_random(&backing, SIZE, 31);
     let before = ImageCopy::capture(&s, &backing);
     let mut m = Model::from_copy(&before);
-    let opts = ExportOpts {
-        shm_dir: Some(s.join("shm")),
-        state_dir: Some(s.join("state")),
-        ..Default::default()
-    };
-    std::fs::create_dir_all(s.join("shm")).unwrap();
-    std::fs::create_dir_all(s.join("state")).unwrap();
+    let opts = ExportOpts::restartable(&s);
     let ex = Export::start(&s, &backing, opts.clone());
     qemu_io_writes(&ex.uri(), &mut m, WRITES_A);
     assert_changes_recorded(&ex, &before, Some(&m.written));

@@ -241,31 +241,14 @@ fn drain_after_kill9_under_load_rebuilds_volume() {
     let backing = s.join("vol.img");
     create_random(&backing, 64 * MIB, 82);
     let mut replica = std::fs::read(&backing).unwrap();
-    std::fs::create_dir_all(s.join("shm")).unwrap();
-    std::fs::create_dir_all(s.join("state")).unwrap();
     let opts = ExportOpts {
-        shm_dir: Some(s.join("shm")),
-        state_dir: Some(s.join("state")),
         ring_size: Some(8 * MIB),
-        ..Default::default()
+        ..ExportOpts::restartable(&s)
     };
     let ex = Export::start(&s, &backing, opts.clone());
-    let mut fio = tool("fio");
-    fio.args([
-        "--name=load",
-        "--ioengine=nbd",
-        &format!("--uri={}", ex.uri()),
-    ])
-    .args([
-        "--rw=randwrite",
-        "--bsrange=1k-64k",
-        "--iodepth=32",
-        "--size=64m",
-    ])
-    .args(["--time_based", "--runtime=30", "--norandommap"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut child = fio.spawn().expect("spawn fio");
+    let mut child = fio_write_load(&ex.uri(), "--bsrange=1k-64k", 32, 30)
+        .spawn()
+        .expect("spawn fio");
     std::thread::sleep(Duration::from_millis(2000));
     ex.kill9();
     let _ = child.wait();
@@ -287,22 +270,10 @@ fn drain_concurrently_with_write_load_converges() {
             ..Default::default()
         },
     );
-    let mut fio = tool("fio");
-    fio.args([
-        "--name=load",
-        "--ioengine=nbd",
-        &format!("--uri={}", ex.uri()),
-    ])
-    .args([
-        "--rw=randwrite",
-        "--bsrange=512-128k",
-        "--iodepth=16",
-        "--size=64m",
-    ])
-    .args(["--time_based", "--runtime=4", "--norandommap"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    let mut child = fio.spawn().expect("spawn fio");
+    let mut child = fio_write_load(&ex.uri(), "--bsrange=512-128k", 16, 4)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fio");
     let mut rounds = 0;
     let mut total = Drained::default();
     while child.try_wait().expect("try_wait").is_none() {
@@ -331,13 +302,7 @@ fn clean_restart_after_drain_has_nothing_pending() {
     let backing = s.join("vol.img");
     create_random(&backing, 16 * MIB, 83);
     let mut replica = std::fs::read(&backing).unwrap();
-    std::fs::create_dir_all(s.join("shm")).unwrap();
-    std::fs::create_dir_all(s.join("state")).unwrap();
-    let opts = ExportOpts {
-        shm_dir: Some(s.join("shm")),
-        state_dir: Some(s.join("state")),
-        ..Default::default()
-    };
+    let opts = ExportOpts::restartable(&s);
     let ex = Export::start(&s, &backing, opts.clone());
     fio_load(&ex, "16m", &[]);
     let d = drain(&ex, &mut replica);
@@ -373,23 +338,11 @@ fn sustained_overload_returns_to_data_mode_while_writes_continue() {
     );
     let clog = ex.shm_dir.join(format!("{}.clog", ex.volume));
     let view = agent_core::ChangeLogView::open(&clog).expect("view");
-    let mut fio = tool("fio");
-    fio.args([
-        "--name=load",
-        "--ioengine=nbd",
-        &format!("--uri={}", ex.uri()),
-    ])
-    .args([
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=8",
-        "--size=64m",
-        "--rate=8m",
-    ])
-    .args(["--time_based", "--runtime=7", "--norandommap"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    let mut child = fio.spawn().expect("spawn fio");
+    let mut child = fio_write_load(&ex.uri(), "--bs=4k", 8, 7)
+        .arg("--rate=8m")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fio");
     // stall: 8 MiB/s for 1.5 s overflows the 2 MiB ring
     let t0 = std::time::Instant::now();
     while view.stats().mode != agent_core::CaptureMode::Bitmap {

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 const SIZE: u64 = 32 * MIB;
@@ -23,12 +23,9 @@ fn rewind() -> Command {
     Command::new(rewind_bin("rewind"))
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`poll_until`] every 100 ms.
+fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    poll_until(what, timeout, Duration::from_millis(100), f)
 }
 
 /// A replicator started with a target but no pair (pairs come with `protect`).
@@ -47,32 +44,11 @@ fn start_replicator(s: &Scratch, pki: &Path, target: &str, state: &Path, extra: 
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut d = Daemon::spawn(c, s.join(&format!("repl-{n}.log")));
-    let pid = d.pid();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        d.assert_alive();
-        if read_status_file(state).is_some_and(|v| v["pid"].as_u64() == Some(u64::from(pid)))
-            && state.join("control.sock").exists()
-        {
-            return d;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replicator not ready\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn status(state: &Path) -> Value {
-    let o = run_ok(
-        rewind()
-            .args(["status", "--json", "--state-dir"])
-            .arg(state),
-        T,
-    );
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
+    let pid = u64::from(d.pid());
+    wait_status(&mut d, state, "replicator", Duration::from_secs(20), |v| {
+        (v["pid"].as_u64() == Some(pid) && state.join("control.sock").exists()).then_some(())
+    });
+    d
 }
 
 fn pair(doc: &Value, volume: &str) -> Value {
@@ -92,6 +68,26 @@ fn admin(args: &[&str], state: &Path) -> Output {
     let mut c = rewind();
     c.args(args).arg("--state-dir").arg(state);
     run(&mut c, Duration::from_secs(120))
+}
+
+/// `rewind protect --volume VOLUME --device DEVICE --shm-dir SHM EXTRA...`
+/// against the replicator with state directory `state`.
+fn protect(state: &Path, volume: &str, device: &Path, shm: &Path, extra: &[&str]) -> Output {
+    let (device, shm) = (
+        device.to_str().expect("UTF-8 device path"),
+        shm.to_str().expect("UTF-8 shm path"),
+    );
+    let mut a = vec![
+        "protect",
+        "--volume",
+        volume,
+        "--device",
+        device,
+        "--shm-dir",
+        shm,
+    ];
+    a.extend_from_slice(extra);
+    admin(&a, state)
 }
 
 /// The last day of `rewind health-report --json` for `volume` (Null while
@@ -146,10 +142,8 @@ fn ops_protect_pause_resume_resync_unprotect() {
         &s,
         &backing,
         ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
             ring_size: Some(256 * KIB),
-            ..Default::default()
+            ..ExportOpts::for_volume("vol0")
         },
     );
     let target = Target::start(&s, TargetOpts::tls(&pki));
@@ -170,67 +164,32 @@ fn ops_protect_pause_resume_resync_unprotect() {
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 
-    let doc = status(&state);
+    let doc = status_json(&state, None);
     assert_eq!(doc["figures_from"], "live", "{doc}");
     assert_eq!(doc["source"]["pairs"].as_array().map(Vec::len), Some(0));
 
     // protect, following the initial sync to Differential Sync.
-    let shm = export.shm_dir.to_str().unwrap().to_owned();
-    let dev = backing.to_str().unwrap().to_owned();
-    let protect = |extra: &[&str]| {
-        let mut a = vec![
-            "protect",
-            "--volume",
-            "vol0",
-            "--device",
-            &dev,
-            "--shm-dir",
-            &shm,
-        ];
-        a.extend_from_slice(extra);
-        admin(&a, &state)
-    };
-    let o = protect(&["--group", "g1", "--wait", "--timeout", "60"]);
+    let shm = &export.shm_dir;
+    let protect_vol0 = |extra: &[&str]| protect(&state, "vol0", &backing, shm, extra);
+    let o = protect_vol0(&["--group", "g1", "--wait", "--timeout", "60"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("Differential Sync"), "{}", text(&o));
     assert_same(&backing, &target.replica("vol0"), "after protect");
 
     // Bad commands are refused with a reason and change nothing.
-    let o = protect(&[]);
+    let o = protect_vol0(&[]);
     assert!(
         !o.status.success() && text(&o).contains("already protected"),
         "{}",
         text(&o)
     );
-    let o = admin(
-        &[
-            "protect",
-            "--volume",
-            "vol9",
-            "--device",
-            &dev,
-            "--shm-dir",
-            &shm,
-        ],
-        &state,
-    );
+    let o = protect(&state, "vol9", &backing, shm, &[]);
     assert!(
         !o.status.success() && text(&o).contains("no change log"),
         "{}",
         text(&o)
     );
-    let o = admin(
-        &[
-            "protect",
-            "--volume",
-            "vol9",
-            "--device",
-            "/nonexistent",
-            "--shm-dir",
-            &shm,
-        ],
-        &state,
-    );
+    let o = protect(&state, "vol9", Path::new("/nonexistent"), shm, &[]);
     assert!(
         !o.status.success() && text(&o).contains("--device /nonexistent"),
         "{}",
@@ -248,7 +207,7 @@ fn ops_protect_pause_resume_resync_unprotect() {
         "{}",
         text(&o)
     );
-    let doc = status(&state);
+    let doc = status_json(&state, None);
     assert_eq!(doc["source"]["pairs"].as_array().map(Vec::len), Some(1));
     assert_eq!(pair(&doc, "vol0")["status"]["state"], "DifferentialSync");
 
@@ -272,7 +231,7 @@ fn ops_protect_pause_resume_resync_unprotect() {
         text(&o)
     );
     assert_eq!(
-        pair(&status(&state), "vol0")["status"]["state"],
+        pair(&status_json(&state, None), "vol0")["status"]["state"],
         "DifferentialSync"
     );
 
@@ -284,19 +243,22 @@ fn ops_protect_pause_resume_resync_unprotect() {
         text(&o)
     );
     wait_for("state Paused", T, || {
-        pair(&status(&state), "vol0")["status"]["state"] == "Paused"
+        pair(&status_json(&state, None), "vol0")["status"]["state"] == "Paused"
     });
     let applied_before = target.volume_status("vol0")["status"]["applied_seq"].clone();
     let writer = Writer::start(export.uri(), SIZE, 11);
     writer.resume();
     wait_for("capture in bitmap mode", T, || {
-        pair(&status(&state), "vol0")["status"]["capture_mode"] == "Bitmap"
+        pair(&status_json(&state, None), "vol0")["status"]["capture_mode"] == "Bitmap"
     });
     writer.pause();
     wait_for("the RPO alert", T, || {
-        has_alert(&pair(&status(&state), "vol0"), "over the threshold of 1 s")
+        has_alert(
+            &pair(&status_json(&state, None), "vol0"),
+            "over the threshold of 1 s",
+        )
     });
-    let p = pair(&status(&state), "vol0");
+    let p = pair(&status_json(&state, None), "vol0");
     assert!(has_alert(&p, "capture in bitmap mode"), "{p}");
     assert!(
         p["status"]["pending_source_bytes"].as_u64() > Some(0),
@@ -314,7 +276,7 @@ fn ops_protect_pause_resume_resync_unprotect() {
     );
 
     // Prometheus text on the loopback endpoint.
-    let metrics = status(&state)["source"]["metrics"]
+    let metrics = status_json(&state, None)["source"]["metrics"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -349,7 +311,7 @@ fn ops_protect_pause_resume_resync_unprotect() {
 
     // A restart keeps the protected pair and its pause.
     repl.stop();
-    let doc = status(&state);
+    let doc = status_json(&state, None);
     assert_eq!(doc["figures_from"], "status file", "{doc}");
     assert!(
         doc["note"]
@@ -360,7 +322,7 @@ fn ops_protect_pause_resume_resync_unprotect() {
     );
     let mut repl = start_replicator(&s, &pki.dir, &taddr, &state, &extra);
     wait_for("the restarted pair paused", T, || {
-        pair(&status(&state), "vol0")["status"]["state"] == "Paused"
+        pair(&status_json(&state, None), "vol0")["status"]["state"] == "Paused"
     });
 
     // resume: converges, every acknowledged write at the target.
@@ -369,7 +331,7 @@ fn ops_protect_pause_resume_resync_unprotect() {
         &state,
     );
     assert!(o.status.success(), "{}", text(&o));
-    let doc = wait_drained_dir(&state, &target);
+    let doc = wait_drained_dir(&state, None, &target, T);
     assert_eq!(pair(&doc, "vol0")["origin"], "protect");
     assert_same(&backing, &target.replica("vol0"), "after resume");
     writer.check(&target.replica("vol0"));
@@ -388,14 +350,16 @@ fn ops_protect_pause_resume_resync_unprotect() {
     wait_for("the resync pass counted at the target", T, || {
         target.volume_status("vol0")["resync_passes"].as_u64() > Some(passes)
     });
-    wait_drained_dir(&state, &target);
+    wait_drained_dir(&state, None, &target, T);
     assert_same(&backing, &target.replica("vol0"), "after resync");
 
     // unprotect: the pair and its state are gone, also after a restart.
     let o = admin(&["unprotect", "--volume", "vol0"], &state);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
-        status(&state)["source"]["pairs"].as_array().map(Vec::len),
+        status_json(&state, None)["source"]["pairs"]
+            .as_array()
+            .map(Vec::len),
         Some(0)
     );
     assert!(!state.join("vol0").join("vol0.pair.json").exists());
@@ -408,38 +372,13 @@ fn ops_protect_pause_resume_resync_unprotect() {
     repl.stop();
     let repl = start_replicator(&s, &pki.dir, &taddr, &state, &extra);
     assert_eq!(
-        status(&state)["source"]["pairs"].as_array().map(Vec::len),
+        status_json(&state, None)["source"]["pairs"]
+            .as_array()
+            .map(Vec::len),
         Some(0)
     );
     drop(repl);
     drop(writer);
-}
-
-/// Like [`wait_drained`] for a replicator known by its state directory.
-fn wait_drained_dir(state: &Path, t: &Target) -> Value {
-    let mut hits = 0;
-    let deadline = Instant::now() + T;
-    loop {
-        let o = run_ok(
-            rewind()
-                .args(["status", "--json", "--state-dir"])
-                .arg(state)
-                .arg("--target-state-dir")
-                .arg(&t.state_dir),
-            T,
-        );
-        let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
-        if fully_drained(&doc) {
-            hits += 1;
-            if hits >= 2 {
-                return doc;
-            }
-        } else {
-            hits = 0;
-        }
-        assert!(Instant::now() < deadline, "not drained: {doc}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A stopped target: RPO grows and the pair says why; a tiny spool budget
@@ -451,15 +390,7 @@ fn ops_stopped_target_and_flow_control_in_status_and_health() {
     let backing = s.join("vol.img");
     create_sparse(&backing, SIZE);
     let pki = Pki::new(&s, "pki");
-    let export = Export::start(
-        &s,
-        &backing,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &backing, ExportOpts::for_volume("vol0"));
     let mut topts = TargetOpts::tls(&pki);
     topts.spool_budget = Some("4K".into());
     let target = Target::start(&s, topts);
@@ -484,24 +415,12 @@ fn ops_stopped_target_and_flow_control_in_status_and_health() {
 
     let extra = ["--rpo-threshold", "1", "--history-interval", "1"];
     let _repl = start_replicator(&s, &pki.dir, &taddr, &state, &extra);
-    let (shm, dev) = (
-        export.shm_dir.to_str().unwrap().to_owned(),
-        backing.to_str().unwrap().to_owned(),
-    );
-    let o = admin(
-        &[
-            "protect",
-            "--volume",
-            "vol0",
-            "--device",
-            &dev,
-            "--shm-dir",
-            &shm,
-            "--compression",
-            "off",
-            "--wait",
-        ],
+    let o = protect(
         &state,
+        "vol0",
+        &backing,
+        &export.shm_dir,
+        &["--compression", "off", "--wait"],
     );
     assert!(o.status.success(), "{}", text(&o));
 
@@ -518,7 +437,7 @@ fn ops_stopped_target_and_flow_control_in_status_and_health() {
     // The target's write pattern: the writer's 4..64 KiB writes at random
     // offsets (coalesced where adjacent) are counted by size.
     let mut target = target;
-    wait_drained_dir(&state, &target);
+    wait_drained_dir(&state, None, &target, T);
     let cdpcli = |args: &[&str]| {
         run_ok(
             Command::new(rewind_bin("cdpcli"))
@@ -563,11 +482,13 @@ fn ops_stopped_target_and_flow_control_in_status_and_health() {
         T,
     );
     wait_for("RPO over 1 s", T, || {
-        pair(&status(&state), "vol0")["rpo_secs"].as_f64() > Some(1.0)
+        pair(&status_json(&state, None), "vol0")["rpo_secs"].as_f64() > Some(1.0)
     });
-    let r1 = pair(&status(&state), "vol0")["rpo_secs"].as_f64().unwrap();
+    let r1 = pair(&status_json(&state, None), "vol0")["rpo_secs"]
+        .as_f64()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let p = pair(&status(&state), "vol0");
+    let p = pair(&status_json(&state, None), "vol0");
     let r2 = p["rpo_secs"].as_f64().unwrap();
     assert!(r2 > r1 + 1.0, "RPO did not grow: {r1} then {r2}");
     assert_eq!(p["status"]["connected"], false, "{p}");
@@ -753,15 +674,7 @@ fn ops_config_reload_and_target_metrics() {
         create_random(&b, 8 * MIB, 20 + i as u64);
         exports.push((
             b.clone(),
-            Export::start(
-                &s,
-                &b,
-                ExportOpts {
-                    volume: Some((*name).into()),
-                    export_name: Some((*name).into()),
-                    ..Default::default()
-                },
-            ),
+            Export::start(&s, &b, ExportOpts::for_volume(name)),
         ));
     }
     let tstate = s.join("tstate");
@@ -831,7 +744,7 @@ fn ops_config_reload_and_target_metrics() {
         s.join("replicator.log"),
     );
     let synced = |v: &str| {
-        let d = status(&rstate);
+        let d = status_json(&rstate, None);
         let p = pair(&d, v);
         p["status"]["state"] == "DifferentialSync" && p["status"]["drained"] == true
     };
@@ -839,7 +752,10 @@ fn ops_config_reload_and_target_metrics() {
         repl.assert_alive();
         rstate.join("control.sock").exists() && synced("vol0")
     });
-    assert_eq!(pair(&status(&rstate), "vol0")["origin"], "config");
+    assert_eq!(
+        pair(&status_json(&rstate, None), "vol0")["origin"],
+        "config"
+    );
     let o = admin(&["unprotect", "--volume", "vol0"], &rstate);
     assert!(
         !o.status.success() && text(&o).contains("configuration file"),
@@ -863,13 +779,15 @@ fn ops_config_reload_and_target_metrics() {
         repl.log_text().contains("reload refused")
     });
     assert_eq!(
-        status(&rstate)["source"]["pairs"].as_array().map(Vec::len),
+        status_json(&rstate, None)["source"]["pairs"]
+            .as_array()
+            .map(Vec::len),
         Some(2)
     );
     std::fs::write(&rtoml, rbody(&["vol1"])).unwrap();
     hup(&repl);
     wait_for("vol0 removed by the reload", T, || {
-        let d = status(&rstate);
+        let d = status_json(&rstate, None);
         d["source"]["pairs"].as_array().map(Vec::len) == Some(1) && pair(&d, "vol1") != Value::Null
     });
     repl.assert_alive();
@@ -961,15 +879,7 @@ fn ops_retention_shorter_than_policy_is_reported() {
     let backing = s.join("vol.img");
     create_random(&backing, 16 * MIB, 4);
     let pki = Pki::new(&s, "pki");
-    let export = Export::start(
-        &s,
-        &backing,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &backing, ExportOpts::for_volume("vol0"));
     let tstate = s.join("tstate");
     let mut c = rewind();
     c.args(["target", "--listen", "tcp:127.0.0.1:0", "--dir"])
@@ -1002,23 +912,7 @@ fn ops_retention_shorter_than_policy_is_reported() {
     });
     let state = s.join("rstate");
     let _repl = start_replicator(&s, &pki.dir, &addr, &state, &["--history-interval", "1"]);
-    let (shm, dev) = (
-        export.shm_dir.to_str().unwrap().to_owned(),
-        backing.to_str().unwrap().to_owned(),
-    );
-    let o = admin(
-        &[
-            "protect",
-            "--volume",
-            "vol0",
-            "--device",
-            &dev,
-            "--shm-dir",
-            &shm,
-            "--wait",
-        ],
-        &state,
-    );
+    let o = protect(&state, "vol0", &backing, &export.shm_dir, &["--wait"]);
     assert!(o.status.success(), "{}", text(&o));
     let writer = Writer::start(export.uri(), 16 * MIB, 8);
     writer.resume();

@@ -67,21 +67,6 @@ fn recovery_time_points_exact_through_vsnap_and_materialize() {
     }
     st.converge(Duration::from_secs(60), "after the reads");
 }
-/// `rewind bookmark create` through the export's admin socket.
-fn bookmark(st: &Setup, name: &str, kind: &str) {
-    let o = rewind(&[
-        "bookmark",
-        "create",
-        name,
-        "--volume",
-        "vol0",
-        "--type",
-        kind,
-        "--shm-dir",
-        st.export.shm_dir.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "bookmark {name}: {}", text(&o));
-}
 
 /// Random workload with a bookmark every 30 writes and the source's blake3
 /// recorded at each: after drain `rewind recover list` shows every bookmark
@@ -101,7 +86,8 @@ fn recovery_bookmarks_exact_and_rw_snapshot_isolated() {
     for k in 0..5u64 {
         random_writes(&st.export.uri(), SIZE, 30, 200 + k);
         let name = format!("bm{k}");
-        bookmark(&st, &name, if k % 2 == 0 { "user" } else { "app" });
+        let kind = if k % 2 == 0 { "user" } else { "app" };
+        create_bookmark(&st.export, &name, Some(kind));
         let t = now_ns();
         expect.push((name, t, blake3_file(&backing)));
         std::thread::sleep(Duration::from_millis(5));
@@ -212,7 +198,7 @@ fn recovery_fs_ext4_bookmark_vsnap_mounts() {
         Duration::from_secs(600),
     );
     assert!(o.status.success(), "fs-over-nbd: {}", text(&o));
-    bookmark(&st, "fs-clean", "fs");
+    create_bookmark(&st.export, "fs-clean", Some("fs"));
     // Damage after the bookmark: must not show in the snapshot.
     random_writes(&st.export.uri(), 128 * MIB, 40, 5);
     st.converge(Duration::from_secs(120), "ext4 volume");

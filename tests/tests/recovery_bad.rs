@@ -83,16 +83,7 @@ fn recovery_bad_input_clear_errors_nothing_wrong_served() {
     for k in 0..3u64 {
         random_writes(&st.export.uri(), SIZE, 20, 400 + k);
         let name = format!("b{k}");
-        let o = rewind(&[
-            "bookmark",
-            "create",
-            &name,
-            "--volume",
-            "vol0",
-            "--shm-dir",
-            st.export.shm_dir.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", text(&o));
+        create_bookmark(&st.export, &name, None);
         expect.push((name, blake3_file(&src)));
     }
     random_writes(&st.export.uri(), SIZE, 20, 499);

@@ -37,16 +37,7 @@ fn recovery_failover_failback_reprotect() {
     let st = Setup::start(&s, &src, "zstd:1");
     st.converge(Duration::from_secs(60), "initial sync");
     random_writes(&st.export.uri(), SIZE, 40, 11);
-    let o = rewind(&[
-        "bookmark",
-        "create",
-        "pre",
-        "--volume",
-        "vol0",
-        "--shm-dir",
-        st.export.shm_dir.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "bookmark: {}", text(&o));
+    create_bookmark(&st.export, "pre", None);
     let h_pre = blake3_file(&src);
     random_writes(&st.export.uri(), SIZE, 10, 12);
     st.converge(Duration::from_secs(60), "before the failover");
@@ -149,21 +140,7 @@ fn recovery_failover_failback_reprotect() {
         ])
         .arg(&fb_state);
     let mut fb_daemon = Daemon::spawn(c, s.join("failback.log"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        fb_daemon.assert_alive();
-        if let Some(a) = read_status_file(&fb_state)
-            .and_then(|v| v["listen"].as_str().and_then(|a| a.parse().ok()))
-        {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "failback not ready\n{}",
-            fb_daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let addr = wait_listen(&mut fb_daemon, &fb_state, "failback");
     let fb = Target {
         daemon: fb_daemon,
         addr,
@@ -175,16 +152,8 @@ fn recovery_failover_failback_reprotect() {
         &s,
         addr,
         ReplicatorOpts {
-            auth: Auth::Tls(pki.dir.clone()),
-            host: "replicator".into(),
-            server_name: "127.0.0.1".into(),
-            volume: "vol0".into(),
-            device: replica.clone(),
-            shm_dir: dr_shm.clone(),
-            compression: "off".into(),
-            bandwidth: None,
-            max_chunk: None,
             hash_block: Some(4 * KIB),
+            ..ReplicatorOpts::tls(&pki, "vol0", &replica, &dr_shm, "off")
         },
     );
     let doc = wait_drained(&back, &fb, Duration::from_secs(90));
@@ -216,15 +185,7 @@ fn recovery_failover_failback_reprotect() {
         std::fs::remove_dir_all(&eshm),
         std::fs::remove_dir_all(&estate),
     );
-    let export = Export::start(
-        &s,
-        &src,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &src, ExportOpts::for_volume("vol0"));
     let o = rewind(&["reprotect", "--volume", "vol0", "--state-dir", &sd]);
     assert!(o.status.success(), "reprotect: {}", text(&o));
     let mut ropts = repl.opts.clone();

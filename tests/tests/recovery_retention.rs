@@ -25,15 +25,7 @@ fn recovery_retention_prunes_while_replicating_and_showsummary() {
     let src = s.join("vol.img");
     create_random(&src, SIZE, 6);
     let pki = Pki::new(&s, "pki");
-    let export = Export::start(
-        &s,
-        &src,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &src, ExportOpts::for_volume("vol0"));
     let dir = s.join("tdir");
     let sd = s.join("tstate");
     let mut c = std::process::Command::new(rewind_bin("rewind"));
@@ -53,21 +45,7 @@ fn recovery_retention_prunes_while_replicating_and_showsummary() {
             "1s",
         ]);
     let mut d = Daemon::spawn(c, s.join("target.log"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        d.assert_alive();
-        if let Some(a) =
-            read_status_file(&sd).and_then(|v| v["listen"].as_str().and_then(|a| a.parse().ok()))
-        {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "target not ready\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let addr = wait_listen(&mut d, &sd, "target");
     let target = Target {
         daemon: d,
         addr,
@@ -78,40 +56,15 @@ fn recovery_retention_prunes_while_replicating_and_showsummary() {
     let repl = Replicator::start(
         &s,
         addr,
-        ReplicatorOpts {
-            auth: Auth::Tls(pki.dir.clone()),
-            host: "replicator".into(),
-            server_name: "127.0.0.1".into(),
-            volume: "vol0".into(),
-            device: src.clone(),
-            shm_dir: export.shm_dir.clone(),
-            compression: "zstd:1".into(),
-            bandwidth: None,
-            max_chunk: None,
-            hash_block: None,
-        },
+        ReplicatorOpts::tls(&pki, "vol0", &src, &export.shm_dir, "zstd:1"),
     );
     wait_drained(&repl, &target, Duration::from_secs(60));
     let sds = sd.to_str().unwrap().to_string();
-    let bm = |name: &str, kind: &str| {
-        let o = rewind(&[
-            "bookmark",
-            "create",
-            name,
-            "--volume",
-            "vol0",
-            "--type",
-            kind,
-            "--shm-dir",
-            export.shm_dir.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", text(&o));
-    };
     random_writes(&export.uri(), SIZE, 20, 600);
-    bm("old-user", "user");
+    create_bookmark(&export, "old-user", Some("user"));
     let t_old = now_ns();
     random_writes(&export.uri(), SIZE, 20, 601);
-    bm("kept-app", "app");
+    create_bookmark(&export, "kept-app", Some("app"));
     let h_app = blake3_file(&src);
     // Keep replicating past the 3 s window; the target prunes meanwhile.
     let deadline = Instant::now() + Duration::from_secs(30);

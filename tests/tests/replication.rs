@@ -193,30 +193,14 @@ fn replication_checksum_resync_ships_only_differences() {
         write_at(&replica, b * HB + 512, &[0xee; 4096]);
     }
     let pki = Pki::new(&s, "pki");
-    let export = Export::start(
-        &s,
-        &backing,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &backing, ExportOpts::for_volume("vol0"));
     let target = Target::start_in(&s, tdir, s.join("tstate"), TargetOpts::tls(&pki));
     let repl = Replicator::start(
         &s,
         target.addr,
         ReplicatorOpts {
-            auth: Auth::Tls(pki.dir.clone()),
-            host: "replicator".into(),
-            server_name: "127.0.0.1".into(),
-            volume: "vol0".into(),
-            device: backing.clone(),
-            shm_dir: export.shm_dir.clone(),
-            compression: "off".into(),
-            bandwidth: None,
-            max_chunk: None,
             hash_block: Some(HB),
+            ..ReplicatorOpts::tls(&pki, "vol0", &backing, &export.shm_dir, "off")
         },
     );
     let doc = wait_drained(&repl, &target, Duration::from_secs(60));

@@ -133,15 +133,7 @@ fn replication_from_config_files() {
     let pki = Pki::new(&s, "pki");
     let backing = s.join("vol.img");
     create_random(&backing, 16 * MIB, 9);
-    let export = Export::start(
-        &s,
-        &backing,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &backing, ExportOpts::for_volume("vol0"));
     let p = pki.dir.display();
     let tstate = s.join("tstate");
     let ttoml = s.join("target.toml");
@@ -164,21 +156,7 @@ fn replication_from_config_files() {
         },
         s.join("target.log"),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        target.assert_alive();
-        if let Some(a) =
-            read_status_file(&tstate).and_then(|v| v["listen"].as_str().map(String::from))
-        {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "target not ready\n{}",
-            target.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let addr = wait_listen(&mut target, &tstate, "target");
     let rstate = s.join("rstate");
     let rtoml = s.join("replicator.toml");
     std::fs::write(
@@ -217,15 +195,7 @@ fn replication_from_config_files() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         repl.assert_alive();
-        let o = run_ok(
-            rewind()
-                .args(["status", "--json", "--state-dir"])
-                .arg(&rstate)
-                .arg("--target-state-dir")
-                .arg(&tstate),
-            T,
-        );
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = status_json(&rstate, Some(&tstate));
         if fully_drained(&v) {
             assert_eq!(v["source"]["pairs"][0]["bandwidth_bps"], 50_000_000u64);
             break;
@@ -302,15 +272,7 @@ fn replication_from_config_files() {
     let o = run_ok(rewind().args(["status", "--state-dir"]).arg(&rstate), T);
     assert!(String::from_utf8_lossy(&o.stdout).contains("replicator: stopped"));
     target.kill9();
-    let o = run_ok(
-        rewind()
-            .args(["status", "--json", "--state-dir"])
-            .arg(&rstate)
-            .arg("--target-state-dir")
-            .arg(&tstate),
-        T,
-    );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = status_json(&rstate, Some(&tstate));
     assert_eq!(v["target_daemon"], "dead (killed?)", "{v}");
 }
 
@@ -320,40 +282,18 @@ fn replication_insecure_loopback() {
     let s = Scratch::new("repl-insec");
     let backing = s.join("vol.img");
     create_random(&backing, 8 * MIB, 4);
-    let export = Export::start(
-        &s,
-        &backing,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &backing, ExportOpts::for_volume("vol0"));
     let target = Target::start(
         &s,
         TargetOpts {
-            auth: Auth::Insecure,
-            host: String::new(),
-            allow: vec![],
-            port: None,
             spool_budget: Some("16M".into()),
+            ..TargetOpts::insecure()
         },
     );
     let repl = Replicator::start(
         &s,
         target.addr,
-        ReplicatorOpts {
-            auth: Auth::Insecure,
-            host: String::new(),
-            server_name: "127.0.0.1".into(),
-            volume: "vol0".into(),
-            device: backing.clone(),
-            shm_dir: export.shm_dir.clone(),
-            compression: "zstd".into(),
-            bandwidth: None,
-            max_chunk: None,
-            hash_block: None,
-        },
+        ReplicatorOpts::insecure("vol0", &backing, &export.shm_dir, "zstd"),
     );
     run_ok(
         tool("qemu-io").args(["-f", "raw", &export.uri(), "-c", "write -P 0x31 0 2M"]),

@@ -23,12 +23,9 @@ use std::time::{Duration, Instant};
 
 const SIZE: u64 = 32 * MIB;
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// [`poll_until`] every 50 ms.
+fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    poll_until(what, timeout, Duration::from_millis(50), f)
 }
 
 #[test]
@@ -37,32 +34,13 @@ fn replication_link_faults_stall_cut_slow() {
     let backing = s.join("vol.img");
     create_sparse(&backing, SIZE);
     let pki = Pki::new(&s, "pki");
-    let export = Export::start(
-        &s,
-        &backing,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &backing, ExportOpts::for_volume("vol0"));
     let target = Target::start(&s, TargetOpts::tls(&pki));
     let proxy = FaultProxy::start(target.addr);
     let repl = Replicator::start(
         &s,
         proxy.addr(),
-        ReplicatorOpts {
-            auth: Auth::Tls(pki.dir.clone()),
-            host: "replicator".into(),
-            server_name: "127.0.0.1".into(),
-            volume: "vol0".into(),
-            device: backing.clone(),
-            shm_dir: export.shm_dir.clone(),
-            compression: "zstd:1".into(),
-            bandwidth: None,
-            max_chunk: None,
-            hash_block: None,
-        },
+        ReplicatorOpts::tls(&pki, "vol0", &backing, &export.shm_dir, "zstd:1"),
     );
     let converge = |what: &str| {
         wait_drained(&repl, &target, Duration::from_secs(60));
@@ -351,11 +329,7 @@ fn replication_bad_peers_refused() {
         &mut st.export,
         Export::start(&s, &s.join("vol2.img"), {
             create_sparse(&s.join("vol2.img"), SIZE);
-            ExportOpts {
-                volume: Some("vol-tmp".into()),
-                export_name: Some("vol-tmp".into()),
-                ..Default::default()
-            }
+            ExportOpts::for_volume("vol-tmp")
         }),
     );
     ex.stop();
@@ -365,11 +339,9 @@ fn replication_bad_peers_refused() {
         &s,
         &backing,
         ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
             shm_dir: Some(shm.clone()),
             state_dir: Some(state.clone()),
-            ..Default::default()
+            ..ExportOpts::for_volume("vol0")
         },
     );
     let mut newer = Replicator::start(
@@ -420,10 +392,8 @@ fn replication_ring_overflow_falls_back_and_recovers() {
         &s,
         &backing,
         ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
             ring_size: Some(MIB),
-            ..Default::default()
+            ..ExportOpts::for_volume("vol0")
         },
     );
     let target = Target::start(&s, TargetOpts::tls(&pki));
@@ -431,18 +401,7 @@ fn replication_ring_overflow_falls_back_and_recovers() {
     let repl = Replicator::start(
         &s,
         proxy.addr(),
-        ReplicatorOpts {
-            auth: Auth::Tls(pki.dir.clone()),
-            host: "replicator".into(),
-            server_name: "127.0.0.1".into(),
-            volume: "vol0".into(),
-            device: backing.clone(),
-            shm_dir: export.shm_dir.clone(),
-            compression: "zstd:1".into(),
-            bandwidth: None,
-            max_chunk: None,
-            hash_block: None,
-        },
+        ReplicatorOpts::tls(&pki, "vol0", &backing, &export.shm_dir, "zstd:1"),
     );
     wait_drained(&repl, &target, Duration::from_secs(60));
     proxy.stall();

@@ -45,11 +45,9 @@ fn replication_kill9_any_process_converges() {
                 // SAFETY: waitpid on our own child pid with a valid status pointer.
                 unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
                 let opts = ExportOpts {
-                    volume: Some("vol0".into()),
-                    export_name: Some("vol0".into()),
                     shm_dir: Some(st.export.shm_dir.clone()),
                     state_dir: Some(st.export.state_dir.clone()),
-                    ..Default::default()
+                    ..ExportOpts::for_volume("vol0")
                 };
                 std::thread::sleep(Duration::from_millis(rand(200)));
                 let new = Export::start(&s, &backing, opts);

@@ -3,7 +3,6 @@
 //! export in the middle of a write load, then restart (bytes lost = 0).
 
 use rewind_tests::*;
-use std::process::Stdio;
 use std::time::Duration;
 
 /// 4 connections x 400 async ops, up to 32 in flight per connection, at
@@ -102,32 +101,15 @@ fn kill9_under_write_load_loses_nothing() {
     let backing = s.join("vol.img");
     create_random(&backing, size, 62);
     let before = ImageCopy::capture(&s, &backing);
-    std::fs::create_dir_all(s.join("shm")).unwrap();
-    std::fs::create_dir_all(s.join("state")).unwrap();
     let opts = ExportOpts {
-        shm_dir: Some(s.join("shm")),
-        state_dir: Some(s.join("state")),
         // small ring: the crash happens after falling out of data mode
         ring_size: Some(4 * MIB),
-        ..Default::default()
+        ..ExportOpts::restartable(&s)
     };
     let ex = Export::start(&s, &backing, opts.clone());
-    let mut fio = tool("fio");
-    fio.args([
-        "--name=load",
-        "--ioengine=nbd",
-        &format!("--uri={}", ex.uri()),
-    ])
-    .args([
-        "--rw=randwrite",
-        "--bsrange=1k-64k",
-        "--iodepth=32",
-        "--size=64m",
-    ])
-    .args(["--time_based", "--runtime=30", "--norandommap"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut child = fio.spawn().expect("spawn fio");
+    let mut child = fio_write_load(&ex.uri(), "--bsrange=1k-64k", 32, 30)
+        .spawn()
+        .expect("spawn fio");
     std::thread::sleep(Duration::from_millis(2500));
     ex.kill9();
     let _ = child.wait();
@@ -159,22 +141,9 @@ fn client_killed_mid_io_leaves_server_and_log_sound() {
     let before = ImageCopy::capture(&s, &backing);
     let mut ex = Export::start(&s, &backing, ExportOpts::default());
     for round in 0..3 {
-        let mut fio = tool("fio");
-        fio.args([
-            "--name=load",
-            "--ioengine=nbd",
-            &format!("--uri={}", ex.uri()),
-        ])
-        .args([
-            "--rw=randwrite",
-            "--bsrange=1k-256k",
-            "--iodepth=32",
-            "--size=64m",
-        ])
-        .args(["--time_based", "--runtime=30", "--norandommap"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let mut child = fio.spawn().expect("spawn fio");
+        let mut child = fio_write_load(&ex.uri(), "--bsrange=1k-256k", 32, 30)
+            .spawn()
+            .expect("spawn fio");
         std::thread::sleep(Duration::from_millis(700 + 300 * round));
         let _ = child.kill(); // SIGKILL: connections vanish with requests in flight
         let _ = child.wait();
@@ -255,32 +224,16 @@ fn sigterm_under_write_load_then_restart_loses_nothing() {
     let backing = s.join("vol.img");
     create_random(&backing, size, 65);
     let before = ImageCopy::capture(&s, &backing);
-    std::fs::create_dir_all(s.join("shm")).unwrap();
-    std::fs::create_dir_all(s.join("state")).unwrap();
+    let dirs = ExportOpts::restartable(&s);
     for ring in [64 * MIB, 2 * MIB] {
         let opts = ExportOpts {
-            shm_dir: Some(s.join("shm")),
-            state_dir: Some(s.join("state")),
             ring_size: Some(ring),
-            ..Default::default()
+            ..dirs.clone()
         };
         let ex = Export::start(&s, &backing, opts.clone());
-        let mut fio = tool("fio");
-        fio.args([
-            "--name=load",
-            "--ioengine=nbd",
-            &format!("--uri={}", ex.uri()),
-        ])
-        .args([
-            "--rw=randwrite",
-            "--bsrange=512-128k",
-            "--iodepth=32",
-            "--size=64m",
-        ])
-        .args(["--time_based", "--runtime=30", "--norandommap"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let mut child = fio.spawn().expect("spawn fio");
+        let mut child = fio_write_load(&ex.uri(), "--bsrange=512-128k", 32, 30)
+            .spawn()
+            .expect("spawn fio");
         std::thread::sleep(Duration::from_millis(1500));
         ex.stop(); // SIGTERM with 32 requests in flight: must exit 0
         let _ = child.kill();

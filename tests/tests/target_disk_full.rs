@@ -43,15 +43,7 @@ fn target_disk_full_is_reported_and_converges_without_resync() {
     // The replica (sparse, 32 MiB at most), journal and spool on 96 MiB of ext4.
     let small = SmallFs::create(&s, "tfs", 96 * MIB);
     let pki = Pki::new(&s, "pki");
-    let export = Export::start(
-        &s,
-        &backing,
-        ExportOpts {
-            volume: Some("vol0".into()),
-            export_name: Some("vol0".into()),
-            ..Default::default()
-        },
-    );
+    let export = Export::start(&s, &backing, ExportOpts::for_volume("vol0"));
     let mut target = Target::start_in(
         &s,
         small.mount.join("target"),
@@ -61,18 +53,7 @@ fn target_disk_full_is_reported_and_converges_without_resync() {
     let mut repl = Replicator::start(
         &s,
         target.addr,
-        ReplicatorOpts {
-            auth: Auth::Tls(pki.dir.clone()),
-            host: "replicator".into(),
-            server_name: "127.0.0.1".into(),
-            volume: "vol0".into(),
-            device: backing.clone(),
-            shm_dir: export.shm_dir.clone(),
-            compression: "none".into(),
-            bandwidth: None,
-            max_chunk: None,
-            hash_block: None,
-        },
+        ReplicatorOpts::tls(&pki, "vol0", &backing, &export.shm_dir, "none"),
     );
     let writer = Writer::start(export.uri(), SIZE, 11);
     writer.resume();
