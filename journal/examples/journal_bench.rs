@@ -14,7 +14,11 @@
 //! 4. materialize throughput (the script times `cp`/`dd` of the replica).
 //!
 //! `MiB` = 0 runs only part 2; `JOURNAL_BENCH_KEEP=1` keeps the part-2 journal
-//! under `DIR/many` and reuses it in the next run (no rebuild).
+//! under `DIR/many` and reuses it in the next run (no rebuild). The journal is
+//! laid out as `rewind target --dir DIR/many/vols` expects it (volume
+//! `bench2`: `vols/bench2/journal` and `vols/bench2/replica.img`), so the
+//! script can time the operator's `rewind snapshot create` on the same
+//! journal (`tools/examples/snapshot_cli_bench.rs`).
 //!
 //! Output: `key value` lines (parsed by the script).
 
@@ -182,11 +186,12 @@ fn vsnap_creation(dir: &Path, records: u64) {
     // JOURNAL_BENCH_KEEP=1: keep the journal and reuse it in the next run
     // (iterating on open times without rebuilding 10^6 records).
     let keep = std::env::var_os("JOURNAL_BENCH_KEEP").is_some();
-    if !(keep && d.join("t").join("identity").exists()) {
+    let jdir = many_journal(&d);
+    if !(keep && jdir.join("identity").exists()) {
         build_many(&d, size, records, &opts);
     }
     let t = Instant::now();
-    let v = TargetVolume::open_with(&d.join("t"), opts.clone()).expect("open");
+    let v = TargetVolume::open_with(&jdir, opts.clone()).expect("open");
     println!("many.open_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
     let records = v.counters().journal_records;
     let mut worst = 0f64;
@@ -199,8 +204,7 @@ fn vsnap_creation(dir: &Path, records: u64) {
     }
     println!("many.vsnap_create_ms {worst:.3}");
     let t = Instant::now();
-    let view =
-        SnapshotView::open_dir(&d.join("t"), &RecoveryPoint::Seq(records / 2)).expect("open_dir");
+    let view = SnapshotView::open_dir(&jdir, &RecoveryPoint::Seq(records / 2)).expect("open_dir");
     println!(
         "many.vsnap_open_dir_ms {:.1}",
         t.elapsed().as_secs_f64() * 1e3
@@ -225,7 +229,7 @@ fn vsnap_creation(dir: &Path, records: u64) {
     drop(v);
     // The peer in the same run: the same journal without index sidecars (the
     // scan every segment needed before them). Open writes them back.
-    let jd = d.join("t").join("journal");
+    let jd = jdir.join("journal");
     let mut moved = Vec::new();
     for e in std::fs::read_dir(&jd).expect("readdir") {
         let p = e.expect("entry").path();
@@ -236,8 +240,7 @@ fn vsnap_creation(dir: &Path, records: u64) {
         }
     }
     let t = Instant::now();
-    let view =
-        SnapshotView::open_dir(&d.join("t"), &RecoveryPoint::Seq(records / 2)).expect("open_dir");
+    let view = SnapshotView::open_dir(&jdir, &RecoveryPoint::Seq(records / 2)).expect("open_dir");
     println!(
         "many.vsnap_open_dir_scan_ms {:.1}",
         t.elapsed().as_secs_f64() * 1e3
@@ -245,7 +248,7 @@ fn vsnap_creation(dir: &Path, records: u64) {
     assert_eq!(view.index_load().sidecar_segments, 0);
     drop(view);
     let t = Instant::now();
-    let v = TargetVolume::open_with(&d.join("t"), opts).expect("open");
+    let v = TargetVolume::open_with(&jdir, opts).expect("open");
     println!("many.open_scan_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
     drop(v);
     for q in moved {
@@ -256,17 +259,25 @@ fn vsnap_creation(dir: &Path, records: u64) {
     }
 }
 
+/// Name of the part-2 volume (its directory under `DIR/many/vols`).
+const MANY_VOLUME: &str = "bench2";
+
+/// Journal directory of the part-2 volume: `rewind target --dir d/vols`
+/// finds it there (`<dir>/<volume>/journal`, replica `<dir>/<volume>/replica.img`).
+fn many_journal(d: &Path) -> PathBuf {
+    d.join("vols").join(MANY_VOLUME).join("journal")
+}
+
 /// Build a journal of `records` one-extent (512-byte) undo records in `d`.
 fn build_many(d: &Path, size: u64, records: u64, opts: &TargetOptions) {
     let _ = std::fs::remove_dir_all(d);
-    std::fs::create_dir_all(d).expect("mkdir");
-    let mut v = TargetVolume::create_with(
-        &d.join("t"),
-        ident(size, 2),
-        &d.join("replica.img"),
-        opts.clone(),
-    )
-    .expect("create");
+    let jdir = many_journal(d);
+    let vdir = jdir.parent().expect("volume dir");
+    std::fs::create_dir_all(vdir).expect("mkdir");
+    let mut id = ident(size, 2);
+    id.name = MANY_VOLUME.to_string();
+    let mut v = TargetVolume::create_with(&jdir, id, &vdir.join("replica.img"), opts.clone())
+        .expect("create");
     let mut r = StdRng::seed_from_u64(5);
     let t0 = Instant::now();
     let mut batch = Vec::with_capacity(1024);
