@@ -345,6 +345,7 @@ impl TargetVolume {
             .write(true)
             .open(&replica_path)
             .map_err(ioe(|| format!("open replica {}", replica_path.display())))?;
+        no_readahead(&replica, &replica_path);
         let replica_is_file = replica
             .metadata()
             .map_err(ioe(|| format!("stat {}", replica_path.display())))?

@@ -222,6 +222,7 @@ impl Shared {
     pub(crate) fn new(replica_path: &Path, size: u64) -> Result<Shared> {
         let replica = File::open(replica_path)
             .map_err(ioe(|| format!("open replica {}", replica_path.display())))?;
+        crate::fsutil::no_readahead(&replica, replica_path);
         Ok(Shared {
             index: RwLock::new(Index {
                 records: VecDeque::new(),
