@@ -1048,14 +1048,18 @@ fn frame_loop(
         if !current() {
             return Ok(());
         }
-        // Flow control: do not read while the spool is over budget.
+        // Flow control: do not read while the spool is over budget. The
+        // figures come from the status (refreshed under the store lock after
+        // every spool and apply step), not from the store: taking the store
+        // lock here waited for a whole apply step before every frame batch,
+        // on top of the wait for the spool itself.
         loop {
-            let (bytes, budget) = {
-                let s = lock(&vol.store);
-                (s.spool_bytes(), s.spool_budget())
+            let over = {
+                let mut st = lock(&vol.status);
+                let over = st.spool_budget > 0 && st.spool_bytes > st.spool_budget;
+                st.flow_controlled = over;
+                over
             };
-            let over = budget > 0 && bytes > budget;
-            lock(&vol.status).flow_controlled = over;
             if !over || !current() {
                 break;
             }
