@@ -3,13 +3,18 @@
 
 use crate::error::{corrupt, ioe, JournalError, Result};
 use crate::fault::FaultPoint;
+use crate::fault::Faults;
 use crate::format::*;
 use crate::fsutil::is_zero;
-use crate::segment::{encode_undo_record, UndoRec};
+use crate::segment::{encode_undo_record, SegFile, UndoExtent, UndoRec};
 use crate::spool::Pending;
-use crate::{Applied, ChunkExtent, ExtentData, TargetVolume, UNDO_PIECE};
+use crate::view::Shared;
+use crate::{Applied, ChunkExtent, Counters, ExtentData, TargetVolume, UNDO_PIECE};
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use tracing::warn;
 
@@ -102,7 +107,13 @@ impl TargetVolume {
             chunks = batch.len(),
             "re-applying journaled but uncommitted chunks"
         );
-        self.write_replica_batch(&batch)?;
+        write_replica_batch(
+            &self.replica,
+            &self.replica_path,
+            &mut self.faults,
+            &mut self.counters,
+            &batch,
+        )?;
         self.counters.recovered_chunks += batch.len() as u64;
         self.finish_batch(&batch)?;
         self.sync_journal()?;
@@ -112,6 +123,7 @@ impl TargetVolume {
     /// Apply the oldest spooled chunk (a batch of one). `Ok(None)` when nothing is pending.
     pub fn apply_next(&mut self) -> Result<Option<Applied>> {
         self.check()?;
+        self.check_idle("apply")?;
         let r = self.apply_batch_inner(1);
         self.guard(r)
     }
@@ -120,6 +132,7 @@ impl TargetVolume {
     /// fdatasync and one replica fdatasync. `Ok(None)` when nothing is pending.
     pub fn apply_batch(&mut self) -> Result<Option<Applied>> {
         self.check()?;
+        self.check_idle("apply")?;
         let n = self.opts.apply_batch_chunks.max(1);
         let r = self.apply_batch_inner(n);
         self.guard(r)
@@ -181,168 +194,197 @@ impl TargetVolume {
     }
 
     pub(crate) fn apply_batch_inner(&mut self, max_chunks: usize) -> Result<Option<Applied>> {
+        let Some(mut job) = self.begin_job(max_chunks)? else {
+            return Ok(None);
+        };
+        let r = job.prepare();
+        let r = r.and_then(|_| self.place_job(&mut job));
+        let r = r.and_then(|_| job.run());
+        self.finish_job(job, r).map(Some)
+    }
+
+    /// Takes the next apply step out of the volume: an [`ApplyJob`] whose
+    /// [`ApplyJob::run`] does the step's I/O (old data -> undo records,
+    /// journal fdatasync, replica writes, replica fdatasync) without borrowing
+    /// the volume, so that its owner can go on spooling (and acknowledging)
+    /// meanwhile; [`TargetVolume::apply_finish`] then commits it. `Ok(None)`
+    /// when nothing is pending.
+    ///
+    /// While a job is out the volume is *busy*: spooling and read-only calls
+    /// work; apply, rollback, prune and resize return [`JournalError::Busy`];
+    /// direct apply spools instead. A job must be given back to
+    /// [`TargetVolume::apply_finish`] (dropping it leaves the volume busy
+    /// until reopened). Every step writes the same bytes in the same order as
+    /// [`TargetVolume::apply_batch`], so crash recovery is unchanged.
+    pub fn apply_begin(&mut self) -> Result<Option<ApplyJob>> {
+        self.check()?;
+        self.check_idle("apply")?;
+        let n = self.opts.apply_batch_chunks.max(1);
+        let r = self.begin_job(n);
+        self.guard(r)
+    }
+
+    /// Commits a job taken by [`TargetVolume::apply_begin`] whose
+    /// [`ApplyJob::run`] returned `run` (commit record, counters, spool
+    /// reclaim). An error, from `run` or here, poisons the handle as in
+    /// [`TargetVolume::apply_batch`].
+    pub fn apply_finish(&mut self, job: ApplyJob, run: Result<()>) -> Result<Applied> {
+        if !self.busy {
+            return Err(JournalError::Invalid(
+                "apply_finish without a job out".into(),
+            ));
+        }
+        let r = self.finish_job(job, run);
+        self.guard(r)
+    }
+
+    /// Gives a prepared job ([`ApplyJob::prepare`]) its position in the
+    /// journal, rotating the segment first if its records do not fit.
+    pub fn apply_place(&mut self, job: &mut ApplyJob) -> Result<()> {
+        if !self.busy {
+            return Err(JournalError::Invalid(
+                "apply_place without a job out".into(),
+            ));
+        }
+        let r = self.place_job(job);
+        self.guard(r)
+    }
+
+    fn place_job(&mut self, job: &mut ApplyJob) -> Result<()> {
+        if !job.prepared || job.place.is_some() {
+            return Err(JournalError::Invalid(
+                "apply step placed before it was prepared, or twice".into(),
+            ));
+        }
+        let need_rotate = {
+            let s = self.cur_seg();
+            s.len > FILE_HDR as u64 && s.len + job.jbuf.len() as u64 > self.opts.segment_size
+        };
+        if need_rotate {
+            self.new_segment()?;
+        }
+        let s = self.cur_seg();
+        job.place = Some((s.sf.clone(), s.len));
+        Ok(())
+    }
+
+    /// Whether an [`ApplyJob`] is out (see [`TargetVolume::apply_begin`]).
+    pub fn apply_busy(&self) -> bool {
+        self.busy
+    }
+
+    /// `Busy` while an apply job is out.
+    pub(crate) fn check_idle(&self, what: &str) -> Result<()> {
+        if self.busy {
+            return Err(JournalError::Busy(format!(
+                "{what}: an apply step is in progress"
+            )));
+        }
+        Ok(())
+    }
+
+    fn begin_job(&mut self, max_chunks: usize) -> Result<Option<ApplyJob>> {
+        self.check_idle("apply")?;
         if self.pending.is_empty() {
             return Ok(None);
         }
         let t0 = Instant::now();
         let (n, self_overlap) = self.plan_batch(max_chunks);
         let mut batch = Vec::with_capacity(n);
+        let (mut payload, mut cached) = (0u64, 0u64);
         for _ in 0..n {
             let mut p = self.pending.pop_front().ok_or(JournalError::Poisoned)?;
             let data = match p.data.take() {
                 Some(d) => {
-                    self.cached_bytes -= p.payload;
+                    cached += p.payload;
                     d
                 }
+                // An error here poisons the handle (the caller's guard).
                 None => self.load_chunk(&p)?,
             };
-            self.pending_bytes -= p.payload;
+            payload += p.payload;
             batch.push((p, data));
         }
-        // 1. old data -> undo records (one per chunk), in one buffer.
-        let mut jbuf: Vec<u8> = Vec::new();
-        let mut recs = Vec::with_capacity(n);
-        for (p, exts) in &batch {
-            let rec_start = jbuf.len();
-            let mut entries: Vec<(u64, u64, u8, Vec<u8>)> = Vec::new();
-            for (ei, e) in exts.iter().enumerate() {
-                let end = e.offset + e.data.len();
-                let mut o = e.offset;
-                while o < end {
-                    let pl = (end - o).min(UNDO_PIECE);
-                    let mut old = vec![0u8; pl as usize];
-                    self.replica.read_exact_at(&mut old, o).map_err(ioe(|| {
-                        format!("read replica {}", self.replica_path.display())
-                    }))?;
-                    self.counters.replica_reads += 1;
-                    self.counters.replica_read_bytes += pl;
-                    if self_overlap {
-                        for prev in &exts[..ei] {
-                            overlay_new(&mut old, o, prev);
-                        }
-                    }
-                    let (enc, stored) = encode_old(old, self.zstd.as_mut());
-                    self.counters.undo_raw_bytes += pl;
-                    self.counters.undo_stored_bytes += stored.len() as u64;
-                    entries.push((o, pl, enc, stored));
-                    o += pl;
-                }
-            }
-            let ux = encode_undo_record(
-                &mut jbuf,
-                &RecHeader {
-                    magic: REC_UNDO,
-                    flags: if p.direct { FLAG_DIRECT } else { 0 }
-                        | if p.inconsistent { FLAG_INCONSISTENT } else { 0 },
-                    id: p.chunk_id,
-                    first_seq: p.first_seq,
-                    last_seq: p.last_seq,
-                    time_ns: p.time_ns,
-                    ..RecHeader::default()
-                },
-                &entries,
-            );
-            recs.push((rec_start as u64, ux));
-        }
-        // 2. append + fdatasync (rotate first if the segment is full).
-        let need_rotate = {
-            let s = self.cur_seg();
-            s.len > FILE_HDR as u64 && s.len + jbuf.len() as u64 > self.opts.segment_size
+        let replica = self.replica.try_clone().map_err(ioe(|| {
+            format!("dup replica {}", self.replica_path.display())
+        }))?;
+        let job = ApplyJob {
+            oldest_time_ns: batch.first().map_or(0, |(p, _)| p.time_ns),
+            batch,
+            self_overlap,
+            payload,
+            cached,
+            replica,
+            replica_path: self.replica_path.clone(),
+            zstd: self.zstd.take(),
+            faults: self.faults.clone(),
+            jbuf: Vec::new(),
+            recs: Vec::new(),
+            prepared: false,
+            place: None,
+            shared: self.shared.clone(),
+            counters: Counters::default(),
+            jlen: 0,
+            t0,
         };
-        if need_rotate {
-            self.new_segment()?;
+        self.busy = true;
+        self.busy_oldest_time_ns = Some(job.oldest_time_ns);
+        self.busy_chunks = job.batch.len() as u64;
+        Ok(Some(job))
+    }
+
+    fn finish_job(&mut self, job: ApplyJob, run: Result<()>) -> Result<Applied> {
+        let ApplyJob {
+            batch,
+            payload,
+            cached,
+            zstd,
+            place,
+            jlen,
+            counters: c,
+            t0,
+            ..
+        } = job;
+        self.busy = false;
+        self.busy_oldest_time_ns = None;
+        self.busy_chunks = 0;
+        self.zstd = zstd;
+        self.pending_bytes -= payload;
+        self.cached_bytes -= cached;
+        let k = &mut self.counters;
+        k.replica_reads += c.replica_reads;
+        k.replica_read_bytes += c.replica_read_bytes;
+        k.undo_raw_bytes += c.undo_raw_bytes;
+        k.undo_stored_bytes += c.undo_stored_bytes;
+        k.journal_write_bytes += c.journal_write_bytes;
+        k.fsyncs += c.fsyncs;
+        k.replica_writes += c.replica_writes;
+        k.replica_write_bytes += c.replica_write_bytes;
+        let records = self.index().records.len() as u64;
+        self.counters.journal_records = records;
+
+        run?;
+        let sl = self.segments.len() - 1;
+        let Some((seg, _)) = place else {
+            return Err(JournalError::Invalid(
+                "apply step finished without its journal position".into(),
+            ));
+        };
+        if !Arc::ptr_eq(&self.segments[sl].sf, &seg) {
+            return Err(JournalError::Invalid(
+                "the journal segment changed during an apply step".into(),
+            ));
         }
-        let seg_no = self.segments.len() - 1;
-        let base = self.segments[seg_no].len;
-        let sf = self.segments[seg_no].sf.clone();
-        {
-            let s = &sf;
-            s.file
-                .write_all_at(&jbuf, base)
-                .map_err(ioe(|| format!("append {}", s.path.display())))?;
-        }
-        self.faults.hit(FaultPoint::UndoAfterAppend)?;
-        self.sync_journal()?;
-        self.faults.hit(FaultPoint::UndoAfterSync)?;
-        self.segments[seg_no].len += jbuf.len() as u64;
-        self.counters.journal_write_bytes += jbuf.len() as u64;
-        // Into the shared index before any replica write (see view.rs for why).
-        let shared = self.shared.clone();
-        let mut idx = shared.write();
-        for ((p, _), (rel, mut ux)) in batch.iter().zip(recs) {
-            for x in &mut ux {
-                x.file_off += base;
-            }
-            idx.push(UndoRec {
-                chunk_id: p.chunk_id,
-                first_seq: p.first_seq,
-                last_seq: p.last_seq,
-                time_ns: p.time_ns,
-                seg: sf.clone(),
-                inconsistent: p.inconsistent,
-                merged_from: 0,
-                rec_off: base + rel,
-                extents: ux.into(),
-            });
-        }
-        self.counters.journal_records = idx.records.len() as u64;
-        drop(idx);
-        // 3. replica writes + fdatasync.
-        self.write_replica_batch(&batch)?;
+        self.segments[sl].len += jlen;
+        // The job's fdatasync of the segment made every commit written before it durable.
+        self.commit_synced = self.commit_written;
         // 4. commit.
         let a = self.finish_batch(&batch)?;
         self.counters.apply_batches += 1;
         self.counters.apply_ns += t0.elapsed().as_nanos() as u64;
         // 5. reclaim spool space.
         self.reclaim()?;
-        Ok(Some(a))
-    }
-
-    pub(crate) fn write_replica_batch(
-        &mut self,
-        batch: &[(Pending, Vec<ChunkExtent>)],
-    ) -> Result<()> {
-        static ZEROES: [u8; 1 << 16] = [0u8; 1 << 16];
-        let mut first = true;
-        for (_, exts) in batch {
-            for e in exts {
-                match &e.data {
-                    ExtentData::Data(d) => {
-                        self.replica.write_all_at(d, e.offset).map_err(ioe(|| {
-                            format!("write replica {}", self.replica_path.display())
-                        }))?;
-                        self.counters.replica_writes += 1;
-                        self.counters.replica_write_bytes += d.len() as u64;
-                    }
-                    ExtentData::Zero(n) => {
-                        let mut o = e.offset;
-                        let end = e.offset + n;
-                        while o < end {
-                            let k = (end - o).min(ZEROES.len() as u64);
-                            self.replica
-                                .write_all_at(&ZEROES[..k as usize], o)
-                                .map_err(ioe(|| {
-                                    format!("write replica {}", self.replica_path.display())
-                                }))?;
-                            self.counters.replica_writes += 1;
-                            self.counters.replica_write_bytes += k;
-                            o += k;
-                        }
-                    }
-                }
-                if first {
-                    first = false;
-                    self.faults.hit(FaultPoint::ReplicaMidWrite)?;
-                }
-            }
-        }
-        self.faults.hit(FaultPoint::ReplicaAfterWrite)?;
-        self.replica.sync_data().map_err(ioe(|| {
-            format!("fdatasync replica {}", self.replica_path.display())
-        }))?;
-        self.counters.fsyncs += 1;
-        self.faults.hit(FaultPoint::ReplicaAfterSync)?;
-        Ok(())
+        Ok(a)
     }
 
     /// Append the commit record for a batch whose replica writes are durable.
@@ -386,4 +428,192 @@ impl TargetVolume {
         self.faults.hit(FaultPoint::CommitAfterAppend)?;
         Ok(a)
     }
+}
+
+/// One apply step out of its volume (see [`TargetVolume::apply_begin`]): the
+/// chunks, a descriptor of the replica, the journal segment and the position
+/// to append at. `Send`: it may run on another thread than the owner's.
+pub struct ApplyJob {
+    batch: Vec<(Pending, Vec<ChunkExtent>)>,
+    self_overlap: bool,
+    payload: u64,
+    cached: u64,
+    oldest_time_ns: u64,
+    replica: File,
+    replica_path: PathBuf,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    faults: Faults,
+    jbuf: Vec<u8>,
+    recs: Vec<(u64, Vec<UndoExtent>)>,
+    prepared: bool,
+    place: Option<(Arc<SegFile>, u64)>,
+    shared: Arc<Shared>,
+    counters: Counters,
+    jlen: u64,
+    t0: Instant,
+}
+
+impl ApplyJob {
+    /// Chunks in the step.
+    pub fn chunks(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Step 1 of copy-on-write apply: reads the old data of every range the
+    /// step overwrites and encodes the undo records. Needs no access to the
+    /// volume; then [`TargetVolume::apply_place`], then [`ApplyJob::run`].
+    pub fn prepare(&mut self) -> Result<()> {
+        if self.prepared {
+            return Ok(());
+        }
+        let mut jbuf: Vec<u8> = Vec::new();
+        let mut recs = Vec::with_capacity(self.batch.len());
+        for (p, exts) in &self.batch {
+            let rec_start = jbuf.len();
+            let mut entries: Vec<(u64, u64, u8, Vec<u8>)> = Vec::new();
+            for (ei, e) in exts.iter().enumerate() {
+                let end = e.offset + e.data.len();
+                let mut o = e.offset;
+                while o < end {
+                    let pl = (end - o).min(UNDO_PIECE);
+                    let mut old = vec![0u8; pl as usize];
+                    self.replica.read_exact_at(&mut old, o).map_err(ioe(|| {
+                        format!("read replica {}", self.replica_path.display())
+                    }))?;
+                    self.counters.replica_reads += 1;
+                    self.counters.replica_read_bytes += pl;
+                    if self.self_overlap {
+                        for prev in &exts[..ei] {
+                            overlay_new(&mut old, o, prev);
+                        }
+                    }
+                    let (enc, stored) = encode_old(old, self.zstd.as_mut());
+                    self.counters.undo_raw_bytes += pl;
+                    self.counters.undo_stored_bytes += stored.len() as u64;
+                    entries.push((o, pl, enc, stored));
+                    o += pl;
+                }
+            }
+            let ux = encode_undo_record(
+                &mut jbuf,
+                &RecHeader {
+                    magic: REC_UNDO,
+                    flags: if p.direct { FLAG_DIRECT } else { 0 }
+                        | if p.inconsistent { FLAG_INCONSISTENT } else { 0 },
+                    id: p.chunk_id,
+                    first_seq: p.first_seq,
+                    last_seq: p.last_seq,
+                    time_ns: p.time_ns,
+                    ..RecHeader::default()
+                },
+                &entries,
+            );
+            recs.push((rec_start as u64, ux));
+        }
+        self.jbuf = jbuf;
+        self.recs = recs;
+        self.prepared = true;
+        Ok(())
+    }
+
+    /// Steps 2-3 of copy-on-write apply, for a prepared and placed job: the
+    /// undo records appended and fdatasync'ed, into the shared index, replica
+    /// writes, fdatasync. Needs no access to the volume; the commit record
+    /// (step 4) is written by [`TargetVolume::apply_finish`].
+    pub fn run(&mut self) -> Result<()> {
+        let Some((seg, base)) = self.place.clone() else {
+            return Err(JournalError::Invalid(
+                "apply step run before it was placed".into(),
+            ));
+        };
+        let jbuf = std::mem::take(&mut self.jbuf);
+        let recs = std::mem::take(&mut self.recs);
+        seg.file
+            .write_all_at(&jbuf, base)
+            .map_err(ioe(|| format!("append {}", seg.path.display())))?;
+        self.faults.hit(FaultPoint::UndoAfterAppend)?;
+        seg.file
+            .sync_data()
+            .map_err(ioe(|| format!("fdatasync {}", seg.path.display())))?;
+        self.counters.fsyncs += 1;
+        self.faults.hit(FaultPoint::UndoAfterSync)?;
+        self.jlen = jbuf.len() as u64;
+        self.counters.journal_write_bytes += jbuf.len() as u64;
+        // Into the shared index before any replica write (see view.rs for why).
+        {
+            let mut idx = self.shared.write();
+            for ((p, _), (rel, mut ux)) in self.batch.iter().zip(recs) {
+                for x in &mut ux {
+                    x.file_off += base;
+                }
+                idx.push(UndoRec {
+                    chunk_id: p.chunk_id,
+                    first_seq: p.first_seq,
+                    last_seq: p.last_seq,
+                    time_ns: p.time_ns,
+                    seg: seg.clone(),
+                    inconsistent: p.inconsistent,
+                    merged_from: 0,
+                    rec_off: base + rel,
+                    extents: ux.into(),
+                });
+            }
+        }
+        // 3. replica writes + fdatasync.
+        write_replica_batch(
+            &self.replica,
+            &self.replica_path,
+            &mut self.faults,
+            &mut self.counters,
+            &self.batch,
+        )
+    }
+}
+
+/// Writes the new data of `batch` to the replica, then fdatasyncs it.
+pub(crate) fn write_replica_batch(
+    replica: &File,
+    replica_path: &Path,
+    faults: &mut Faults,
+    counters: &mut Counters,
+    batch: &[(Pending, Vec<ChunkExtent>)],
+) -> Result<()> {
+    static ZEROES: [u8; 1 << 16] = [0u8; 1 << 16];
+    let write_err = || format!("write replica {}", replica_path.display());
+    let mut first = true;
+    for (_, exts) in batch {
+        for e in exts {
+            match &e.data {
+                ExtentData::Data(d) => {
+                    replica.write_all_at(d, e.offset).map_err(ioe(write_err))?;
+                    counters.replica_writes += 1;
+                    counters.replica_write_bytes += d.len() as u64;
+                }
+                ExtentData::Zero(n) => {
+                    let mut o = e.offset;
+                    let end = e.offset + n;
+                    while o < end {
+                        let k = (end - o).min(ZEROES.len() as u64);
+                        replica
+                            .write_all_at(&ZEROES[..k as usize], o)
+                            .map_err(ioe(write_err))?;
+                        counters.replica_writes += 1;
+                        counters.replica_write_bytes += k;
+                        o += k;
+                    }
+                }
+            }
+            if first {
+                first = false;
+                faults.hit(FaultPoint::ReplicaMidWrite)?;
+            }
+        }
+    }
+    faults.hit(FaultPoint::ReplicaAfterWrite)?;
+    replica.sync_data().map_err(ioe(|| {
+        format!("fdatasync replica {}", replica_path.display())
+    }))?;
+    counters.fsyncs += 1;
+    faults.hit(FaultPoint::ReplicaAfterSync)?;
+    Ok(())
 }

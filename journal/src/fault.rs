@@ -201,31 +201,36 @@ impl FaultConfig {
     }
 }
 
-#[derive(Debug, Default)]
+/// Fault injection state. Clones share it (an apply step running outside
+/// the volume, see `ApplyJob`, hits the same configuration and skip count).
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Faults {
-    cfg: Option<FaultConfig>,
-    hits: u32,
+    inner: std::sync::Arc<std::sync::Mutex<(Option<FaultConfig>, u32)>>,
 }
 
 impl Faults {
     pub(crate) fn new(cfg: Option<FaultConfig>) -> Self {
-        Faults { cfg, hits: 0 }
+        Faults {
+            inner: std::sync::Arc::new(std::sync::Mutex::new((cfg, 0))),
+        }
     }
 
     #[inline]
     pub(crate) fn hit(&mut self, p: FaultPoint) -> Result<()> {
-        let Some(cfg) = self.cfg else { return Ok(()) };
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (cfg_slot, hits) = &mut *g;
+        let Some(cfg) = *cfg_slot else { return Ok(()) };
         if cfg.point != p {
             return Ok(());
         }
-        if self.hits < cfg.skip {
-            self.hits += 1;
+        if *hits < cfg.skip {
+            *hits += 1;
             return Ok(());
         }
         match cfg.action {
             FaultAction::Abort => std::process::abort(),
             FaultAction::Error => {
-                self.cfg = None;
+                *cfg_slot = None;
                 Err(JournalError::Injected(p))
             }
         }

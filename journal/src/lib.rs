@@ -111,6 +111,7 @@ mod summary;
 mod types;
 mod view;
 
+pub use apply::ApplyJob;
 pub use bookmark::{Bookmark, BookmarkKind, BookmarkOutcome};
 pub use error::{JournalError, Result};
 pub use fault::{FaultAction, FaultConfig, FaultPoint};
@@ -181,6 +182,11 @@ pub struct TargetVolume {
     pub(crate) commit_written: u64,
     pub(crate) commit_synced: u64,
     pub(crate) counters: Counters,
+    /// An [`ApplyJob`] is out (see [`TargetVolume::apply_begin`]); its
+    /// chunks have left `pending` but are still counted in `pending_bytes`.
+    pub(crate) busy: bool,
+    pub(crate) busy_chunks: u64,
+    pub(crate) busy_oldest_time_ns: Option<u64>,
     // retention
     pub(crate) retention: Option<RetentionPolicy>,
     /// Set by the last prune when space forced it below the promised window.
@@ -387,6 +393,9 @@ impl TargetVolume {
             commit_written: 0,
             commit_synced: 0,
             counters: Counters::default(),
+            busy: false,
+            busy_chunks: 0,
+            busy_oldest_time_ns: None,
             retention: None,
             retention_alert: None,
         };
@@ -592,6 +601,7 @@ impl TargetVolume {
     /// extended, a replica device must already be large enough). Shrinking is refused.
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
         self.check()?;
+        self.check_idle("resize")?;
         if new_size < self.ident.size {
             return Err(JournalError::Invalid(format!(
                 "shrinking from {} to {new_size} is not supported",
@@ -651,9 +661,9 @@ impl TargetVolume {
         self.opts.spool_budget_bytes
     }
 
-    /// Chunks spooled and not yet applied.
+    /// Chunks spooled and not yet applied (including an apply step in progress).
     pub fn pending_chunks(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.busy_chunks as usize
     }
 
     /// Metadata of all undo records, oldest first.
@@ -722,9 +732,11 @@ impl TargetVolume {
         let mut c = self.counters;
         c.durable_seq = self.durable_seq;
         c.applied_seq = self.applied_seq;
-        c.pending_chunks = self.pending.len() as u64;
+        c.pending_chunks = self.pending.len() as u64 + self.busy_chunks;
         c.pending_bytes = self.pending_bytes;
-        c.oldest_unapplied_source_time_ns = self.pending.front().map(|p| p.time_ns);
+        c.oldest_unapplied_source_time_ns = self
+            .busy_oldest_time_ns
+            .or_else(|| self.pending.front().map(|p| p.time_ns));
         c.spool_files = self.spool_files.len() as u64;
         c.spool_disk_bytes = self.spool_files.iter().map(|f| f.len).sum();
         c.journal_bytes = self.segments.iter().map(|s| s.len).sum();

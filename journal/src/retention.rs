@@ -283,6 +283,7 @@ impl TargetVolume {
     /// segment is deleted; an open after a crash finishes the deletion.
     pub fn prune(&mut self, now_ns: u64) -> Result<PruneReport> {
         self.check()?;
+        self.check_idle("prune")?;
         let r = self.prune_inner(now_ns);
         self.guard(r)
     }

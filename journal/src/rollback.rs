@@ -294,6 +294,7 @@ impl TargetVolume {
         discard_spool: bool,
     ) -> Result<RollbackReport> {
         self.check()?;
+        self.check_idle("rollback")?;
         let views = self.shared.live_views()? + crate::dirview::live_pin_files(&self.dir)?.len();
         if views > 0 {
             return Err(JournalError::Busy(format!(

@@ -1216,3 +1216,68 @@ fn points_below_the_consistency_horizon_are_refused() {
     }
     assert!(got == want, "the view at seq 7 is exact");
 }
+
+/// An apply step taken out of the volume (`apply_begin`) runs on another
+/// thread while the owner keeps spooling; meanwhile apply, prune, rollback
+/// and resize are refused as `Busy` (without poisoning the handle), and
+/// after `apply_finish` every point and the replica match the model, also
+/// after a reopen.
+#[test]
+fn apply_job_runs_while_spooling_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    let opts = small_opts();
+    let mut v = create(d.path(), opts.clone());
+    for k in 1..=6 {
+        v.spool(&chunk(k)).unwrap();
+    }
+    let mut steps = 0;
+    let mut k = 7;
+    while let Some(mut job) = v.apply_begin().unwrap() {
+        steps += 1;
+        assert!(v.apply_busy());
+        assert!(job.chunks() >= 1);
+        let pending_before = v.pending_chunks();
+        let t = std::thread::spawn(move || {
+            let r = job.prepare();
+            (job, r)
+        });
+        // spooling goes on while the job reads the old data
+        if k <= 12 {
+            v.spool(&chunk(k)).unwrap();
+            assert_eq!(v.durable_seq(), k);
+            assert_eq!(v.pending_chunks(), pending_before + 1);
+            k += 1;
+        }
+        assert!(matches!(v.apply_batch(), Err(JournalError::Busy(_))));
+        assert!(matches!(v.apply_begin(), Err(JournalError::Busy(_))));
+        assert!(matches!(v.prune(u64::MAX), Err(JournalError::Busy(_))));
+        assert!(matches!(v.resize(2 * VOL), Err(JournalError::Busy(_))));
+        assert!(matches!(
+            v.rollback_to(&RecoveryPoint::Seq(0), false),
+            Err(JournalError::Busy(_))
+        ));
+        let (mut job, r) = t.join().unwrap();
+        r.unwrap();
+        v.apply_place(&mut job).unwrap();
+        let t = std::thread::spawn(move || {
+            let r = job.run();
+            (job, r)
+        });
+        let (job, r) = t.join().unwrap();
+        let a = v.apply_finish(job, r).unwrap();
+        assert!(a.chunks >= 1);
+        assert!(!v.apply_busy());
+    }
+    assert!(steps >= 3, "only {steps} steps");
+    assert_eq!(k, 13);
+    assert_eq!(v.applied_seq(), 12);
+    assert_eq!(v.pending_chunks(), 0);
+    assert_eq!(v.spool_bytes(), 0);
+    assert_eq!(replica_bytes(d.path()), model(12));
+    check_points(&v, 1);
+    drop(v);
+    let v = reopen(d.path(), opts);
+    assert_eq!(v.applied_seq(), 12);
+    assert_eq!(replica_bytes(d.path()), model(12));
+    check_points(&v, 1);
+}

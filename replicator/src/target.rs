@@ -28,7 +28,9 @@
 //!   [`TargetStatus::flow_controlled`] and in every Ack.
 //! - **Apply** runs in one thread per volume calling
 //!   [`TargetStore::apply_some`] (a bounded step) under the store lock, so a
-//!   spool waits at most for one apply step.
+//!   spool waits at most for one apply step; or, when the store offers a
+//!   [`ConcurrentApply`] handle (the journal store does), without the store
+//!   lock, so spooling and acknowledging never wait for apply I/O.
 //! - **Full storage** ([`StoreError::NoSpace`]): the store is marked broken
 //!   and [`TargetStatus::storage_full`] set (an `error` log line once per
 //!   episode); the frame that hit it is not acknowledged: the source gets an
@@ -192,6 +194,15 @@ pub struct ApplyReport {
     pub last_source_time_ns: u64,
 }
 
+/// Apply steps that run concurrently with the other calls of their store
+/// (see [`TargetStore::concurrent_apply`]).
+pub trait ConcurrentApply: Send + Sync {
+    /// The contract of [`TargetStore::apply_some`] (bounded step in spool
+    /// order, `Ok(None)` when nothing is pending), callable while other
+    /// threads spool, acknowledge and read the store's counters.
+    fn apply_some(&self) -> Result<Option<ApplyReport>, StoreError>;
+}
+
 /// Errors of a [`TargetStore`]. After [`StoreError::Failed`] the server
 /// considers the store broken: the connection is closed and the next
 /// connection for the volume drops the store and opens it again through the
@@ -299,6 +310,13 @@ pub trait TargetStore: Send {
     /// short (for the journal: `apply_next`, or `apply_batch` with a small
     /// `apply_batch_chunks`/`apply_batch_bytes`).
     fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError>;
+    /// A handle that runs apply steps *without* the engine's store lock, so
+    /// that spooling and acknowledging go on while a step does its I/O (the
+    /// store then synchronises spool and apply itself). `None` (the default):
+    /// the engine calls [`TargetStore::apply_some`] under the store lock.
+    fn concurrent_apply(&self) -> Option<Arc<dyn ConcurrentApply>> {
+        None
+    }
     /// blake3 of each `hash_block`-sized block of the replica in
     /// `offset..offset + len` (the last may be short), after applying
     /// everything spooled.
@@ -413,6 +431,9 @@ struct Volume {
     /// Connection threads waiting for the store lock to spool (the apply
     /// thread lets them in between its steps, see `start_applier`).
     spool_waiting: AtomicU64,
+    /// Bumped whenever `store` is replaced (the apply thread then asks the
+    /// new store for its [`TargetStore::concurrent_apply`] handle).
+    store_gen: AtomicU64,
 }
 
 /// Placeholder while a failed store is being reopened.
@@ -726,27 +747,44 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
         .spawn(move || {
             let mut window = (Instant::now(), 0u64);
             let mut recovery = Recovery::new();
+            let mut conc: Option<(u64, Option<Arc<dyn ConcurrentApply>>)> = None;
             while !sh.stop.load(Ordering::SeqCst) {
                 if v.broken.load(Ordering::SeqCst) {
                     recovery.step(&v);
                     continue;
                 }
-                // A mutex is not fair: re-locking right after a step would
-                // often win against a connection thread waiting to spool,
-                // delaying its ack by several steps. Let waiters in first
-                // (bounded, so apply still progresses under a steady stream).
-                let yielded = Instant::now();
-                while v.spool_waiting.load(Ordering::SeqCst) > 0
-                    && yielded.elapsed() < Duration::from_millis(20)
-                {
-                    std::thread::sleep(Duration::from_micros(200));
+                let gen = v.store_gen.load(Ordering::SeqCst);
+                if conc.as_ref().map(|c| c.0) != Some(gen) {
+                    conc = Some((gen, lock(&v.store).concurrent_apply()));
+                }
+                let handle = conc.as_ref().and_then(|c| c.1.clone());
+                if handle.is_none() {
+                    // A mutex is not fair: re-locking right after a step would
+                    // often win against a connection thread waiting to spool,
+                    // delaying its ack by several steps. Let waiters in first
+                    // (bounded, so apply still progresses under a steady stream).
+                    let yielded = Instant::now();
+                    while v.spool_waiting.load(Ordering::SeqCst) > 0
+                        && yielded.elapsed() < Duration::from_millis(20)
+                    {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
                 }
                 let seen = *lock(&v.wake.0);
-                let r = {
-                    let mut s = lock(&v.store);
-                    let r = s.apply_some();
-                    v.refresh(s.as_ref());
-                    r
+                let r = match handle {
+                    // The step runs without the store lock: spools (and acks)
+                    // go on meanwhile; the lock is taken only to refresh the status.
+                    Some(h) => {
+                        let r = h.apply_some();
+                        v.refresh(lock(&v.store).as_ref());
+                        r
+                    }
+                    None => {
+                        let mut s = lock(&v.store);
+                        let r = s.apply_some();
+                        v.refresh(s.as_ref());
+                        r
+                    }
                 };
                 match r {
                     Ok(Some(rep)) => {
@@ -886,6 +924,7 @@ fn admit(
                 applier: Mutex::new(None),
                 broken: AtomicBool::new(false),
                 spool_waiting: AtomicU64::new(0),
+                store_gen: AtomicU64::new(0),
             });
             vols.insert(hello.volume_name.clone(), v.clone());
             start_applier(sh, &v);
@@ -902,7 +941,9 @@ fn admit(
                 // Drop the failed handle first (it may hold locks), then reopen.
                 let id = s.identity();
                 *s = Box::new(Closed(id));
+                vol.store_gen.fetch_add(1, Ordering::SeqCst);
                 *s = sh.provider.open(hello, peer)?;
+                vol.store_gen.fetch_add(1, Ordering::SeqCst);
             }
             Err(e) => {
                 drop(s);

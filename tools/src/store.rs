@@ -19,7 +19,8 @@ use journal::{
 };
 use replicator::handshake::Refusal;
 use replicator::target::{
-    ApplyReport, StoreChunk, StoreData, StoreError, StoreIdentity, StoreProvider, TargetStore,
+    ApplyReport, ConcurrentApply, StoreChunk, StoreData, StoreError, StoreIdentity, StoreProvider,
+    TargetStore,
 };
 use replicator::wire::{ErrorCode, Hello, ResyncReason, Tag, TagKind};
 use tracing::{debug, info, warn};
@@ -68,11 +69,19 @@ pub struct FailoverMarker {
 /// [`JournalStore`]) and the recovery commands of the same process (the admin
 /// socket: snapshots, failover). Every access holds its mutex for one call,
 /// so an NBD read of a snapshot waits for at most one apply step.
+///
+/// Two locks, always taken in this order: the *apply gate*, held by an apply
+/// step from start to commit ([`SharedVolume::apply_step`]) and by every
+/// [`SharedVolume::with`] call, and the volume lock. An apply step holds the
+/// volume lock only to take its job out and to commit it, not during its
+/// I/O, so spooling and counters ([`SharedVolume::with_concurrent`]) go on
+/// while it runs; everything else waits for the step as before.
 pub struct SharedVolume {
     /// Volume name.
     pub name: String,
     /// Journal directory.
     pub dir: PathBuf,
+    gate: Mutex<()>,
     vol: Mutex<Option<TargetVolume>>,
     opts: journal::TargetOptions,
     retention: Option<journal::RetentionPolicy>,
@@ -94,6 +103,7 @@ impl SharedVolume {
         SharedVolume {
             name: vol.identity().name.clone(),
             dir,
+            gate: Mutex::new(()),
             vol: Mutex::new(Some(vol)),
             opts,
             retention,
@@ -108,9 +118,27 @@ impl SharedVolume {
         self.vol.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the volume under its lock. A failure other than a refusal
-    /// of the input marks the handle for reopening ([`SharedVolume::reopen`]).
+    fn gate(&self) -> MutexGuard<'_, ()> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the volume under its lock, after any apply step in
+    /// progress has committed (the volume is never busy inside `f`). A
+    /// failure other than a refusal of the input marks the handle for
+    /// reopening ([`SharedVolume::reopen`]).
     pub fn with<R>(
+        &self,
+        f: impl FnOnce(&mut TargetVolume) -> Result<R, JournalError>,
+    ) -> Result<R, JournalError> {
+        let _gate = self.gate();
+        self.with_concurrent(f)
+    }
+
+    /// [`SharedVolume::with`] without waiting for an apply step in progress:
+    /// for spooling and reading counters. Inside `f` the volume may be busy
+    /// ([`TargetVolume::apply_busy`]): apply, rollback, prune and resize
+    /// return [`JournalError::Busy`] then, so use [`SharedVolume::with`] for them.
+    pub fn with_concurrent<R>(
         &self,
         f: impl FnOnce(&mut TargetVolume) -> Result<R, JournalError>,
     ) -> Result<R, JournalError> {
@@ -139,6 +167,37 @@ impl SharedVolume {
         r
     }
 
+    /// One apply step (`TargetVolume::apply_begin`, `ApplyJob::prepare`,
+    /// `apply_place`, `ApplyJob::run`, `apply_finish`) whose I/O runs
+    /// without the volume lock. `Ok(None)` when
+    /// nothing is pending or the volume is failed over (checked under the
+    /// volume lock: a failover fences before it takes the locks, so no step
+    /// starts after its rollback).
+    pub fn apply_step(&self) -> Result<Option<journal::Applied>, JournalError> {
+        let _gate = self.gate();
+        let job = self.with_concurrent(|v| {
+            if self.fenced() {
+                Ok(None)
+            } else {
+                v.apply_begin()
+            }
+        })?;
+        let Some(mut job) = job else {
+            return Ok(None);
+        };
+        // Reading the old data and writing the journal and the replica run
+        // without the volume lock; placing the records (which may rotate the
+        // journal segment) and the commit take it briefly.
+        let mut r = job.prepare();
+        if r.is_ok() {
+            r = self.with_concurrent(|v| v.apply_place(&mut job));
+        }
+        if r.is_ok() {
+            r = job.run();
+        }
+        self.with_concurrent(|v| v.apply_finish(job, r)).map(Some)
+    }
+
     /// Whether an earlier call failed (the handle must be reopened).
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
@@ -150,6 +209,7 @@ impl SharedVolume {
         &self,
         between: impl FnOnce(&Path) -> Result<R, JournalError>,
     ) -> Result<R, JournalError> {
+        let _gate = self.gate();
         let mut g = self.guard();
         *g = None;
         let r = between(&self.dir);
@@ -257,11 +317,7 @@ impl JournalStore {
     }
 
     fn publish(&self) {
-        if let Ok(c) = self.vol.with(|v| Ok(v.counters())) {
-            if let Ok(mut b) = self.board.lock() {
-                b.insert(self.name.clone(), c);
-            }
-        }
+        publish(&self.vol, &self.board, &self.name);
     }
 
     fn fence_check(&self) -> Result<(), StoreError> {
@@ -281,7 +337,40 @@ impl JournalStore {
     }
 
     fn get<R>(&self, f: impl FnOnce(&TargetVolume) -> R, default: R) -> R {
-        self.vol.with(|v| Ok(f(v))).unwrap_or(default)
+        self.vol.with_concurrent(|v| Ok(f(v))).unwrap_or(default)
+    }
+}
+
+fn publish(vol: &SharedVolume, board: &CounterBoard, name: &str) {
+    if let Ok(c) = vol.with_concurrent(|v| Ok(v.counters())) {
+        if let Ok(mut b) = board.lock() {
+            b.insert(name.to_string(), c);
+        }
+    }
+}
+
+/// The journal store's [`ConcurrentApply`] handle: apply steps whose I/O
+/// runs while the connection thread spools and acknowledges.
+struct JournalApplier {
+    vol: Arc<SharedVolume>,
+    board: CounterBoard,
+    name: String,
+}
+
+impl ConcurrentApply for JournalApplier {
+    fn apply_some(&self) -> Result<Option<ApplyReport>, StoreError> {
+        let r = self.vol.apply_step().map_err(store_err);
+        publish(&self.vol, &self.board, &self.name);
+        Ok(r?.map(report))
+    }
+}
+
+fn report(a: journal::Applied) -> ApplyReport {
+    ApplyReport {
+        chunks: a.chunks,
+        bytes: a.bytes,
+        applied_seq: a.applied_seq,
+        last_source_time_ns: a.last_source_time_ns,
     }
 }
 
@@ -360,9 +449,10 @@ impl TargetStore for JournalStore {
         let owned: Vec<ChunkIn> = chunks.iter().map(to_chunk).collect();
         // The fence is checked under the volume lock (a failover fences, then locks).
         let mut refused = None;
+        // Without waiting for an apply step in progress (see `SharedVolume`).
         let r = self
             .vol
-            .with(|v| {
+            .with_concurrent(|v| {
                 if let Err(e) = self.fence_check() {
                     refused = Some(e);
                     return Ok(0);
@@ -381,20 +471,16 @@ impl TargetStore for JournalStore {
     }
 
     fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError> {
-        let fenced = || self.vol.fenced();
-        // Checked under the volume lock: a failover fences before it takes
-        // the lock, so no apply step starts after its rollback (the replica
-        // was handed over and is never written by the target again).
-        let r = self
-            .vol
-            .with(|v| if fenced() { Ok(None) } else { v.apply_batch() })
-            .map_err(store_err);
+        let r = self.vol.apply_step().map_err(store_err);
         self.publish();
-        Ok(r?.map(|a| ApplyReport {
-            chunks: a.chunks,
-            bytes: a.bytes,
-            applied_seq: a.applied_seq,
-            last_source_time_ns: a.last_source_time_ns,
+        Ok(r?.map(report))
+    }
+
+    fn concurrent_apply(&self) -> Option<Arc<dyn ConcurrentApply>> {
+        Some(Arc::new(JournalApplier {
+            vol: self.vol.clone(),
+            board: self.board.clone(),
+            name: self.name.clone(),
         }))
     }
 
@@ -817,10 +903,10 @@ pub struct JournalProvider {
 }
 
 fn journal_opts(place: &VolumePlace) -> journal::TargetOptions {
-    // `apply_some` holds the store lock for one apply step and every spool
-    // (hence every ack to the source) waits for it: keep steps short, as the
-    // `TargetStore` contract asks. 64 MiB of random 4 KiB extents took
-    // seconds here, which went straight into the RPO.
+    // Spooling (hence every ack to the source) no longer waits for an apply
+    // step (`SharedVolume::apply_step`), but everything else that uses the
+    // volume does (snapshot reads over NBD, bookmarks, admin calls): keep
+    // steps short. 64 MiB of random 4 KiB extents took seconds here.
     let mut o = journal::TargetOptions {
         apply_batch_bytes: 8 << 20,
         apply_batch_chunks: 64,
