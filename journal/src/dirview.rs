@@ -253,17 +253,7 @@ fn take_record(
         return;
     }
     let Some(extents) = exts else { return };
-    let r = UndoRec {
-        chunk_id: h.id,
-        first_seq: h.first_seq,
-        last_seq: h.last_seq,
-        time_ns: h.time_ns,
-        seg: sf.clone(),
-        inconsistent: h.flags & FLAG_INCONSISTENT != 0,
-        merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
-        rec_off: pos,
-        extents: extents.into(),
-    };
+    let r = UndoRec::from_header(h, sf.clone(), pos, extents);
     add_record(idx, r, bulk);
 }
 

@@ -657,17 +657,7 @@ impl TargetVolume {
         let mut idx = shared.write();
         let recs: Vec<UndoRec> = new_recs
             .into_iter()
-            .map(|(h, off, ux)| UndoRec {
-                chunk_id: h.id,
-                first_seq: h.first_seq,
-                last_seq: h.last_seq,
-                time_ns: h.time_ns,
-                seg: nsf.clone(),
-                inconsistent: h.flags & FLAG_INCONSISTENT != 0,
-                merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
-                rec_off: off,
-                extents: ux.into(),
-            })
+            .map(|(h, off, ux)| UndoRec::from_header(&h, nsf.clone(), off, ux))
             .collect();
         let start = idx.records.iter().position(|r| Arc::ptr_eq(&r.seg, &sf));
         if let Some(s) = start {

@@ -111,6 +111,28 @@ impl PartialEq for Extents {
 }
 
 impl UndoRec {
+    /// The in-memory record for an undo record header read from segment `seg`
+    /// at `rec_off` (flags give `inconsistent` and, with `FLAG_MERGED`, `aux`
+    /// the merged span's first chunk id).
+    pub(crate) fn from_header(
+        h: &RecHeader,
+        seg: Arc<SegFile>,
+        rec_off: u64,
+        extents: impl Into<Extents>,
+    ) -> UndoRec {
+        UndoRec {
+            chunk_id: h.id,
+            first_seq: h.first_seq,
+            last_seq: h.last_seq,
+            time_ns: h.time_ns,
+            seg,
+            inconsistent: h.flags & FLAG_INCONSISTENT != 0,
+            merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
+            rec_off,
+            extents: extents.into(),
+        }
+    }
+
     /// Whether the state after this record's chunk is a write-order-consistent
     /// state of the source: it carries sequence numbers (not resync/bitmap data)
     /// and is not below the consistency horizon of read-back data.

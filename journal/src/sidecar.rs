@@ -98,17 +98,8 @@ pub(crate) fn scan_segment(
                     c.before_last_commit = c.records.len();
                 } else if let Some(extents) = exts {
                     c.flags.push(h.flags);
-                    c.records.push(UndoRec {
-                        chunk_id: h.id,
-                        first_seq: h.first_seq,
-                        last_seq: h.last_seq,
-                        time_ns: h.time_ns,
-                        seg: sf.clone(),
-                        inconsistent: h.flags & FLAG_INCONSISTENT != 0,
-                        merged_from: if h.flags & FLAG_MERGED != 0 { h.aux } else { 0 },
-                        rec_off: pos,
-                        extents: extents.into(),
-                    });
+                    c.records
+                        .push(UndoRec::from_header(&h, sf.clone(), pos, extents));
                 }
                 pos += len;
             }
