@@ -4,10 +4,10 @@
 //! sidecars are rejected and the segment scanned; a crash while sealing is safe.
 
 use journal::*;
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
-const VOL: u64 = 64 * 1024;
+mod common;
+use common::{chunk, model, small_opts as opts, VOL};
 
 fn ident() -> VolumeIdentity {
     VolumeIdentity {
@@ -17,57 +17,6 @@ fn ident() -> VolumeIdentity {
         size: VOL,
         block_size: 4096,
     }
-}
-
-fn opts() -> TargetOptions {
-    TargetOptions {
-        spool_budget_bytes: 1 << 30,
-        spool_file_size: 16 * 1024,
-        segment_size: 32 * 1024,
-        undo_zstd_level: Some(1),
-        apply_batch_chunks: 4,
-        apply_batch_bytes: 64 * 1024,
-        cache_bytes: 8 * 1024,
-        direct_apply: false,
-    }
-}
-
-/// Deterministic chunk `k`: 1–4 extents, zeroes, compressible or random data.
-fn chunk(k: u64) -> ChunkIn {
-    let mut r = StdRng::seed_from_u64(k * 7919 + 1);
-    let n = r.gen_range(1..=4);
-    let mut extents = Vec::new();
-    for _ in 0..n {
-        let len = r.gen_range(1..=16u64) * 512;
-        let off = r.gen_range(0..(VOL - len) / 512) * 512;
-        let data = match r.gen_range(0..4) {
-            0 => ExtentData::Zero(len),
-            1 => ExtentData::Data(vec![(k % 251) as u8; len as usize]),
-            _ => ExtentData::Data((0..len).map(|_| r.gen()).collect()),
-        };
-        extents.push(ChunkExtent { offset: off, data });
-    }
-    ChunkIn {
-        first_seq: k,
-        last_seq: k,
-        source_time_ns: 1_000_000 + k * 1000,
-        horizon_seq: 0,
-        extents,
-    }
-}
-
-fn model(s: u64) -> Vec<u8> {
-    let mut img = vec![0u8; VOL as usize];
-    for k in 1..=s {
-        for e in &chunk(k).extents {
-            let o = e.offset as usize;
-            match &e.data {
-                ExtentData::Data(d) => img[o..o + d.len()].copy_from_slice(d),
-                ExtentData::Zero(n) => img[o..o + *n as usize].fill(0),
-            }
-        }
-    }
-    img
 }
 
 fn tdir(d: &Path) -> PathBuf {

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const VOL: u64 = 64 * 1024;
+mod common;
+use common::{apply_model, chunk, model, small_opts, VOL};
 
 fn ident(size: u64) -> VolumeIdentity {
     VolumeIdentity {
@@ -22,19 +23,6 @@ fn ident(size: u64) -> VolumeIdentity {
     }
 }
 
-fn small_opts() -> TargetOptions {
-    TargetOptions {
-        spool_budget_bytes: 1 << 30,
-        spool_file_size: 16 * 1024,
-        segment_size: 32 * 1024,
-        undo_zstd_level: Some(1),
-        apply_batch_chunks: 4,
-        apply_batch_bytes: 64 * 1024,
-        cache_bytes: 8 * 1024,
-        direct_apply: false,
-    }
-}
-
 fn create(dir: &Path, opts: TargetOptions) -> TargetVolume {
     let t = dir.join("t");
     TargetVolume::create_with(&t, ident(VOL), &dir.join("replica.img"), opts).expect("create")
@@ -42,49 +30,6 @@ fn create(dir: &Path, opts: TargetOptions) -> TargetVolume {
 
 fn reopen(dir: &Path, opts: TargetOptions) -> TargetVolume {
     TargetVolume::open_with(&dir.join("t"), opts).expect("reopen")
-}
-
-/// Deterministic chunk for sequence number `k` (ordered, one seq per chunk).
-fn chunk(k: u64) -> ChunkIn {
-    let mut r = StdRng::seed_from_u64(k * 7919 + 1);
-    let n = r.gen_range(1..=4);
-    let mut extents = Vec::new();
-    for _ in 0..n {
-        let len = r.gen_range(1..=16u64) * 512;
-        let off = r.gen_range(0..(VOL - len) / 512) * 512;
-        let data = match r.gen_range(0..4) {
-            0 => ExtentData::Zero(len),
-            1 => ExtentData::Data(vec![(k % 251) as u8; len as usize]),
-            _ => ExtentData::Data((0..len).map(|_| r.gen()).collect()),
-        };
-        extents.push(ChunkExtent { offset: off, data });
-    }
-    ChunkIn {
-        first_seq: k,
-        last_seq: k,
-        source_time_ns: 1_000_000 + k * 1000,
-        horizon_seq: 0,
-        extents,
-    }
-}
-
-fn apply_model(img: &mut [u8], c: &ChunkIn) {
-    for e in &c.extents {
-        let o = e.offset as usize;
-        match &e.data {
-            ExtentData::Data(d) => img[o..o + d.len()].copy_from_slice(d),
-            ExtentData::Zero(n) => img[o..o + *n as usize].fill(0),
-        }
-    }
-}
-
-/// Model state after chunks 1..=s.
-fn model(s: u64) -> Vec<u8> {
-    let mut img = vec![0u8; VOL as usize];
-    for k in 1..=s {
-        apply_model(&mut img, &chunk(k));
-    }
-    img
 }
 
 fn replica_bytes(dir: &Path) -> Vec<u8> {
