@@ -86,8 +86,10 @@ fn replay_scenario_target_disk_full_ends_with_zero_mismatches() {
         // nothing but the ballast's size.
         target_fs_size: 512 * MIB,
         // Holds every write of the trace: the outage must not push the
-        // source into bitmap mode, whose recovery points are a separate
-        // matter (see docs/replay.md, "Open findings").
+        // source into metadata/bitmap mode, where the journal rightly refuses
+        // the time points of the overflow (covered apart by
+        // `replay_time_points_in_metadata_mode_are_exact_or_refused`), so this
+        // test can expect every point served.
         ring_size: Some(256 * MIB),
     };
     let r = run(&s, &fio_trace(), &steps, &opts);
