@@ -51,6 +51,23 @@ pub enum JournalError {
         /// The configured budget.
         budget: u64,
     },
+    /// Storing the chunks would leave too little free space to apply what the
+    /// spool holds (see [`crate::TargetOptions::min_free_bytes`]): nothing was
+    /// stored; apply first (it frees the applied spool), then retry.
+    #[error(
+        "target file system low on space: {free} bytes free, {needed} needed to spool {incoming} \
+         more bytes and still apply the {pending} pending (apply first, then retry)"
+    )]
+    LowSpace {
+        /// Bytes free on the file system (the smaller one if the replica is elsewhere).
+        free: u64,
+        /// Bytes the admission rule asks for.
+        needed: u64,
+        /// Bytes spooled and not applied.
+        pending: u64,
+        /// Bytes offered.
+        incoming: u64,
+    },
     /// The requested point is not (or not yet, or no longer) recoverable.
     #[error("point not available: {0}")]
     PointNotAvailable(String),

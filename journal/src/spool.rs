@@ -402,8 +402,38 @@ impl TargetVolume {
                 budget: self.opts.spool_budget_bytes,
             });
         }
+        if incoming > 0 && self.pending_bytes > 0 {
+            self.check_space(incoming)?;
+        }
         let r = self.spool_inner(chunks, &store, cache);
         self.guard(r)
+    }
+
+    /// The free-space admission rule of [`crate::TargetOptions::min_free_bytes`].
+    fn check_space(&self, incoming: u64) -> Result<()> {
+        let pending = self.pending_bytes;
+        let apply = pending.saturating_add(incoming);
+        let reserve = self.opts.min_free_bytes;
+        let journal_free = fs_free_bytes(&self.dir)?;
+        let elsewhere = replica_elsewhere(&self.dir, &self.replica_path);
+        let journal_need = incoming.saturating_add(apply).saturating_add(reserve);
+        let (free, needed) = if journal_free < journal_need {
+            (journal_free, journal_need)
+        } else if elsewhere {
+            let replica_free = fs_free_bytes(&self.replica_path)?;
+            (replica_free, apply.saturating_add(reserve))
+        } else {
+            return Ok(());
+        };
+        if free >= needed {
+            return Ok(());
+        }
+        Err(JournalError::LowSpace {
+            free,
+            needed,
+            pending,
+            incoming,
+        })
     }
 
     /// Whether the state after `c` is below the consistency horizon `horizon`

@@ -152,6 +152,18 @@ pub struct TargetOptions {
     /// Spooled-but-unapplied payload bytes above which `spool` returns [`JournalError::SpoolFull`]
     /// (a chunk is always accepted into an empty spool).
     pub spool_budget_bytes: u64,
+    /// Free space kept on the journal's (and the replica's) file system beyond
+    /// what applying the spool needs. While chunks are pending, `spool`
+    /// accepts `incoming` bytes only if the file system of the journal keeps
+    /// `incoming` (the spool record) + `pending + incoming` (their apply: an
+    /// undo record of the old bytes, or new replica blocks where the replica
+    /// is sparse — never both for one byte) + this much free, and the
+    /// replica's, if elsewhere, `pending + incoming` + this much; otherwise it
+    /// returns [`crate::JournalError::LowSpace`] without storing anything. So
+    /// the spool can never take the space its own apply needs (that would
+    /// leave a full disk nothing can drain). An empty spool always accepts
+    /// (then a truly full disk fails the write with `ENOSPC`).
+    pub min_free_bytes: u64,
     /// A spool file is rotated when it would exceed this size.
     pub spool_file_size: u64,
     /// A journal segment is rotated when it would exceed this size.
@@ -175,6 +187,7 @@ impl Default for TargetOptions {
     fn default() -> Self {
         TargetOptions {
             spool_budget_bytes: 8 << 30,
+            min_free_bytes: 16 << 20,
             spool_file_size: 64 << 20,
             segment_size: 256 << 20,
             undo_zstd_level: Some(1),

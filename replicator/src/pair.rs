@@ -236,6 +236,11 @@ pub struct TargetStatus {
     /// periodically; cleared as soon as a spool or apply succeeds.
     #[serde(default)]
     pub storage_full: Option<String>,
+    /// Set while spooling waits because the store's file system is low on
+    /// free space (the journal keeps what applying the spool needs): the
+    /// store's message. Cleared by the next spool that succeeds.
+    #[serde(default)]
+    pub low_space: Option<String>,
     /// Times the volume's store was recovered in place (reopened, running
     /// the journal's crash recovery) after failing.
     #[serde(default)]

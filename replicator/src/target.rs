@@ -25,7 +25,10 @@
 //! - **Flow control**: while the store's spool is over its budget the
 //!   connection stops reading frames (TCP backpressure on the source) until
 //!   apply brought it back under the budget; the state is reported in
-//!   [`TargetStatus::flow_controlled`] and in every Ack.
+//!   [`TargetStatus::flow_controlled`] and in every Ack. Likewise while the
+//!   store answers [`StoreError::LowSpace`] (the journal keeps the free space
+//!   its apply needs): the connection waits for apply, with the reason in
+//!   [`TargetStatus::low_space`].
 //! - **Apply** runs in one thread per volume calling
 //!   [`TargetStore::apply_some`] (a bounded step) under the store lock, so a
 //!   spool waits at most for one apply step; or, when the store offers a
@@ -213,6 +216,13 @@ pub enum StoreError {
     /// The spool is over its budget: nothing was stored; retry after apply.
     #[error("spool full")]
     SpoolFull,
+    /// The store's file system is too low on free space to take more before
+    /// apply catches up (storing more could leave apply without the space it
+    /// needs): like [`StoreError::SpoolFull`] nothing was stored and the
+    /// connection waits for apply; the message is shown in
+    /// [`TargetStatus::low_space`].
+    #[error("low on space: {0}")]
+    LowSpace(String),
     /// The request is invalid (extent outside the volume, bad range...):
     /// nothing was stored; the source gets a `BadFrame` error.
     #[error("invalid: {0}")]
@@ -495,6 +505,20 @@ impl Volume {
         if st.storage_full.take().is_some() {
             info!(volume = %st.volume, "target storage available again: replication resumes");
         }
+        if st.low_space.take().is_some() {
+            info!(volume = %st.volume, "target space sufficient again: spooling resumes");
+        }
+    }
+
+    /// Spooling waits for apply because the file system is low on space
+    /// (logged once per episode).
+    fn low_space(&self, m: String) {
+        let mut st = lock(&self.status);
+        if st.low_space.is_none() {
+            warn!(volume = %st.volume, message = %m,
+                  "target file system low on space: spooling waits for apply to free space");
+        }
+        st.low_space = Some(m);
     }
 
     fn kick(&self) {
@@ -1003,7 +1027,9 @@ fn admit(
 /// The error code a source hears for a store error.
 fn error_code(e: &StoreError) -> ErrorCode {
     match e {
-        StoreError::NoSpace(_) | StoreError::SpoolFull => ErrorCode::SpoolFull,
+        StoreError::NoSpace(_) | StoreError::SpoolFull | StoreError::LowSpace(_) => {
+            ErrorCode::SpoolFull
+        }
         StoreError::Invalid(_) => ErrorCode::BadFrame,
         StoreError::Failed(_) => ErrorCode::Internal,
     }
@@ -1228,6 +1254,12 @@ fn spool_batch(
             }
             Err(StoreError::SpoolFull) => {
                 drop(s);
+                vol.kick();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(StoreError::LowSpace(m)) => {
+                drop(s);
+                vol.low_space(m);
                 vol.kick();
                 std::thread::sleep(Duration::from_millis(5));
             }

@@ -10,7 +10,9 @@
 //! the apply that fails on the replica write *after* its undo record is
 //! durable is finished by the reopen once space is back.
 
-use journal::{ChunkExtent, ChunkIn, ExtentData, RecoveryPoint, TargetVolume, VolumeIdentity};
+use journal::{
+    ChunkExtent, ChunkIn, ExtentData, JournalError, RecoveryPoint, TargetVolume, VolumeIdentity,
+};
 use rewind_tests::diskfull::{Ballast, SmallFs};
 use rewind_tests::replication::*;
 use rewind_tests::*;
@@ -174,14 +176,16 @@ fn journal_on_full_disks_reopens_and_finishes_the_interrupted_apply() {
     v.apply_all().unwrap();
     v.spool(&chunk(2, 4 * MIB, &d[1])).unwrap();
 
-    // (A) the journal's file system fills up: the spool append fails and
-    // nothing of it counts; the volume still opens on the full disk (no
-    // tail to re-apply; the catalogue is skipped) with chunk 2 pending.
+    // (A) the journal's file system fills up: the spool is refused (with
+    // chunk 2 pending, before writing: it would take the space chunk 2's
+    // apply needs) and nothing of it counts; the volume still opens on the
+    // full disk (no tail to re-apply; the catalogue is skipped) with chunk 2
+    // pending.
     let ballast = Ballast::fill(&dir);
     let e = v
         .spool(&chunk(3, 6 * MIB, &d[2]))
         .expect_err("spool on a full disk");
-    assert!(e.is_no_space(), "{e}");
+    assert!(matches!(e, JournalError::LowSpace { .. }), "{e}");
     drop(v);
     // A catalogue that must be made from scratch (derived data: lost, or a
     // version change; SQLite also recreates one it finds unreadable) cannot
@@ -239,4 +243,87 @@ fn journal_on_full_disks_reopens_and_finishes_the_interrupted_apply() {
     let img = std::fs::read(&replica).unwrap();
     assert!(img[6 * MIB as usize..7 * MIB as usize] == d[2][..]);
     drop((jfs, rfs));
+}
+
+/// The spool never takes the space its own apply needs: on a small file
+/// system holding both the journal and a sparse replica (each applied byte
+/// needs a new replica block), spooling stops with `LowSpace` while space is
+/// still free, and everything spooled then applies. (Before this rule the
+/// spool filled the disk and apply failed with `ENOSPC` on the replica: a
+/// full disk nothing could drain — the target stayed stuck.) A spool append
+/// that meets a really full disk with nothing pending fails with `ENOSPC`
+/// and stores nothing.
+#[test]
+fn spool_keeps_the_space_its_apply_needs() {
+    let s = Scratch::new("journal-lowspace");
+    let fs = SmallFs::create(&s, "lfs", 64 * MIB);
+    let dir = fs.mount.join("vol");
+    let replica = fs.mount.join("replica.img");
+    let ident = VolumeIdentity {
+        name: "vol0".into(),
+        uuid: [9; 16],
+        generation: 1,
+        size: 48 * MIB,
+        block_size: 4096,
+    };
+    let piece = 4 * MIB;
+    let data: Vec<Vec<u8>> = (0..12)
+        .map(|i| {
+            let mut b = vec![0u8; piece as usize];
+            fill_random(&mut b, 500 + i);
+            b
+        })
+        .collect();
+    let mut v = TargetVolume::create(&dir, ident, &replica).expect("create");
+    let mut seq = 0u64;
+    let refusal = loop {
+        assert!(
+            seq < 12,
+            "the spool took {seq} pieces and never said low on space"
+        );
+        match v.spool(&chunk(seq + 1, seq * piece, &data[seq as usize])) {
+            Ok(_) => seq += 1,
+            Err(e) => break e,
+        }
+    };
+    let free = fs.free_bytes();
+    eprintln!("spooled {seq} pieces of 4 MiB, then: {refusal} ({free} bytes free)");
+    assert!(
+        matches!(refusal, JournalError::LowSpace { .. }),
+        "expected a low-space refusal, got: {refusal}"
+    );
+    assert!(seq >= 2, "{seq}");
+    assert!(free > piece, "refused while space is free: {free}");
+    assert_eq!(v.durable_seq(), seq, "the refused piece is not stored");
+    // Everything spooled applies: the space for it was kept.
+    v.apply_all().expect("apply what the spool holds");
+    assert_eq!(v.applied_seq(), seq);
+    // The applied spool is freed: spooling goes on.
+    v.spool(&chunk(seq + 1, seq * piece, &data[seq as usize]))
+        .expect("spool after apply");
+    seq += 1;
+    v.apply_all().expect("apply");
+
+    // A really full disk with nothing pending: the append fails with ENOSPC
+    // and stores nothing; once space is back the same chunk goes through.
+    let ballast = Ballast::fill(&dir);
+    let e = v
+        .spool(&chunk(seq + 1, seq * piece, &data[seq as usize]))
+        .expect_err("spool on a full disk");
+    assert!(e.is_no_space(), "{e}");
+    drop(v);
+    ballast.release();
+    let mut v = TargetVolume::open(&dir).expect("open after space is back");
+    assert_eq!(v.durable_seq(), seq, "nothing of the failed append counts");
+    v.spool(&chunk(seq + 1, seq * piece, &data[seq as usize]))
+        .expect("spool once space is back");
+    seq += 1;
+    v.apply_all().expect("apply");
+    drop(v);
+    let img = std::fs::read(&replica).expect("read the replica");
+    for (i, d) in data.iter().enumerate().take(seq as usize) {
+        let at = i * piece as usize;
+        assert!(img[at..at + piece as usize] == d[..], "piece {i}");
+    }
+    drop(fs);
 }

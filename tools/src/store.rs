@@ -151,6 +151,7 @@ impl SharedVolume {
             if !matches!(
                 e,
                 JournalError::SpoolFull { .. }
+                    | JournalError::LowSpace { .. }
                     | JournalError::InvalidChunk(_)
                     | JournalError::OutOfRange { .. }
                     | JournalError::Invalid(_)
@@ -380,6 +381,7 @@ fn store_err(e: JournalError) -> StoreError {
     }
     match e {
         JournalError::SpoolFull { .. } => StoreError::SpoolFull,
+        JournalError::LowSpace { .. } => StoreError::LowSpace(e.to_string()),
         JournalError::InvalidChunk(m) => StoreError::Invalid(m),
         JournalError::OutOfRange { .. } | JournalError::Invalid(_) => {
             StoreError::Invalid(e.to_string())

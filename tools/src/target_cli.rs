@@ -329,6 +329,15 @@ pub fn serve(
                                 .unwrap_or_default()
                         ));
                     }
+                    if let Some(e) = &s.low_space {
+                        alerts.push(format!(
+                            "target low on space: {e}; the source is held back until apply frees the applied spool (free space on the file system of {})",
+                            place
+                                .as_ref()
+                                .map(|p| p.journal_dir.display().to_string())
+                                .unwrap_or_default()
+                        ));
+                    }
                     if let Some(e) = &s.last_error {
                         alerts.push(format!("last error: {e}"));
                     }

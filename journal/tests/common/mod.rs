@@ -13,6 +13,7 @@ pub const VOL: u64 = 64 * 1024;
 pub fn small_opts() -> TargetOptions {
     TargetOptions {
         spool_budget_bytes: 1 << 30,
+        min_free_bytes: 16 << 20,
         spool_file_size: 16 * 1024,
         segment_size: 32 * 1024,
         undo_zstd_level: Some(1),
