@@ -252,7 +252,11 @@ pub struct TargetStatus {
 pub(crate) struct FrameConn {
     pub(crate) t: Transport,
     inbuf: Vec<u8>,
+    /// Received bytes not yet parsed are `inbuf[start..end]`; `inbuf` beyond
+    /// `end` is initialised spare room (zero-filled once when it grows, not
+    /// before every read).
     start: usize,
+    end: usize,
     pub(crate) max_frame: u32,
     timeout: Option<Duration>,
     pub(crate) wire_out: u64,
@@ -263,8 +267,9 @@ impl FrameConn {
     pub(crate) fn new(t: Transport, max_frame: u32, limiter: Option<PairLimiter>) -> Self {
         FrameConn {
             t,
-            inbuf: Vec::with_capacity(1 << 16),
+            inbuf: Vec::new(),
             start: 0,
+            end: 0,
             max_frame,
             timeout: None,
             wire_out: 0,
@@ -304,7 +309,7 @@ impl FrameConn {
 
     /// A complete frame from the buffer, without reading the socket.
     pub(crate) fn parse(&mut self) -> Result<Option<Frame>, WireError> {
-        let avail = &self.inbuf[self.start..];
+        let avail = &self.inbuf[self.start..self.end];
         if avail.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -317,9 +322,9 @@ impl FrameConn {
         }
         let f = wire::decode_payload(&header, &avail[HEADER_LEN..total], self.max_frame);
         self.start += total;
-        if self.start == self.inbuf.len() {
-            self.inbuf.clear();
+        if self.start == self.end {
             self.start = 0;
+            self.end = 0;
         }
         f.map(Some)
     }
@@ -334,23 +339,23 @@ impl FrameConn {
             self.t.set_read_timeout(Some(timeout))?;
             self.timeout = Some(timeout);
         }
-        if self.start > 0 && self.start * 2 > self.inbuf.len() {
-            self.inbuf.drain(..self.start);
+        if self.start > 0 && self.start * 2 > self.end {
+            self.inbuf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
-        let old = self.inbuf.len();
-        self.inbuf.resize(old + (256 << 10), 0);
-        let r = self.t.read(&mut self.inbuf[old..]);
+        const READ_ROOM: usize = 256 << 10;
+        if self.inbuf.len() < self.end + READ_ROOM {
+            self.inbuf.resize(self.end + READ_ROOM, 0);
+        }
+        let r = self.t.read(&mut self.inbuf[self.end..]);
         match r {
-            Ok(0) => {
-                self.inbuf.truncate(old);
-                Err(WireError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed by the peer",
-                )))
-            }
+            Ok(0) => Err(WireError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed by the peer",
+            ))),
             Ok(n) => {
-                self.inbuf.truncate(old + n);
+                self.end += n;
                 self.parse()
             }
             Err(e)
@@ -361,13 +366,9 @@ impl FrameConn {
                         | io::ErrorKind::Interrupted
                 ) =>
             {
-                self.inbuf.truncate(old);
                 Ok(None)
             }
-            Err(e) => {
-                self.inbuf.truncate(old);
-                Err(e.into())
-            }
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -230,6 +230,8 @@ pub struct TargetOpts {
     pub port: Option<u16>,
     /// `--spool-budget`.
     pub spool_budget: Option<String>,
+    /// More arguments for `rewind target`.
+    pub extra_args: Vec<String>,
 }
 
 impl TargetOpts {
@@ -241,6 +243,7 @@ impl TargetOpts {
             allow: vec!["replicator".into()],
             port: None,
             spool_budget: None,
+            extra_args: Vec::new(),
         }
     }
 
@@ -252,6 +255,7 @@ impl TargetOpts {
             allow: vec![],
             port: None,
             spool_budget: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -315,6 +319,7 @@ impl Target {
         if let Some(b) = &opts.spool_budget {
             c.arg("--spool-budget").arg(b);
         }
+        c.args(&opts.extra_args);
         let _ = fs::remove_file(state_dir.join("status.json"));
         let mut daemon = Daemon::spawn(c, log);
         let pid = u64::from(daemon.pid());

@@ -87,11 +87,16 @@ fn replication_help_has_examples() {
 #[test]
 fn replication_config_errors_name_the_key() {
     let s = Scratch::new("repl-cfg");
-    let cases: [(&str, &str, &str); 5] = [
+    let cases: [(&str, &str, &str); 6] = [
         (
             "target",
             "listen = \"127.0.0.1:0\"\n[tls]\ninsecure = true\n[[volume]]\nname = \"v\"\nreplica = \"/tmp/r\"\njournal_dir = \"/tmp/j\"\nspool_budget = \"lots\"\n",
             "volume[0].spool_budget",
+        ),
+        (
+            "target",
+            "listen = \"127.0.0.1:0\"\n[tls]\ninsecure = true\n[[volume]]\nname = \"v\"\nreplica = \"/tmp/r\"\njournal_dir = \"/tmp/j\"\nundo_compression = \"zstd:42\"\n",
+            "volume[0].undo_compression",
         ),
         ("target", "listen = \"0.0.0.0:7700\"\n[tls]\ninsecure = true\n", "loopback only"),
         ("target", "lisen = \"127.0.0.1:0\"\n", "lisen"),
@@ -302,4 +307,62 @@ fn replication_insecure_loopback() {
     wait_drained(&repl, &target, Duration::from_secs(60));
     assert_same(&backing, &target.replica("vol0"), "insecure replica");
     assert!(target.daemon.log_text().contains("insecure"));
+}
+
+/// `rewind target --undo-compression`: the retention journal stores the old
+/// data of overwritten blocks compressed by default (the test's writes are
+/// one repeated byte per write: zstd shrinks them to almost nothing) and as
+/// is with `off`; the figures come from `rewind status --json`.
+#[test]
+fn target_undo_compression_on_by_default_and_off_by_flag() {
+    let mut ratios = Vec::new();
+    for flag in [None, Some("off")] {
+        let s = Scratch::new(if flag.is_some() {
+            "undo-off"
+        } else {
+            "undo-default"
+        });
+        let backing = s.join("vol.img");
+        create_sparse(&backing, 8 * MIB);
+        let setup = Setup::start_with(
+            &s,
+            &backing,
+            "none",
+            |t| {
+                if let Some(f) = flag {
+                    t.extra_args = vec!["--undo-compression".into(), f.into()];
+                }
+            },
+            |_| {},
+        );
+        // Every block written several times over: most undo data is old,
+        // non-zero writer data (zero old data is elided either way).
+        let writer = Writer::start(setup.export.uri(), 8 * MIB, 3);
+        writer.resume();
+        poll_until(
+            "writes",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || writer.acked.load(std::sync::atomic::Ordering::Relaxed) >= 1500,
+        );
+        writer.pause();
+        setup.converge(Duration::from_secs(60), "undo compression");
+        let mut figures = (0u64, 0u64);
+        poll_until("journal figures", T, Duration::from_millis(100), || {
+            let j = &setup.target.volume_status("vol0")["journal"];
+            figures = (
+                j["undo_raw_bytes"].as_u64().unwrap_or(0),
+                j["undo_stored_bytes"].as_u64().unwrap_or(0),
+            );
+            j["applied_seq"] == setup.target.volume_status("vol0")["status"]["applied_seq"]
+                && figures.0 > 0
+        });
+        let (raw, stored) = figures;
+        let ratio = stored as f64 / raw as f64;
+        eprintln!("undo compression {flag:?}: {raw} old bytes stored as {stored} ({ratio:.3})");
+        ratios.push(ratio);
+        drop(writer);
+    }
+    assert!(ratios[0] < 0.05, "default: not compressed: {ratios:?}");
+    assert!(ratios[1] > 0.5, "off: compressed anyway: {ratios:?}");
 }

@@ -219,6 +219,7 @@ fn show_summary(args: &CdpcliArgs) -> Result<()> {
             let vols = crate::store::Volumes::new(crate::store::Layout::Dir {
                 dir: dir.clone(),
                 spool_budget: None,
+                undo_compression: None,
                 retention: None,
             });
             crate::recover::summary(&*vols.get(vol)?)?

@@ -413,6 +413,10 @@ pub struct VolumeConfig {
     /// Spool budget in bytes (`512M`, `4G`); over it the source is flow controlled.
     #[serde(default)]
     pub spool_budget: Option<String>,
+    /// Compression of the undo journal's old data: `"off"`, `"zstd"` or
+    /// `"zstd:LEVEL"` (1..19); default `"zstd:1"`.
+    #[serde(default)]
+    pub undo_compression: Option<String>,
     /// Retention of this volume (replaces the file's `[retention]`).
     #[serde(default)]
     pub retention: Option<RetentionConfig>,
@@ -554,6 +558,17 @@ impl VolumeConfig {
             .map(|s| parse_size(s).map_err(|e| anyhow::anyhow!("{key}.spool_budget: {e}")))
             .transpose()
     }
+
+    /// The undo compression, if set.
+    pub fn undo_compression(&self, key: &str) -> Result<Option<Compression>> {
+        self.undo_compression
+            .as_deref()
+            .map(|s| {
+                s.parse::<Compression>()
+                    .map_err(|e| anyhow::anyhow!("{key}.undo_compression: {e}"))
+            })
+            .transpose()
+    }
 }
 
 /// `target.toml`.
@@ -644,6 +659,7 @@ impl TargetConfig {
                 bail!("{key}.journal_dir is empty");
             }
             v.spool_budget_bytes(&key)?;
+            v.undo_compression(&key)?;
             if let Some(r) = &v.retention {
                 r.policy(&format!("{key}.retention"))?;
             }

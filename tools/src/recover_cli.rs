@@ -49,6 +49,7 @@ impl TargetLocation {
             return Ok(Some(Layout::Dir {
                 dir: d.clone(),
                 spool_budget: None,
+                undo_compression: None,
                 retention: None,
             }));
         }
@@ -62,6 +63,7 @@ impl TargetLocation {
                         replica: v.replica.clone(),
                         journal_dir: v.journal_dir.clone(),
                         spool_budget: v.spool_budget_bytes(&format!("volume[{i}]"))?,
+                        undo_compression: v.undo_compression(&format!("volume[{i}]"))?,
                         retention: None,
                     },
                 );
@@ -630,6 +632,7 @@ pub fn run_failback(args: FailbackArgs) -> Result<()> {
             replica: args.device.clone(),
             journal_dir: args.journal_dir.clone(),
             spool_budget: None,
+            undo_compression: None,
             retention: None,
         },
     );

@@ -125,6 +125,13 @@ pub struct JournalFigures {
     pub recovered_chunks: u64,
     /// Torn tails truncated at open.
     pub torn_tails: u64,
+    /// Old bytes covered by undo records written since open.
+    #[serde(default)]
+    pub undo_raw_bytes: u64,
+    /// Bytes stored for them (after zero elision and compression): with
+    /// `undo_raw_bytes`, the retention journal's compression.
+    #[serde(default)]
+    pub undo_stored_bytes: u64,
 }
 
 impl From<Counters> for JournalFigures {
@@ -145,6 +152,8 @@ impl From<Counters> for JournalFigures {
             journal_bytes: c.journal_bytes,
             recovered_chunks: c.recovered_chunks,
             torn_tails: c.torn_tails,
+            undo_raw_bytes: c.undo_raw_bytes,
+            undo_stored_bytes: c.undo_stored_bytes,
         }
     }
 }

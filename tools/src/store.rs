@@ -8,6 +8,7 @@
 //! one. Restarts of either side never recreate it, so a restart never causes
 //! a full resync.
 
+use crate::config::Compression;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -590,6 +591,10 @@ pub struct VolumePlace {
     pub journal_dir: PathBuf,
     /// Spool budget (bytes), `None` for the journal's default.
     pub spool_budget: Option<u64>,
+    /// Compression of the undo journal's old data (`None`: the default,
+    /// zstd level 1). Applies to records written from the next open on;
+    /// every record says how it is encoded, so changing it is always safe.
+    pub undo_compression: Option<Compression>,
     /// Retention policy (`None`: keep everything).
     pub retention: Option<journal::RetentionPolicy>,
 }
@@ -612,6 +617,8 @@ pub enum Layout {
         dir: PathBuf,
         /// Spool budget of every volume.
         spool_budget: Option<u64>,
+        /// Undo compression of every volume (`None`: the default).
+        undo_compression: Option<Compression>,
         /// Retention policy of every volume.
         retention: Option<journal::RetentionPolicy>,
     },
@@ -628,6 +635,7 @@ impl Layout {
             Layout::Dir {
                 dir,
                 spool_budget,
+                undo_compression,
                 retention,
             } => {
                 crate::config::check_name(name).ok()?;
@@ -637,6 +645,7 @@ impl Layout {
                         replica: d.join("replica.img"),
                         journal_dir: d.join("journal"),
                         spool_budget: *spool_budget,
+                        undo_compression: *undo_compression,
                         retention: retention.clone(),
                     },
                     true,
@@ -916,6 +925,11 @@ fn journal_opts(place: &VolumePlace) -> journal::TargetOptions {
     };
     if let Some(b) = place.spool_budget {
         o.spool_budget_bytes = b;
+    }
+    match place.undo_compression {
+        None => {}
+        Some(Compression::Off) => o.undo_zstd_level = None,
+        Some(Compression::Zstd(l)) => o.undo_zstd_level = Some(l),
     }
     o
 }
