@@ -255,8 +255,7 @@ pub(crate) fn read_step(sh: &Shared, pos: u64, head: u64) -> Result<Step, String
 /// Builds the public record (copying the payload) for a validated header at `pos`.
 pub(crate) fn materialise(sh: &Shared, pos: u64, h: &RecHeader) -> Record {
     let at = pos % sh.layout().ring_capacity + RECORD_HEADER;
-    let mut payload = vec![0u8; h.payload_len as usize];
-    sh.ring_read(at, &mut payload);
+    let payload = sh.ring_read_vec(at, h.payload_len as usize);
     let kind = RecordKind::from_u8(h.kind).unwrap_or(RecordKind::Metadata);
     let mut rec = Record {
         seq: h.seq,

@@ -1481,15 +1481,23 @@ impl ChunkBuilder {
             return Ok(None);
         }
         let mut extents: Vec<Extent> = Vec::new();
-        let mut data = Vec::with_capacity(self.data_bytes as usize);
+        let single_data = self.map.len() == 1 && self.map.values().all(|(_, d)| d.is_some());
+        let mut data = if single_data {
+            Vec::new()
+        } else {
+            Vec::with_capacity(self.data_bytes as usize)
+        };
         for (off, (len, d)) in std::mem::take(&mut self.map) {
             let kind = if d.is_some() {
                 ExtentKind::Data
             } else {
                 ExtentKind::Zero
             };
-            if let Some(d) = &d {
-                data.extend_from_slice(d);
+            match d {
+                // One write alone in the chunk: its buffer is the payload.
+                Some(d) if single_data => data = d,
+                Some(d) => data.extend_from_slice(&d),
+                None => {}
             }
             let mut o = off;
             let mut left = len;
