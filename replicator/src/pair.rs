@@ -227,8 +227,15 @@ pub struct TargetStatus {
     pub last_applied_source_time_ns: u64,
     /// Connections accepted for this volume.
     pub connections: u64,
-    /// Last error on this volume.
+    /// Last error on this volume (kept as history after it is resolved).
     pub last_error: Option<String>,
+    /// When `last_error` happened (ns since the epoch, 0: never).
+    #[serde(default)]
+    pub last_error_ns: u64,
+    /// When a spool or apply last succeeded (ns since the epoch, 0: never):
+    /// an error older than this is resolved.
+    #[serde(default)]
+    pub last_ok_ns: u64,
     /// Set while the volume's storage is out of space (`ENOSPC`/`EDQUOT` on
     /// the spool, journal or replica): the error. Replication is paused
     /// (sources are answered with `SpoolFull` errors and retry; nothing is

@@ -497,11 +497,13 @@ impl Volume {
             warn!(volume = %st.volume, during = what, error = %e, "target store failed");
         }
         st.last_error = Some(format!("{what}: {e}"));
+        st.last_error_ns = now_ns();
     }
 
     /// The store wrote successfully (spool or apply): a full disk is over.
     fn store_ok(&self) {
         let mut st = lock(&self.status);
+        st.last_ok_ns = now_ns();
         if st.storage_full.take().is_some() {
             info!(volume = %st.volume, "target storage available again: replication resumes");
         }
@@ -1077,7 +1079,9 @@ fn serve(sh: &Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
     let _ = conn.t.set_write_timeout(Some(sh.opts.idle_timeout));
     let r = frame_loop(sh, &vol, epoch, &mut conn, max);
     if let Err(e) = &r {
-        lock(&vol.status).last_error = Some(e.clone());
+        let mut st = lock(&vol.status);
+        st.last_error = Some(e.clone());
+        st.last_error_ns = now_ns();
     }
     if vol.epoch.load(Ordering::SeqCst) == epoch {
         let mut st = lock(&vol.status);

@@ -132,6 +132,16 @@ fn target_disk_full_is_reported_and_converges_without_resync() {
     );
     assert!(tv["status"]["storage_full"].is_null(), "{tv}");
     assert_eq!(storage_full_alert(&tv), None, "{tv}");
+    // The error stays in the status as history, but it is no longer an
+    // alert once spooling and applying work again.
+    assert!(tv["status"]["last_error"].is_string(), "{tv}");
+    assert!(
+        !tv["alerts"].as_array().is_some_and(|a| a
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|s| s.starts_with("last error"))),
+        "a resolved error is still an alert: {tv}"
+    );
     assert!(tv["status"]["store_recoveries"].as_u64() >= Some(1), "{tv}");
     drop(writer);
     repl.daemon.stop();

@@ -346,7 +346,10 @@ pub fn serve(
                                 .unwrap_or_default()
                         ));
                     }
-                    if let Some(e) = &s.last_error {
+                    // An alert while unresolved: no spool or apply has
+                    // succeeded since (the error stays in `last_error`).
+                    let unresolved = s.last_error_ns > s.last_ok_ns;
+                    if let Some(e) = s.last_error.as_ref().filter(|_| unresolved) {
                         alerts.push(format!("last error: {e}"));
                     }
                 }
