@@ -5,7 +5,7 @@ use crate::error::{corrupt, ioe, JournalError, Result};
 use crate::fault::FaultPoint;
 use crate::fault::Faults;
 use crate::format::*;
-use crate::fsutil::is_zero;
+use crate::fsutil::{is_zero, punch_zeros};
 use crate::segment::{encode_undo_record, SegFile, UndoExtent, UndoRec};
 use crate::spool::Pending;
 use crate::view::Shared;
@@ -360,6 +360,7 @@ impl TargetVolume {
         k.fsyncs += c.fsyncs;
         k.replica_writes += c.replica_writes;
         k.replica_write_bytes += c.replica_write_bytes;
+        k.replica_punched_bytes += c.replica_punched_bytes;
         let records = self.index().records.len() as u64;
         self.counters.journal_records = records;
 
@@ -592,6 +593,13 @@ pub(crate) fn write_replica_batch(
                 ExtentData::Zero(n) => {
                     let mut o = e.offset;
                     let end = e.offset + n;
+                    // Trims and write-zeroes free the replica's space where
+                    // the file system or device can (the old bytes are in
+                    // the undo record already); zeros are written otherwise.
+                    if *n > 0 && punch_zeros(replica, e.offset, *n).map_err(ioe(write_err))? {
+                        counters.replica_punched_bytes += n;
+                        o = end;
+                    }
                     while o < end {
                         let k = (end - o).min(ZEROES.len() as u64);
                         replica

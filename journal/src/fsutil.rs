@@ -121,6 +121,38 @@ pub(crate) fn fs_free_bytes(p: &Path) -> Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Deallocates `[offset, offset + len)` of `file` so that it reads as zeros
+/// (`fallocate(PUNCH_HOLE | KEEP_SIZE)`: a hole in a file, an unmap with
+/// guaranteed zeroing on a block device). `Ok(false)` when the file system or
+/// device cannot do it (the caller writes zeros instead); other errors as is.
+/// Durable with the file's next `fdatasync`, like a write.
+pub(crate) fn punch_zeros(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Ok(false);
+    };
+    // SAFETY: plain syscall on a descriptor owned by `file` for the duration
+    // of the call; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV) => {
+            Ok(false)
+        }
+        _ => Err(e),
+    }
+}
+
 /// Whether `replica` is a regular file on another file system than `dir`
 /// (then it needs its own free space for new blocks). A block device or a
 /// path that cannot be inspected counts as "not elsewhere".

@@ -250,6 +250,9 @@ pub struct Counters {
     pub replica_writes: u64,
     /// Replica bytes written.
     pub replica_write_bytes: u64,
+    /// Replica bytes of zero extents (trims, write-zeroes) deallocated
+    /// instead of written (`fallocate` punch hole).
+    pub replica_punched_bytes: u64,
     /// Journal bytes appended since open (the "second write").
     pub journal_write_bytes: u64,
     /// fdatasync/fsync calls.
