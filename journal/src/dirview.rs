@@ -116,6 +116,7 @@ impl Tail {
                 }
                 short = short && self.pos < flen;
             }
+            crate::fault::view_refresh_hook();
             let next = self.seg.as_ref().map_or(0, |s| s.index + 1);
             let p = self.dir.join(JOURNAL_DIR).join(format!("{next:016x}.seg"));
             let file = match File::open(&p) {
@@ -144,6 +145,23 @@ impl Tail {
                     })
                 }
             };
+            if !short {
+                if let Some(sf) = &self.seg {
+                    // The length read above may be older than the next
+                    // segment's existence: records appended after that stat,
+                    // before the daemon sealed the segment and created the
+                    // next one, must be read before moving on (skipping them
+                    // left a view without their old data: wrong bytes).
+                    let now = sf
+                        .file
+                        .metadata()
+                        .map_err(ioe(|| format!("stat {}", sf.path.display())))?
+                        .len();
+                    if now > self.pos {
+                        continue;
+                    }
+                }
+            }
             if short {
                 // The daemon syncs a segment before creating the next one: an
                 // unreadable record before the end of a sealed segment is damage.

@@ -236,3 +236,28 @@ impl Faults {
         }
     }
 }
+
+/// A one-shot test hook run by a directory view inside its index refresh.
+type RefreshHook = Box<dyn FnOnce() + Send>;
+
+/// Test hook: run once by the next directory-view index refresh, between
+/// reading the current segment's length and looking for the next segment —
+/// the window in which the daemon may append to that segment, seal it and
+/// create the next. Costs one uncontended lock per refresh when unset.
+static VIEW_REFRESH_HOOK: std::sync::Mutex<Option<RefreshHook>> = std::sync::Mutex::new(None);
+
+/// Arms [`VIEW_REFRESH_HOOK`] (tests only; process-wide).
+#[doc(hidden)]
+pub fn set_view_refresh_hook(hook: Option<RefreshHook>) {
+    *VIEW_REFRESH_HOOK.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+}
+
+pub(crate) fn view_refresh_hook() {
+    let hook = VIEW_REFRESH_HOOK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(f) = hook {
+        f();
+    }
+}

@@ -691,3 +691,79 @@ fn corrupt_undo_data_and_missing_catalogue_rows() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+/// A directory view's index refresh read a segment up to the length it had
+/// just seen; if the owner then appended more records to that segment,
+/// sealed it and created the next one before the view looked for the next
+/// one, the view moved on without those records and served their new bytes
+/// as old ones (found as a rare mismatch of
+/// `directory_views_stay_exact_while_the_owner_applies_and_prunes` under
+/// load). Here the owner's append-seal-rotate runs exactly in that window.
+#[test]
+fn directory_view_refresh_reads_a_segment_to_its_sealed_end() {
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("t");
+    let mut v = TargetVolume::create_with(
+        &t,
+        ident(VOL, *b"uuid-recovery-rt"),
+        &d.path().join("replica.img"),
+        TargetOptions {
+            segment_size: 128 * 1024,
+            ..opts()
+        },
+    )
+    .expect("create");
+    let mut r = StdRng::seed_from_u64(17);
+    let random = |r: &mut StdRng, n: usize| -> Vec<u8> { (0..n).map(|_| r.gen()).collect() };
+    let one = |k: u64, offset: u64, data: Vec<u8>| ChunkIn {
+        first_seq: k,
+        last_seq: k,
+        source_time_ns: 1000 * k,
+        horizon_seq: 0,
+        extents: vec![ChunkExtent {
+            offset,
+            data: ExtentData::Data(data),
+        }],
+    };
+    // Point 1: random data everywhere (undo records of later writes are raw).
+    let img = random(&mut r, VOL as usize);
+    v.spool(&one(1, 0, img.clone())).unwrap();
+    v.apply_all().unwrap();
+    let want = h(&img);
+    let view = SnapshotView::open_dir(&t, &RecoveryPoint::Seq(1)).unwrap();
+    let mut b = vec![0u8; VOL as usize];
+    view.read_at(&mut b, 0).unwrap();
+    assert!(h(&b) == want);
+    // News for the view (chunk 2 in the current segment), then, inside the
+    // view's next refresh: chunk 3 (small: appended to the same segment) and
+    // chunk 4 (larger than what is left: the segment is sealed, the next one
+    // created).
+    v.spool(&one(2, 0, random(&mut r, 4096))).unwrap();
+    v.apply_all().unwrap();
+    let v = Arc::new(Mutex::new(v));
+    let (c3, c4) = (
+        one(3, 8192, random(&mut r, 4096)),
+        one(4, 65536, random(&mut r, 120 * 1024)),
+    );
+    let segments = |t: &Path| std::fs::read_dir(t.join("journal")).unwrap().count();
+    let before = segments(&t);
+    {
+        let v = v.clone();
+        journal::fault::set_view_refresh_hook(Some(Box::new(move || {
+            let mut v = v.lock().unwrap();
+            for c in [&c3, &c4] {
+                v.spool(c).unwrap();
+                v.apply_all().unwrap();
+            }
+        })));
+    }
+    view.read_at(&mut b, 0).unwrap();
+    journal::fault::set_view_refresh_hook(None);
+    assert!(segments(&t) > before, "chunk 4 did not open a new segment");
+    view.read_at(&mut b, 0).unwrap();
+    let first_bad = b.iter().zip(&img).position(|(x, y)| x != y);
+    assert!(
+        first_bad.is_none(),
+        "the view at point 1 differs from point 1 at byte {first_bad:?} (chunk 3 wrote 8192..12288)"
+    );
+}
