@@ -150,6 +150,17 @@ fn target_disk_full_is_reported_and_converges_without_resync() {
     drop(small);
 }
 
+/// Volume "vol0" of `size` bytes, uuid all `uuid` bytes.
+fn identity(uuid: u8, size: u64) -> VolumeIdentity {
+    VolumeIdentity {
+        name: "vol0".into(),
+        uuid: [uuid; 16],
+        generation: 1,
+        size,
+        block_size: 4096,
+    }
+}
+
 fn chunk(seq: u64, offset: u64, data: &[u8]) -> ChunkIn {
     ChunkIn {
         first_seq: seq,
@@ -170,13 +181,7 @@ fn journal_on_full_disks_reopens_and_finishes_the_interrupted_apply() {
     let rfs = SmallFs::create(&s, "rfs", 16 * MIB);
     let dir = jfs.mount.join("vol");
     let replica = rfs.mount.join("replica.img");
-    let ident = VolumeIdentity {
-        name: "vol0".into(),
-        uuid: [7; 16],
-        generation: 1,
-        size: 8 * MIB,
-        block_size: 4096,
-    };
+    let ident = identity(7, 8 * MIB);
     let mut d = vec![vec![0u8; MIB as usize]; 3];
     for (i, b) in d.iter_mut().enumerate() {
         fill_random(b, 100 + i as u64);
@@ -269,13 +274,7 @@ fn spool_keeps_the_space_its_apply_needs() {
     let fs = SmallFs::create(&s, "lfs", 64 * MIB);
     let dir = fs.mount.join("vol");
     let replica = fs.mount.join("replica.img");
-    let ident = VolumeIdentity {
-        name: "vol0".into(),
-        uuid: [9; 16],
-        generation: 1,
-        size: 48 * MIB,
-        block_size: 4096,
-    };
+    let ident = identity(9, 48 * MIB);
     let piece = 4 * MIB;
     let data: Vec<Vec<u8>> = (0..12)
         .map(|i| {

@@ -328,22 +328,18 @@ pub fn serve(
                     } else if s.flow_controlled {
                         alerts.push("flow controlled: the spool is at its budget".into());
                     }
+                    let journal_dir = place
+                        .as_ref()
+                        .map(|p| p.journal_dir.display().to_string())
+                        .unwrap_or_default();
                     if let Some(e) = &s.storage_full {
                         alerts.push(format!(
-                            "target storage full: {e}; replication paused (the source keeps tracking and retries, nothing acknowledged is lost): free space on the file system of {}",
-                            place
-                                .as_ref()
-                                .map(|p| p.journal_dir.display().to_string())
-                                .unwrap_or_default()
+                            "target storage full: {e}; replication paused (the source keeps tracking and retries, nothing acknowledged is lost): free space on the file system of {journal_dir}"
                         ));
                     }
                     if let Some(e) = &s.low_space {
                         alerts.push(format!(
-                            "target low on space: {e}; the source is held back until apply frees the applied spool (free space on the file system of {})",
-                            place
-                                .as_ref()
-                                .map(|p| p.journal_dir.display().to_string())
-                                .unwrap_or_default()
+                            "target low on space: {e}; the source is held back until apply frees the applied spool (free space on the file system of {journal_dir})"
                         ));
                     }
                     // An alert while unresolved: no spool or apply has
