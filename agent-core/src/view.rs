@@ -267,6 +267,26 @@ impl ChangeLogView {
         out.into_iter()
     }
 
+    /// The oldest record not consumed yet (the first one after the committed
+    /// tail), reading one record header: what [`ChangeLogView::records`]
+    /// would yield first, without walking the ring. `None` if the ring is
+    /// empty (or the record was committed while we read).
+    pub fn first_record(&self) -> Option<RecordInfo> {
+        let sh = &self.sh;
+        let tail = sh.tail().load(Acquire);
+        let head = sh.head().load(Acquire);
+        let mut first = None;
+        if tail < head && head - tail <= sh.layout().ring_capacity {
+            let _ = walk(sh, tail, head, |pos, h| {
+                if sh.tail().load(Acquire) <= pos {
+                    first = Some(info(pos, h));
+                }
+                false
+            });
+        }
+        first
+    }
+
     /// Byte ranges of the blocks dirty in `active | pending`, sorted and coalesced.
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
         self.sh

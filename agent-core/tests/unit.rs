@@ -747,3 +747,38 @@ fn sustained_overload_returns_to_data_mode_per_sweep() {
     assert!(rep == v.src, "replica differs");
     assert!(view.dirty_ranges().is_empty());
 }
+
+/// `ChangeLogView::first_record` is the record `records()` yields first (the
+/// oldest not committed), from one header read: it moves on as batches are
+/// committed, not when they are only taken, and is `None` once drained.
+#[test]
+fn first_record_is_the_oldest_uncommitted_one() {
+    let d = tmpdir();
+    let mut v = vol(d.path(), 4 * MIB, 4096, 1 << 20);
+    let view = ChangeLogView::open(v.log.path()).unwrap();
+    assert!(view.first_record().is_none(), "empty ring");
+    for i in 0..8u64 {
+        v.write(i * 8192, 4096, i + 1);
+    }
+    let mut c = Consumer::attach(v.log.path()).unwrap();
+    let mut committed = 0;
+    loop {
+        let all: Vec<_> = view.records().collect();
+        let first = view.first_record();
+        assert_eq!(first.as_ref().map(|r| r.pos), all.first().map(|r| r.pos));
+        assert_eq!(first.as_ref().map(|r| r.seq), all.first().map(|r| r.seq));
+        assert_eq!(
+            first.as_ref().map(|r| r.timestamp_ns),
+            all.first().map(|r| r.timestamp_ns)
+        );
+        // Two records per batch: taking one does not move the first record.
+        let Some(b) = c.get(2 * 4096).unwrap() else {
+            break;
+        };
+        assert_eq!(view.first_record().map(|r| r.pos), first.map(|r| r.pos));
+        committed += b.records().len();
+        c.commit(b).unwrap();
+    }
+    assert_eq!(committed, 8);
+    assert!(view.first_record().is_none(), "drained");
+}

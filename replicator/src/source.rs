@@ -413,7 +413,7 @@ impl Offline {
         self.dirty_since = (dirty > 0).then(|| self.dirty_since.unwrap_or(now));
         if st.ring_used_bytes > 0 {
             if self.oldest.is_none() {
-                self.oldest = v.records().next().map(|r| r.timestamp_ns);
+                self.oldest = v.first_record().map(|r| r.timestamp_ns);
             }
         } else {
             self.oldest = None;
@@ -597,7 +597,6 @@ fn session(
         ring_empty: false,
         empty_at: None,
         ready_since: None,
-        oldest_unconsumed: (Instant::now(), None),
         dirty_since: None,
         rate_mark: (Instant::now(), 0, 0),
         wire_base: lock(status).wire_bytes,
@@ -672,7 +671,6 @@ struct Session<'a> {
     empty_at: Option<u64>,
     /// When ring bytes were first seen ready and not yet shipped.
     ready_since: Option<Instant>,
-    oldest_unconsumed: (Instant, Option<u64>),
     dirty_since: Option<u64>,
     rate_mark: (Instant, u64, u64),
     wire_base: u64,
@@ -1275,18 +1273,11 @@ impl Session<'_> {
         }
         let mut oldest = self.batches.iter().map(|b| b.oldest_ns).min();
         if oldest.is_none() && st.ring_used_bytes > 0 {
-            // Walking the ring is O(records): at most once a second.
-            if self.oldest_unconsumed.0.elapsed() >= Duration::from_secs(1)
-                || self.oldest_unconsumed.1.is_none()
-            {
-                self.oldest_unconsumed = (
-                    Instant::now(),
-                    self.view.records().next().map(|r| r.timestamp_ns),
-                );
-            }
-            oldest = self.oldest_unconsumed.1;
-        } else {
-            self.oldest_unconsumed.1 = None;
+            // The first unconsumed record, read afresh every time (one
+            // header): a value cached for up to a second (the ring walk it
+            // replaced was O(records)) still named records shipped and
+            // acknowledged since, and inflated the RPO by up to a second.
+            oldest = self.view.first_record().map(|r| r.timestamp_ns);
         }
         // Bits still in `active` were set after the start of the consumer's
         // last completed sweep (taken bits are in `self.batches`); before a
