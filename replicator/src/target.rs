@@ -168,6 +168,45 @@ impl StoreChunk {
         })
     }
 
+    /// [`StoreChunk::from_chunk`] taking the frame by value: when the chunk
+    /// has a single data extent (the usual case for sequential writes, which
+    /// the source coalesces), its payload — or the decompressed buffer —
+    /// becomes that extent's data without a copy. Same checks, same result.
+    pub fn from_chunk_owned(c: Chunk, bound: u64) -> Result<Self, WireError> {
+        let data_extents = c
+            .extents
+            .iter()
+            .filter(|e| e.kind == ExtentKind::Data)
+            .count();
+        if data_extents != 1 {
+            return Self::from_chunk(&c, bound);
+        }
+        let decompressed = match c.data(bound)? {
+            std::borrow::Cow::Owned(v) => Some(v),
+            // Uncompressed (its length checked by `data`): the payload itself.
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        let mut data = Some(decompressed.unwrap_or(c.payload));
+        let extents = c
+            .extents
+            .iter()
+            .map(|e| StoreExtent {
+                offset: e.offset,
+                data: match e.kind {
+                    ExtentKind::Data => StoreData::Data(data.take().unwrap_or_default()),
+                    ExtentKind::Zero => StoreData::Zero(u64::from(e.len)),
+                },
+            })
+            .collect();
+        Ok(StoreChunk {
+            first_seq: c.first_seq,
+            last_seq: c.last_seq,
+            source_time_ns: c.source_time_ns,
+            horizon_seq: c.horizon_seq,
+            extents,
+        })
+    }
+
     /// An unordered chunk from a resync block.
     pub fn from_resync(r: &ResyncData, bound: u64) -> Result<Self, WireError> {
         let data = r.data(bound)?.into_owned();
@@ -1163,7 +1202,7 @@ fn frame_loop(
         while let Some(f) = next.take() {
             let item = match f {
                 Frame::Chunk(c) => {
-                    StoreChunk::from_chunk(&c, u64::from(max)).map(|c| Item::Chunk(c, false))
+                    StoreChunk::from_chunk_owned(c, u64::from(max)).map(|c| Item::Chunk(c, false))
                 }
                 Frame::ResyncData(r) => {
                     StoreChunk::from_resync(&r, u64::from(max)).map(|c| Item::Chunk(c, true))

@@ -724,3 +724,56 @@ fn read_frame_reads_exactly_one_frame() {
     read_frame(&mut t, MAX).unwrap();
     assert_eq!(t.consumed, a.len());
 }
+
+/// The target's by-value conversion of a chunk frame (which moves a single
+/// data extent's buffer instead of copying it) gives what the by-reference
+/// one gives, and refuses what it refuses.
+#[test]
+fn store_chunk_by_value_equals_by_reference() {
+    use replicator::target::StoreChunk;
+    let mut data = vec![0u8; 3 * 4096];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    let d = |offset: u64, len: u32| Extent {
+        offset,
+        len,
+        kind: ExtentKind::Data,
+    };
+    let z = |offset: u64, len: u32| Extent {
+        offset,
+        len,
+        kind: ExtentKind::Zero,
+    };
+    let shapes: Vec<(Vec<Extent>, usize)> = vec![
+        (vec![d(8192, 3 * 4096)], 3 * 4096),
+        (vec![z(0, 8192), d(8192, 4096), z(65536, 4096)], 4096),
+        (vec![d(0, 4096), d(65536, 8192)], 3 * 4096),
+        (vec![z(0, 4096)], 0),
+    ];
+    for (extents, n) in shapes {
+        for comp in [Compression::None, Compression::Zstd(1)] {
+            let c = Chunk::build(5, 9, 77, extents.clone(), &data[..n], comp).unwrap();
+            let by_ref = StoreChunk::from_chunk(&c, 1 << 20).unwrap();
+            let by_value = StoreChunk::from_chunk_owned(c, 1 << 20).unwrap();
+            assert_eq!(by_ref, by_value, "{extents:?} {comp:?}");
+        }
+    }
+    // A payload shorter than its data extent: refused both ways.
+    let mut c = Chunk::build(5, 9, 77, vec![d(0, 8192)], &data[..8192], Compression::None).unwrap();
+    c.payload.truncate(4096);
+    assert!(StoreChunk::from_chunk(&c, 1 << 20).is_err());
+    assert!(StoreChunk::from_chunk_owned(c, 1 << 20).is_err());
+    // Over the decompression bound: refused both ways.
+    let c = Chunk::build(
+        5,
+        9,
+        77,
+        vec![d(0, 8192)],
+        &data[..8192],
+        Compression::Zstd(1),
+    )
+    .unwrap();
+    assert!(StoreChunk::from_chunk(&c, 4096).is_err());
+    assert!(StoreChunk::from_chunk_owned(c, 4096).is_err());
+}
