@@ -153,17 +153,6 @@ pub(crate) fn punch_zeros(file: &File, offset: u64, len: u64) -> io::Result<bool
     }
 }
 
-/// Whether `replica` is a regular file on another file system than `dir`
-/// (then it needs its own free space for new blocks). A block device or a
-/// path that cannot be inspected counts as "not elsewhere".
-pub(crate) fn replica_elsewhere(dir: &Path, replica: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(dir), std::fs::metadata(replica)) {
-        (Ok(d), Ok(r)) => r.is_file() && r.dev() != d.dev(),
-        _ => false,
-    }
-}
-
 /// Turns readahead off for reads through `file` (`POSIX_FADV_RANDOM`; the
 /// flag belongs to this open file description, not to the inode).
 ///

@@ -157,6 +157,9 @@ pub struct TargetVolume {
     pub(crate) replica_path: PathBuf,
     pub(crate) replica: File,
     pub(crate) replica_is_file: bool,
+    /// The replica is a regular file on another file system than `dir`
+    /// (checked once at open; see [`TargetOptions::min_free_bytes`]).
+    pub(crate) replica_elsewhere: bool,
     pub(crate) opts: TargetOptions,
     pub(crate) faults: fault::Faults,
     pub(crate) poisoned: bool,
@@ -352,11 +355,18 @@ impl TargetVolume {
             .open(&replica_path)
             .map_err(ioe(|| format!("open replica {}", replica_path.display())))?;
         no_readahead(&replica, &replica_path);
-        let replica_is_file = replica
+        let replica_md = replica
             .metadata()
-            .map_err(ioe(|| format!("stat {}", replica_path.display())))?
-            .file_type()
-            .is_file();
+            .map_err(ioe(|| format!("stat {}", replica_path.display())))?;
+        let replica_is_file = replica_md.file_type().is_file();
+        // A regular-file replica on another file system than the journal
+        // needs its own free space for new blocks (see `min_free_bytes`).
+        let replica_elsewhere = replica_is_file && {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(dir)
+                .map(|d| d.dev() != replica_md.dev())
+                .unwrap_or(false)
+        };
         let zstd = match opts.undo_zstd_level {
             Some(l) => {
                 Some(zstd::bulk::Compressor::new(l).map_err(ioe(|| format!("zstd level {l}")))?)
@@ -373,6 +383,7 @@ impl TargetVolume {
             replica_path,
             replica,
             replica_is_file,
+            replica_elsewhere,
             opts,
             faults,
             poisoned: false,

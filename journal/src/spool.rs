@@ -415,11 +415,10 @@ impl TargetVolume {
         let apply = pending.saturating_add(incoming);
         let reserve = self.opts.min_free_bytes;
         let journal_free = fs_free_bytes(&self.dir)?;
-        let elsewhere = replica_elsewhere(&self.dir, &self.replica_path);
         let journal_need = incoming.saturating_add(apply).saturating_add(reserve);
         let (free, needed) = if journal_free < journal_need {
             (journal_free, journal_need)
-        } else if elsewhere {
+        } else if self.replica_elsewhere {
             let replica_free = fs_free_bytes(&self.replica_path)?;
             (replica_free, apply.saturating_add(reserve))
         } else {

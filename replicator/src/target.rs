@@ -146,6 +146,17 @@ impl StoreChunk {
             .sum()
     }
 
+    /// The sequence numbers and times of `c`, with no extents yet.
+    fn header_of(c: &Chunk) -> Self {
+        StoreChunk {
+            first_seq: c.first_seq,
+            last_seq: c.last_seq,
+            source_time_ns: c.source_time_ns,
+            horizon_seq: c.horizon_seq,
+            extents: Vec::new(),
+        }
+    }
+
     /// Decompresses and splits a wire chunk (never more than `bound` bytes).
     pub fn from_chunk(c: &Chunk, bound: u64) -> Result<Self, WireError> {
         let data = c.data(bound)?;
@@ -160,11 +171,8 @@ impl StoreChunk {
             })
             .collect();
         Ok(StoreChunk {
-            first_seq: c.first_seq,
-            last_seq: c.last_seq,
-            source_time_ns: c.source_time_ns,
-            horizon_seq: c.horizon_seq,
             extents,
+            ..Self::header_of(c)
         })
     }
 
@@ -181,13 +189,14 @@ impl StoreChunk {
         if data_extents != 1 {
             return Self::from_chunk(&c, bound);
         }
+        let mut out = Self::header_of(&c);
         let decompressed = match c.data(bound)? {
             std::borrow::Cow::Owned(v) => Some(v),
             // Uncompressed (its length checked by `data`): the payload itself.
             std::borrow::Cow::Borrowed(_) => None,
         };
         let mut data = Some(decompressed.unwrap_or(c.payload));
-        let extents = c
+        out.extents = c
             .extents
             .iter()
             .map(|e| StoreExtent {
@@ -198,13 +207,7 @@ impl StoreChunk {
                 },
             })
             .collect();
-        Ok(StoreChunk {
-            first_seq: c.first_seq,
-            last_seq: c.last_seq,
-            source_time_ns: c.source_time_ns,
-            horizon_seq: c.horizon_seq,
-            extents,
-        })
+        Ok(out)
     }
 
     /// An unordered chunk from a resync block.

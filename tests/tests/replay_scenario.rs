@@ -79,11 +79,12 @@ fn replay_scenario_target_disk_full_ends_with_zero_mismatches() {
         size: 160 * MIB,
         bookmark_every: 1000,
         restart_delay: Duration::from_millis(300),
-        // The replica alone takes the whole 160 MiB (the trace's mkfs zeroes the
-        // device and the target writes zeroes as data), and journal + spool grow
-        // with the outage: 256 MiB once filled up with the target's own data and
-        // never recovered. The ballast fills whatever is left, so headroom costs
-        // nothing but the ballast's size.
+        // Replica (up to 160 MiB: trims and write-zeroes now punch holes, but
+        // the trace's data lands anywhere), journal and spool grow with the
+        // outage: 256 MiB once filled up with the target's own data and never
+        // recovered (a spool that could eat the space its apply needed, since
+        // fixed by the low-space admission). The ballast fills whatever is
+        // left, so headroom costs nothing but the ballast's size.
         target_fs_size: 512 * MIB,
         // Holds every write of the trace: the outage must not push the
         // source into metadata/bitmap mode, where the journal rightly refuses
