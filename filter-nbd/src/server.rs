@@ -2,9 +2,10 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -300,9 +301,37 @@ impl Input {
     }
 }
 
+impl Input {
+    /// Waits until the socket is readable (or closed, or in error).
+    ///
+    /// A unix stream socket wakes a thread blocked in `recv` on *every*
+    /// wake-up of its wait queue, including "write space" wake-ups caused by
+    /// the peer consuming our replies: a blocked `recv` is then woken and
+    /// put back to sleep once per reply, doubling the context switches per
+    /// request. `poll` for `POLLIN` is woken only for input, so the connection
+    /// thread sleeps here and then reads without blocking. TCP sockets do not
+    /// have the spurious wake-up and skip the extra call.
+    fn wait_readable(&self) -> io::Result<()> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Stream::Unix(s) = &self.stream else {
+            return Ok(());
+        };
+        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            }
+        }
+    }
+}
+
 impl Read for Input {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.available() == 0 {
+            self.wait_readable()?;
             if out.len() >= self.buf.len() {
                 return self.stream.read(out);
             }
@@ -327,12 +356,9 @@ struct Inner {
     shutting_down: AtomicBool,
     conns: Mutex<HashMap<u64, Stream>>,
     next_conn: AtomicU64,
-    wake: Mutex<Option<WakeAddr>>,
-}
-
-enum WakeAddr {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
+    /// Duplicates of the listening sockets of the running `serve_*` calls,
+    /// by serve id: shutting one down wakes its blocked `accept`.
+    listeners: Mutex<Vec<(u64, OwnedFd)>>,
 }
 
 /// The NBD server. Cheap to clone (shared state); every clone serves the
@@ -376,11 +402,16 @@ impl ShutdownHandle {
         {
             s.shutdown(Shutdown::Read);
         }
-        // Wake a blocking accept() by connecting to ourselves.
-        match &*self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(WakeAddr::Unix(p)) => drop(UnixStream::connect(p)),
-            Some(WakeAddr::Tcp(a)) => drop(TcpStream::connect(a)),
-            None => {}
+        // Wake a blocking accept(): a listening socket shut down for reading
+        // fails it (EINVAL), even if its path was removed meanwhile.
+        for (_, l) in self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
     }
 }
@@ -425,7 +456,7 @@ impl Server {
                 shutting_down: AtomicBool::new(false),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
-                wake: Mutex::new(None),
+                listeners: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -454,11 +485,8 @@ impl Server {
 
     /// Serves connections accepted from a bound unix listener until shut down.
     pub fn serve_unix_listener(&self, l: UnixListener) -> Result<(), ServerError> {
-        if let Some(p) = l.local_addr()?.as_pathname() {
-            *self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(WakeAddr::Unix(p.to_path_buf()));
-        }
-        self.accept_loop(|| l.accept().map(|(s, _)| Stream::Unix(s)))
+        let dup = l.as_fd().try_clone_to_owned()?;
+        self.accept_loop(dup, || l.accept().map(|(s, _)| Stream::Unix(s)))
     }
 
     /// Binds `addr` and serves TCP connections until shut down.
@@ -470,14 +498,36 @@ impl Server {
 
     /// Serves connections accepted from a bound TCP listener until shut down.
     pub fn serve_tcp_listener(&self, l: TcpListener) -> Result<(), ServerError> {
-        *self.inner.wake.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(WakeAddr::Tcp(l.local_addr()?));
-        self.accept_loop(|| l.accept().map(|(s, _)| Stream::Tcp(s)))
+        let dup = l.as_fd().try_clone_to_owned()?;
+        self.accept_loop(dup, || l.accept().map(|(s, _)| Stream::Tcp(s)))
     }
 
+    /// Accepts connections until shut down; `listener` is a duplicate of the
+    /// listening socket, registered so that [`ShutdownHandle::shutdown`] can
+    /// wake a blocked `accept` (and unregistered, closed, on return).
     fn accept_loop(
         &self,
+        listener: OwnedFd,
         mut accept: impl FnMut() -> io::Result<Stream>,
+    ) -> Result<(), ServerError> {
+        let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, listener));
+        let r = self.accept_until_shutdown(&mut accept);
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| *i != id);
+        r
+    }
+
+    fn accept_until_shutdown(
+        &self,
+        accept: &mut impl FnMut() -> io::Result<Stream>,
     ) -> Result<(), ServerError> {
         let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
         loop {
@@ -487,6 +537,7 @@ impl Server {
             let s = match accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) if self.inner.shutting_down.load(Ordering::SeqCst) => break,
                 Err(e) => {
                     warn!(error = %e, "accept failed");
                     std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1746,4 +1797,59 @@ enum Recorded<'a> {
     Data(&'a [u8]),
     Zero,
     Dirty,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Voluntary context switches of the calling thread so far.
+    fn own_voluntary_switches() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").expect("thread status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("voluntary_ctxt_switches")
+    }
+
+    /// The peer consuming our replies must not wake the connection thread
+    /// while it waits for the next request: on a unix socket every reply the
+    /// client reads used to wake a thread blocked in `recv` (and put it back
+    /// to sleep), one extra context switch per request.
+    #[test]
+    fn waiting_for_input_is_not_woken_by_the_peer_reading_replies() {
+        let (ours, peer) = UnixStream::pair().expect("socketpair");
+        let mut writer = ours.try_clone().expect("clone");
+        let mut input = Input::new(Stream::Unix(ours), 4096);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let before = own_voluntary_switches();
+            ready_tx.send(()).expect("signal ready");
+            let mut one = [0u8; 1];
+            input.read_exact(&mut one).expect("read the request");
+            own_voluntary_switches() - before
+        });
+        ready_rx.recv().expect("reader started");
+        // Let the reader block in its wait for input.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        const REPLIES: u64 = 500;
+        let mut peer_r = peer.try_clone().expect("clone");
+        let mut reply = [0u8; 40];
+        for _ in 0..REPLIES {
+            writer.write_all(&reply).expect("write a reply");
+            // Reading it frees the reply's buffer on our socket: "write space".
+            peer_r.read_exact(&mut reply).expect("peer reads the reply");
+            // Give a woken reader the time to run and sleep again.
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let mut peer_w = peer;
+        peer_w.write_all(&[1]).expect("send the request");
+        let switches = reader.join().expect("reader thread");
+        eprintln!("reader thread: {switches} voluntary context switches");
+        assert!(
+            switches < REPLIES / 10,
+            "the waiting connection thread was woken {switches} times by {REPLIES} replies read by the peer"
+        );
+    }
 }

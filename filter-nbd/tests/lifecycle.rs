@@ -175,3 +175,40 @@ fn configuration_errors() {
     let e = Export::new("ro", b).with_read_only(true);
     assert!(e.is_read_only());
 }
+
+/// Shutdown must stop an idle accept loop even when the socket path was
+/// removed meanwhile (it used to wake `accept` by connecting to that path,
+/// so the server hung forever), and the listening port must be released.
+#[test]
+fn shutdown_stops_an_idle_listener_whose_socket_file_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, b) = backing(&dir, 1 << 20);
+    let sock = dir.path().join("nbd.sock");
+    let server = Server::new(vec![Export::new("t", b.clone())], ServerOptions::default()).unwrap();
+    let stop = server.shutdown_handle();
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done_tx.send(server.serve_unix_listener(l).is_ok()));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    std::fs::remove_file(&sock).unwrap();
+    stop.shutdown();
+    let ok = done_rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("serve_unix_listener did not return after shutdown");
+    assert!(ok);
+
+    let server = Server::new(vec![Export::new("t", b)], ServerOptions::default()).unwrap();
+    let stop = server.shutdown_handle();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done_tx.send(server.serve_tcp_listener(l).is_ok()));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    stop.shutdown();
+    let ok = done_rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("serve_tcp_listener did not return after shutdown");
+    assert!(ok);
+    // The port is free again: nothing kept a copy of the listening socket.
+    std::net::TcpListener::bind(addr).expect("the port is released after shutdown");
+}
