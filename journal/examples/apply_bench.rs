@@ -1,6 +1,6 @@
 //! Spool + apply throughput on this machine.
 //!
-//! `cargo run --release -p journal --example apply_bench -- [dir] [MiB] [zstd-level|none] [chunk-KiB] [compressible 0..100]`
+//! `cargo run --release -p journal --example apply_bench -- [dir] [MiB] [off|lz4|zstd:LEVEL|LEVEL] [chunk-KiB] [compressible 0..100]`
 //!
 //! Pre-fills the replica with random data (so undo data is real, not zero), then
 //! spools `MiB` of chunks of random 4 KiB–64 KiB writes and applies them, printing
@@ -41,10 +41,10 @@ fn main() {
             .unwrap_or_else(|| "/tmp/journal-bench".into()),
     );
     let mib: u64 = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(256);
-    let level = match a.get(3).map(String::as_str) {
-        Some("none") => None,
-        Some(s) => s.parse().ok(),
-        None => Some(1),
+    let undo_compression: UndoCompression = match a.get(3).map(String::as_str) {
+        Some(s) if s.parse::<i32>().is_ok() => format!("zstd:{s}").parse().expect("zstd level"),
+        Some(s) => s.parse().expect("off, lz4, zstd:LEVEL or a zstd level"),
+        None => UndoCompression::Lz4,
     };
     let chunk_kib: u64 = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let compressible: u32 = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(50);
@@ -64,7 +64,7 @@ fn main() {
         f.sync_all().expect("sync");
     }
     let opts = TargetOptions {
-        undo_zstd_level: level,
+        undo_compression,
         ..TargetOptions::default()
     };
     let mut v = TargetVolume::create_with(
@@ -137,8 +137,8 @@ fn main() {
     let mb = made as f64 / 1e6;
     let hz = cpu_hz();
     println!(
-        "data {:.0} MB in {} chunks of ~{} KiB ({}% compressible extents), undo zstd {:?}",
-        mb, applied.chunks, chunk_kib, compressible, level
+        "data {:.0} MB in {} chunks of ~{} KiB ({}% compressible extents), undo compression {}",
+        mb, applied.chunks, chunk_kib, compressible, undo_compression
     );
     println!(
         "spool: {:.0} MB/s wall, {:.1} CPU cycles/byte",

@@ -180,7 +180,7 @@ fn vsnap_creation(dir: &Path, records: u64) {
     let d = dir.join("many");
     let size = 64u64 << 20;
     let opts = TargetOptions {
-        undo_zstd_level: None,
+        undo_compression: UndoCompression::Off,
         ..TargetOptions::default()
     };
     // JOURNAL_BENCH_KEEP=1: keep the journal and reuse it in the next run

@@ -9,7 +9,9 @@ use crate::fsutil::{is_zero, punch_zeros};
 use crate::segment::{encode_undo_record, SegFile, UndoExtent, UndoRec};
 use crate::spool::Pending;
 use crate::view::Shared;
-use crate::{Applied, ChunkExtent, Counters, ExtentData, TargetVolume, UNDO_PIECE};
+use crate::{
+    Applied, ChunkExtent, Counters, ExtentData, TargetVolume, UndoCompression, UNDO_PIECE,
+};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -18,32 +20,75 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::warn;
 
-/// Encode old bytes for the journal: zero elision, then zstd when it saves ≥ 1/8
-/// (pieces over 8 KiB are tried only if their first 4 KiB compress).
-pub(crate) fn encode_old(
-    old: Vec<u8>,
-    z: Option<&mut zstd::bulk::Compressor<'static>>,
-) -> (u8, Vec<u8>) {
+/// The undo data compressor of one volume (the state behind
+/// [`crate::UndoCompression`]; a zstd context is reused across pieces).
+pub(crate) enum UndoEncoder {
+    Off,
+    Lz4,
+    Zstd(Box<zstd::bulk::Compressor<'static>>),
+}
+
+impl UndoEncoder {
+    pub(crate) fn new(c: UndoCompression) -> std::io::Result<Self> {
+        Ok(match c {
+            UndoCompression::Off => UndoEncoder::Off,
+            UndoCompression::Lz4 => UndoEncoder::Lz4,
+            UndoCompression::Zstd(l) => {
+                UndoEncoder::Zstd(Box::new(zstd::bulk::Compressor::new(l)?))
+            }
+        })
+    }
+
+    /// The encoder in `slot`, created for `c` if the slot is empty (a volume's
+    /// encoder is lent to its running apply step).
+    pub(crate) fn in_slot(
+        slot: &mut Option<UndoEncoder>,
+        c: UndoCompression,
+    ) -> Result<&mut UndoEncoder> {
+        if slot.is_none() {
+            *slot = Some(UndoEncoder::new(c).map_err(ioe(|| format!("undo compression {c}")))?);
+        }
+        Ok(slot.get_or_insert(UndoEncoder::Off))
+    }
+
+    /// `(encoding, compressed)` if compression saves at least 1/8 of `data`.
+    fn compress(&mut self, data: &[u8]) -> Option<(u8, Vec<u8>)> {
+        let keep = data.len() - data.len() / 8;
+        match self {
+            UndoEncoder::Off => None,
+            UndoEncoder::Lz4 => {
+                let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(data.len())];
+                let n = lz4_flex::block::compress_into(data, &mut out).ok()?;
+                out.truncate(n);
+                (n <= keep).then_some((ENC_LZ4, out))
+            }
+            UndoEncoder::Zstd(z) => {
+                let c = z.compress(data).ok()?;
+                (c.len() <= keep).then_some((ENC_ZSTD, c))
+            }
+        }
+    }
+}
+
+/// Encode old bytes for the journal: zero elision, then compression when it
+/// saves ≥ 1/8 (pieces over 8 KiB are tried only if their first 4 KiB compress).
+pub(crate) fn encode_old(old: Vec<u8>, enc: &mut UndoEncoder) -> (u8, Vec<u8>) {
     if is_zero(&old) {
         return (ENC_ZERO, Vec::new());
     }
-    if let Some(z) = z {
-        // Sample the first 4 KiB of larger pieces: incompressible data (already
-        // compressed or encrypted volumes) then costs 4 KiB of zstd, not the whole piece.
-        const SAMPLE: usize = 4096;
-        if old.len() > 2 * SAMPLE {
-            match z.compress(&old[..SAMPLE]) {
-                Ok(c) if c.len() <= SAMPLE - SAMPLE / 8 => {}
-                _ => return (ENC_RAW, old),
-            }
-        }
-        if let Ok(c) = z.compress(&old) {
-            if c.len() <= old.len() - old.len() / 8 {
-                return (ENC_ZSTD, c);
-            }
-        }
+    if matches!(enc, UndoEncoder::Off) {
+        return (ENC_RAW, old);
     }
-    (ENC_RAW, old)
+    // Sample the first 4 KiB of larger pieces: incompressible data (already
+    // compressed or encrypted volumes) then costs 4 KiB of compression, not the whole piece.
+    const SAMPLE: usize = 4096;
+    if old.len() > 2 * SAMPLE && enc.compress(&old[..SAMPLE]).is_none() {
+        return (ENC_RAW, old);
+    }
+    match enc.compress(&old) {
+        Some(c) => c,
+        None => (ENC_RAW, old),
+    }
 }
 
 /// Overlay the new data of `prev` onto `old` (which holds volume bytes at `o..`).
@@ -316,7 +361,8 @@ impl TargetVolume {
             cached,
             replica,
             replica_path: self.replica_path.clone(),
-            zstd: self.zstd.take(),
+            undo_encoder: self.undo_encoder.take(),
+            undo_compression: self.opts.undo_compression,
             faults: self.faults.clone(),
             jbuf: Vec::new(),
             recs: Vec::new(),
@@ -338,7 +384,7 @@ impl TargetVolume {
             batch,
             payload,
             cached,
-            zstd,
+            undo_encoder,
             place,
             jlen,
             counters: c,
@@ -348,7 +394,7 @@ impl TargetVolume {
         self.busy = false;
         self.busy_oldest_time_ns = None;
         self.busy_chunks = 0;
-        self.zstd = zstd;
+        self.undo_encoder = undo_encoder;
         self.pending_bytes -= payload;
         self.cached_bytes -= cached;
         let k = &mut self.counters;
@@ -442,7 +488,8 @@ pub struct ApplyJob {
     oldest_time_ns: u64,
     replica: File,
     replica_path: PathBuf,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    undo_encoder: Option<UndoEncoder>,
+    undo_compression: UndoCompression,
     faults: Faults,
     jbuf: Vec<u8>,
     recs: Vec<(u64, Vec<UndoExtent>)>,
@@ -488,7 +535,10 @@ impl ApplyJob {
                             overlay_new(&mut old, o, prev);
                         }
                     }
-                    let (enc, stored) = encode_old(old, self.zstd.as_mut());
+                    let (enc, stored) = encode_old(
+                        old,
+                        UndoEncoder::in_slot(&mut self.undo_encoder, self.undo_compression)?,
+                    );
                     self.counters.undo_raw_bytes += pl;
                     self.counters.undo_stored_bytes += stored.len() as u64;
                     entries.push((o, pl, enc, stored));

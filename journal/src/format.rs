@@ -65,6 +65,9 @@ pub const ENC_RAW: u8 = 0;
 pub const ENC_ZSTD: u8 = 1;
 /// Undo encoding: the old bytes were all zero, no payload.
 pub const ENC_ZERO: u8 = 2;
+/// Undo encoding: one LZ4 block (no size prefix; the extent's `len` is the
+/// decompressed size).
+pub const ENC_LZ4: u8 = 3;
 
 pub fn rd64(b: &[u8], o: usize) -> u64 {
     let mut a = [0u8; 8];

@@ -163,7 +163,8 @@ pub struct TargetVolume {
     pub(crate) opts: TargetOptions,
     pub(crate) faults: fault::Faults,
     pub(crate) poisoned: bool,
-    pub(crate) zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Undo data compressor (lent to a running apply step, then returned).
+    pub(crate) undo_encoder: Option<apply::UndoEncoder>,
     pub(crate) catalogue: Option<catalogue::Catalogue>,
     // spool
     pub(crate) spool_files: VecDeque<SpoolFile>,
@@ -367,12 +368,9 @@ impl TargetVolume {
                 .map(|d| d.dev() != replica_md.dev())
                 .unwrap_or(false)
         };
-        let zstd = match opts.undo_zstd_level {
-            Some(l) => {
-                Some(zstd::bulk::Compressor::new(l).map_err(ioe(|| format!("zstd level {l}")))?)
-            }
-            None => None,
-        };
+        let undo_encoder = Some(apply::UndoEncoder::new(opts.undo_compression).map_err(ioe(
+            || format!("undo compression {}", opts.undo_compression),
+        ))?);
         let mut faults = fault::Faults::new(FaultConfig::from_env());
         rollback::resume(dir, &ident, &replica, &mut faults)?;
         let shared = Arc::new(Shared::new(&replica_path, ident.size)?);
@@ -387,7 +385,7 @@ impl TargetVolume {
             opts,
             faults,
             poisoned: false,
-            zstd,
+            undo_encoder,
             catalogue: None,
             spool_files: VecDeque::new(),
             pending: VecDeque::new(),

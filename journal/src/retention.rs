@@ -1,6 +1,6 @@
 //! Retention: the policy, the window it achieves, and pruning.
 
-use crate::apply::encode_old;
+use crate::apply::{encode_old, UndoEncoder};
 use crate::bookmark::atomic_write;
 use crate::error::{corrupt, ioe, JournalError, Result};
 use crate::fault::FaultPoint;
@@ -600,7 +600,13 @@ impl TargetVolume {
                         for (s, t) in uncovered(&mut covered, x.offset, x.offset + x.len) {
                             let piece =
                                 data[(s - x.offset) as usize..(t - x.offset) as usize].to_vec();
-                            let (enc, stored) = encode_old(piece, self.zstd.as_mut());
+                            let (enc, stored) = encode_old(
+                                piece,
+                                UndoEncoder::in_slot(
+                                    &mut self.undo_encoder,
+                                    self.opts.undo_compression,
+                                )?,
+                            );
                             e.push((s, t - s, enc, stored));
                         }
                     }

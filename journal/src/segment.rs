@@ -165,7 +165,7 @@ pub(crate) fn parse_undo_table(
         };
         let ok = match x.enc {
             ENC_RAW => x.stored_len == x.len,
-            ENC_ZSTD => true,
+            ENC_ZSTD | ENC_LZ4 => true,
             ENC_ZERO => x.stored_len == 0,
             _ => false,
         };
@@ -608,6 +608,15 @@ pub(crate) fn undo_bytes(r: &UndoRec, x: &UndoExtent) -> Result<Vec<u8>> {
     }
     match x.enc {
         ENC_RAW => Ok(stored),
+        ENC_LZ4 => {
+            let mut d = vec![0u8; x.len as usize];
+            let n = lz4_flex::block::decompress_into(&stored, &mut d)
+                .map_err(|e| corrupt(&seg.path, x.file_off, format!("lz4: {e}")))?;
+            if n as u64 != x.len {
+                return Err(corrupt(&seg.path, x.file_off, "lz4 length mismatch"));
+            }
+            Ok(d)
+        }
         _ => {
             let d = zstd::bulk::decompress(&stored, x.len as usize)
                 .map_err(|e| corrupt(&seg.path, x.file_off, format!("zstd: {e}")))?;

@@ -346,7 +346,7 @@ fn decode(
             };
             let ok = match ux.enc {
                 ENC_RAW => ux.stored_len == ux.len,
-                ENC_ZSTD => true,
+                ENC_ZSTD | ENC_LZ4 => true,
                 ENC_ZERO => ux.stored_len == 0,
                 _ => false,
             };

@@ -168,8 +168,9 @@ pub struct TargetOptions {
     pub spool_file_size: u64,
     /// A journal segment is rotated when it would exceed this size.
     pub segment_size: u64,
-    /// zstd level for undo data, `None` to store raw. Compressed data is kept only when it saves ≥ 1/8.
-    pub undo_zstd_level: Option<i32>,
+    /// Compression of undo data (old bytes). Compressed data is kept only
+    /// when it saves ≥ 1/8; all-zero pieces are never stored.
+    pub undo_compression: UndoCompression,
     /// Apply at most this many chunks per batch (one journal fdatasync + one replica fdatasync per batch).
     pub apply_batch_chunks: usize,
     /// Apply at most about this many volume bytes per batch.
@@ -190,7 +191,7 @@ impl Default for TargetOptions {
             min_free_bytes: 16 << 20,
             spool_file_size: 64 << 20,
             segment_size: 256 << 20,
-            undo_zstd_level: Some(1),
+            undo_compression: UndoCompression::Lz4,
             apply_batch_chunks: 1024,
             apply_batch_bytes: 64 << 20,
             cache_bytes: 256 << 20,
@@ -318,4 +319,58 @@ pub struct SegmentInfo {
     pub bytes: u64,
     /// True when a later segment exists (no more appends).
     pub sealed: bool,
+}
+
+/// How the journal compresses undo data, the old bytes it saves before a
+/// chunk overwrites them. Each undo piece (≤ 1 MiB) is compressed on its
+/// own, so one piece can be read back without its neighbours; any setting
+/// reads journals written with any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UndoCompression {
+    /// Raw old bytes (all-zero pieces are still elided).
+    Off,
+    /// LZ4 block format: about 3× less CPU than zstd level 1 on 4 KiB pieces,
+    /// at a somewhat lower ratio on compressible data. The default.
+    Lz4,
+    /// zstd at this level (1..=19).
+    Zstd(i32),
+}
+
+impl std::str::FromStr for UndoCompression {
+    type Err = String;
+    /// Parses `off` (or `none`), `lz4`, `zstd` (level 1) or `zstd:LEVEL` (1..=19).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+            return Ok(UndoCompression::Off);
+        }
+        if t.eq_ignore_ascii_case("lz4") {
+            return Ok(UndoCompression::Lz4);
+        }
+        if t.eq_ignore_ascii_case("zstd") {
+            return Ok(UndoCompression::Zstd(1));
+        }
+        if let Some(l) = t.strip_prefix("zstd:") {
+            let level: i32 = l.parse().map_err(|_| {
+                format!("{s:?}: the zstd level must be a number (zstd:1 .. zstd:19)")
+            })?;
+            if !(1..=19).contains(&level) {
+                return Err(format!("{s:?}: the zstd level must be 1..=19"));
+            }
+            return Ok(UndoCompression::Zstd(level));
+        }
+        Err(format!(
+            "{s:?}: expected \"off\", \"lz4\", \"zstd\" or \"zstd:LEVEL\" (1..19)"
+        ))
+    }
+}
+
+impl std::fmt::Display for UndoCompression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UndoCompression::Off => f.write_str("off"),
+            UndoCompression::Lz4 => f.write_str("lz4"),
+            UndoCompression::Zstd(l) => write!(f, "zstd:{l}"),
+        }
+    }
 }

@@ -407,7 +407,7 @@ fn truncated_committed_records_are_not_taken_for_a_torn_tail() {
     for pending in [0u64, 3] {
         let d = tempfile::tempdir().unwrap();
         let mut o = small_opts();
-        o.undo_zstd_level = None;
+        o.undo_compression = UndoCompression::Off;
         let mut v = create(d.path(), o.clone());
         for k in 1..=40 {
             v.spool(&chunk(k)).unwrap();
@@ -456,7 +456,7 @@ fn truncated_committed_records_are_not_taken_for_a_torn_tail() {
 fn corrupt_journal_detected_and_torn_tail_truncated() {
     let d = tempfile::tempdir().unwrap();
     let mut o = small_opts();
-    o.undo_zstd_level = None;
+    o.undo_compression = UndoCompression::Off;
     let mut v = create(d.path(), o.clone());
     for k in 1..=40 {
         v.spool(&chunk(k)).unwrap();
@@ -849,7 +849,17 @@ mod prop {
         },
         Flush,
         Apply,
-        Restart,
+        /// Reopen with this undo compression (0 off, 1 lz4, 2 zstd:3): a
+        /// journal mixes encodings across restarts.
+        Restart(u8),
+    }
+
+    fn compression(i: u8) -> UndoCompression {
+        match i % 3 {
+            0 => UndoCompression::Off,
+            1 => UndoCompression::Lz4,
+            _ => UndoCompression::Zstd(3),
+        }
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -860,17 +870,17 @@ mod prop {
             }),
             2 => Just(Op::Flush),
             2 => Just(Op::Apply),
-            1 => Just(Op::Restart),
+            1 => (0u8..3).prop_map(Op::Restart),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
         #[test]
-        fn every_earlier_state_reconstructs(ops in proptest::collection::vec(op(), 1..60), zstd in any::<bool>()) {
+        fn every_earlier_state_reconstructs(ops in proptest::collection::vec(op(), 1..60), comp in 0u8..3) {
             let d = tempfile::tempdir().unwrap();
             let mut o = small_opts();
-            o.undo_zstd_level = zstd.then_some(3);
+            o.undo_compression = compression(comp);
             let mut v = create(d.path(), o.clone());
             let mut seq = 0u64;
             let mut cur: Vec<ChunkExtent> = Vec::new();
@@ -889,7 +899,7 @@ mod prop {
                     }
                     Op::Flush => flush(&mut v, &mut cur, &mut seq, &mut img, &mut states),
                     Op::Apply => { v.apply_all().unwrap(); }
-                    Op::Restart => { drop(v); v = reopen(d.path(), o.clone()); }
+                    Op::Restart(c) => { drop(v); o.undo_compression = compression(c); v = reopen(d.path(), o.clone()); }
                 }
             }
             flush(&mut v, &mut cur, &mut seq, &mut img, &mut states);
@@ -970,7 +980,7 @@ fn torn_group_commit_with_intact_later_records_is_truncated() {
 fn torn_undo_payload_in_uncommitted_tail_is_truncated() {
     let d = tempfile::tempdir().unwrap();
     let mut o = small_opts();
-    o.undo_zstd_level = None;
+    o.undo_compression = UndoCompression::Off;
     o.segment_size = 1 << 20;
     let mut v = create(d.path(), o.clone());
     for k in 1..=5 {
@@ -1281,4 +1291,73 @@ fn zero_extents_punch_holes_in_the_replica_and_points_keep_the_old_data() {
         .read_at(&mut buf, mib)
         .expect("read point 1");
     assert!(buf == data);
+}
+
+/// Undo compression settings: the default is lz4; each setting stores the
+/// old data of overwritten text-like blocks in its own way (zstd smaller than
+/// lz4, off raw) and reads it back exactly as a point in time.
+#[test]
+fn undo_compression_default_is_lz4_and_every_setting_reads_back() {
+    let mut rng = StdRng::seed_from_u64(42);
+    let words = [
+        "replica", "journal", "chunk", "spool", "undo", "point", "the", "of", "a",
+    ];
+    let mut text = Vec::with_capacity(VOL as usize);
+    while text.len() < VOL as usize {
+        text.extend_from_slice(words[rng.gen_range(0..words.len())].as_bytes());
+        text.push(if rng.gen_range(0..8) == 0 {
+            b'\n'
+        } else {
+            b' '
+        });
+    }
+    text.truncate(VOL as usize);
+    let whole = |k: u64, data: Vec<u8>| ChunkIn {
+        first_seq: k,
+        last_seq: k,
+        source_time_ns: 1_000_000 + k * 1000,
+        horizon_seq: 0,
+        extents: vec![ChunkExtent {
+            offset: 0,
+            data: ExtentData::Data(data),
+        }],
+    };
+    let mut stored = Vec::new();
+    let default = TargetOptions::default().undo_compression;
+    for c in [
+        default,
+        UndoCompression::Lz4,
+        UndoCompression::Zstd(1),
+        UndoCompression::Off,
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = small_opts();
+        o.undo_compression = c;
+        let mut v = create(d.path(), o);
+        v.spool(&whole(1, text.clone())).unwrap();
+        v.spool(&whole(2, vec![7u8; VOL as usize])).unwrap();
+        v.apply_all().unwrap();
+        let k = v.counters();
+        // the zeros under the first chunk (stored as nothing), then the text
+        assert_eq!(k.undo_raw_bytes, 2 * VOL, "{c}");
+        assert_eq!(v.read_at_point(Point::Seq(1), 0, VOL).unwrap(), text, "{c}");
+        assert_eq!(
+            v.read_at_point(Point::Seq(0), 0, VOL).unwrap(),
+            vec![0u8; VOL as usize]
+        );
+        v.verify_journal().unwrap();
+        eprintln!(
+            "{c}: {} old bytes stored as {}",
+            k.undo_raw_bytes, k.undo_stored_bytes
+        );
+        stored.push(k.undo_stored_bytes);
+    }
+    assert_eq!(default, UndoCompression::Lz4);
+    assert_eq!(stored[0], stored[1], "default stores like lz4");
+    assert!(stored[1] < VOL * 3 / 4, "lz4 compresses text: {stored:?}");
+    assert!(
+        stored[2] < stored[1],
+        "zstd stores less than lz4 on text: {stored:?}"
+    );
+    assert_eq!(stored[3], VOL, "off stores raw: {stored:?}");
 }

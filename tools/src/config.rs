@@ -413,8 +413,8 @@ pub struct VolumeConfig {
     /// Spool budget in bytes (`512M`, `4G`); over it the source is flow controlled.
     #[serde(default)]
     pub spool_budget: Option<String>,
-    /// Compression of the undo journal's old data: `"off"`, `"zstd"` or
-    /// `"zstd:LEVEL"` (1..19); default `"zstd:1"`.
+    /// Compression of the undo journal's old data: `"off"`, `"lz4"`, `"zstd"`
+    /// or `"zstd:LEVEL"` (1..19); default `"lz4"`.
     #[serde(default)]
     pub undo_compression: Option<String>,
     /// Retention of this volume (replaces the file's `[retention]`).
@@ -560,11 +560,11 @@ impl VolumeConfig {
     }
 
     /// The undo compression, if set.
-    pub fn undo_compression(&self, key: &str) -> Result<Option<Compression>> {
+    pub fn undo_compression(&self, key: &str) -> Result<Option<journal::UndoCompression>> {
         self.undo_compression
             .as_deref()
             .map(|s| {
-                s.parse::<Compression>()
+                s.parse::<journal::UndoCompression>()
                     .map_err(|e| anyhow::anyhow!("{key}.undo_compression: {e}"))
             })
             .transpose()

@@ -8,7 +8,6 @@
 //! one. Restarts of either side never recreate it, so a restart never causes
 //! a full resync.
 
-use crate::config::Compression;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -592,9 +591,9 @@ pub struct VolumePlace {
     /// Spool budget (bytes), `None` for the journal's default.
     pub spool_budget: Option<u64>,
     /// Compression of the undo journal's old data (`None`: the default,
-    /// zstd level 1). Applies to records written from the next open on;
+    /// lz4). Applies to records written from the next open on;
     /// every record says how it is encoded, so changing it is always safe.
-    pub undo_compression: Option<Compression>,
+    pub undo_compression: Option<journal::UndoCompression>,
     /// Retention policy (`None`: keep everything).
     pub retention: Option<journal::RetentionPolicy>,
 }
@@ -618,7 +617,7 @@ pub enum Layout {
         /// Spool budget of every volume.
         spool_budget: Option<u64>,
         /// Undo compression of every volume (`None`: the default).
-        undo_compression: Option<Compression>,
+        undo_compression: Option<journal::UndoCompression>,
         /// Retention policy of every volume.
         retention: Option<journal::RetentionPolicy>,
     },
@@ -926,10 +925,8 @@ fn journal_opts(place: &VolumePlace) -> journal::TargetOptions {
     if let Some(b) = place.spool_budget {
         o.spool_budget_bytes = b;
     }
-    match place.undo_compression {
-        None => {}
-        Some(Compression::Off) => o.undo_zstd_level = None,
-        Some(Compression::Zstd(l)) => o.undo_zstd_level = Some(l),
+    if let Some(c) = place.undo_compression {
+        o.undo_compression = c;
     }
     o
 }

@@ -16,7 +16,7 @@ pub fn small_opts() -> TargetOptions {
         min_free_bytes: 16 << 20,
         spool_file_size: 16 * 1024,
         segment_size: 32 * 1024,
-        undo_zstd_level: Some(1),
+        undo_compression: UndoCompression::Lz4,
         apply_batch_chunks: 4,
         apply_batch_bytes: 64 * 1024,
         cache_bytes: 8 * 1024,
