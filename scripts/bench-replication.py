@@ -281,6 +281,30 @@ def cmd_report(work):
             " / ".join("%.2f" % (r["cyc"]["export"] - c) for r in on)) +
             (" (negative: inside the noise)" if any(r["cyc"]["export"] < c for r in on) else ""))
     lines.append("")
+    peers = {}
+    for wl in ("rand4k", "seq1m"):
+        for peer in ("qemu-nbd", "nbdkit"):
+            try:
+                pj = json.load(open(os.path.join(work, "peer.%s.%s.json" % (peer, wl))))
+                f = json.load(open(os.path.join(work, "fio.%s.%s.json" % (wl, peer))))["jobs"][0]["write"]
+            except (OSError, ValueError):
+                continue
+            peers.setdefault(wl, {})[peer] = (pj["ticks"] / pj["clk_tck"] * hz / f["io_bytes"], f["bw_bytes"] / 1e6, pj.get("version", peer))
+    if peers:
+        lines.append("Peers serving the same workloads alone (no capture, no replication), same file, server CPU per byte written:")
+        lines.append("")
+        for wl in ("rand4k", "seq1m"):
+            on = [r for r in cases if r["wl"] == wl and r["comp"] == "off"]
+            if wl not in peers or not on:
+                continue
+            r = on[0]
+            parts = ["`%s` %.2f (%.1f MB/s)" % (v[2], v[0], v[1]) for v in peers[wl].values()]
+            if wl in notrack:
+                parts.insert(0, "`rewind export --no-tracking` %.2f" % notrack[wl])
+            ratios = ", ".join("%.2f× %s's" % (r["cyc_src"] / v[0], k) for k, v in peers[wl].items())
+            lines.append("- %s: %s cycles/B; rewind's whole source uncompressed (serving + capture + replicator) %.2f = %s serving alone" % (
+                r["wlabel"], ", ".join(parts), r["cyc_src"], ratios))
+        lines.append("")
     lines.append("Freshness of the replicator's status while sampling (now − `updated_ns` of the pair; the file is meant to be rewritten several times a second):")
     lines.append("")
     for r in cases:
