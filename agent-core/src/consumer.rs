@@ -152,7 +152,15 @@ pub struct Consumer {
     sweep_start_ns: u64,
     /// When the last completed sweep started.
     done_sweep_start_ns: Option<u64>,
+    /// Spent record buffers handed back by [`Consumer::recycle`], reused for
+    /// the payloads of the next data records.
+    spare: Vec<Vec<u8>>,
+    /// Sum of the capacities in `spare`.
+    spare_bytes: usize,
 }
+
+/// Most bytes of allocation [`Consumer::recycle`] keeps for reuse.
+const SPARE_BYTES_MAX: usize = 32 << 20;
 
 impl Consumer {
     /// Attaches to the region at `path` as its consumer. Fails with
@@ -189,6 +197,8 @@ impl Consumer {
             sweep_words: 0,
             sweep_start_ns: crate::producer::now_ns(),
             done_sweep_start_ns: None,
+            spare: Vec::new(),
+            spare_bytes: 0,
         })
     }
 
@@ -236,6 +246,21 @@ impl Consumer {
         Ok(Some(batch))
     }
 
+    /// Hands back record payload buffers the caller is done with (e.g. after
+    /// copying them into a chunk): the next batches read data records into
+    /// them instead of allocating. Keeps at most 32 MiB of allocation; the
+    /// rest is freed. Purely an optimisation: contents are always replaced.
+    pub fn recycle(&mut self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        for b in bufs {
+            let c = b.capacity();
+            if c == 0 || self.spare_bytes + c > SPARE_BYTES_MAX {
+                continue;
+            }
+            self.spare_bytes += c;
+            self.spare.push(b);
+        }
+    }
+
     fn ring_batch(&mut self, limit: u64, max_bytes: u64) -> Result<Batch> {
         let start = self.cursor;
         let mut pos = start;
@@ -245,7 +270,21 @@ impl Consumer {
             match read_step(&self.sh, pos, limit) {
                 Ok(Step::Skip(n)) => pos += n,
                 Ok(Step::Rec(h)) => {
-                    records.push(materialise(&self.sh, pos, &h));
+                    let buf = match self.spare.pop() {
+                        Some(b)
+                            if crate::RecordKind::from_u8(h.kind)
+                                == Some(crate::RecordKind::Data) =>
+                        {
+                            self.spare_bytes -= b.capacity();
+                            b
+                        }
+                        Some(b) => {
+                            self.spare.push(b);
+                            Vec::new()
+                        }
+                        None => Vec::new(),
+                    };
+                    records.push(materialise(&self.sh, pos, &h, buf));
                     bytes += h.total_len as u64;
                     pos += h.total_len as u64;
                 }

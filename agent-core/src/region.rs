@@ -138,11 +138,11 @@ impl Shared {
         self.region.read_bytes((l.ring_off + at) as usize, dst);
     }
 
-    /// [`Shared::ring_read`] into a new vector of `len` bytes.
-    pub(crate) fn ring_read_vec(&self, at: u64, len: usize) -> Vec<u8> {
+    /// [`Shared::ring_read`] into `v` (its contents replaced, its allocation reused).
+    pub(crate) fn ring_read_into(&self, at: u64, len: usize, v: &mut Vec<u8>) {
         let l = &self.hdr.layout;
         assert!(at + len as u64 <= l.ring_capacity);
-        self.region.read_vec((l.ring_off + at) as usize, len)
+        self.region.read_into((l.ring_off + at) as usize, len, v)
     }
 
     pub(crate) fn ring_write(&self, at: u64, src: &[u8]) {

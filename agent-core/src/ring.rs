@@ -37,7 +37,7 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
-    fn from_u8(k: u8) -> Option<RecordKind> {
+    pub(crate) fn from_u8(k: u8) -> Option<RecordKind> {
         Some(match k {
             K_DATA => RecordKind::Data,
             K_METADATA => RecordKind::Metadata,
@@ -253,9 +253,12 @@ pub(crate) fn read_step(sh: &Shared, pos: u64, head: u64) -> Result<Step, String
 }
 
 /// Builds the public record (copying the payload) for a validated header at `pos`.
-pub(crate) fn materialise(sh: &Shared, pos: u64, h: &RecHeader) -> Record {
+/// The record at `pos`; a data record's payload is read into `buf` (a
+/// recycled allocation, see [`crate::Consumer::recycle`]).
+pub(crate) fn materialise(sh: &Shared, pos: u64, h: &RecHeader, buf: Vec<u8>) -> Record {
     let at = pos % sh.layout().ring_capacity + RECORD_HEADER;
-    let payload = sh.ring_read_vec(at, h.payload_len as usize);
+    let mut payload = buf;
+    sh.ring_read_into(at, h.payload_len as usize, &mut payload);
     let kind = RecordKind::from_u8(h.kind).unwrap_or(RecordKind::Metadata);
     let mut rec = Record {
         seq: h.seq,

@@ -122,22 +122,24 @@ impl Region {
         }
     }
 
-    /// Copies `len` bytes from offset `off` of the mapping into a new vector
-    /// (without zero-filling it first, as `read_bytes` into `vec![0; len]`
-    /// would: a record payload is read once per byte shipped).
-    pub(crate) fn read_vec(&self, off: usize, len: usize) -> Vec<u8> {
+    /// Replaces the contents of `v` with the `len` bytes at offset `off` of
+    /// the mapping, reusing its allocation when it is large enough and
+    /// without zero-filling it first (as `read_bytes` into `vec![0; len]`
+    /// would): a record payload is read once per byte shipped.
+    pub(crate) fn read_into(&self, off: usize, len: usize, v: &mut Vec<u8>) {
         self.check(off, len);
-        let mut v: Vec<u8> = Vec::with_capacity(len);
+        v.clear();
+        v.reserve(len);
         // SAFETY: source range checked to lie inside the mapping; the
-        // destination is the fresh vector's spare capacity (at least `len`
-        // bytes, distinct from the mapping). After the copy the first `len`
-        // bytes are initialised, so `set_len(len)` exposes only written bytes.
-        // Concurrent writes by a peer only change which plain bytes are copied.
+        // destination is the vector's spare capacity (at least `len` bytes
+        // after `reserve`, distinct from the mapping). After the copy the
+        // first `len` bytes are initialised, so `set_len(len)` exposes only
+        // written bytes. Concurrent writes by a peer only change which plain
+        // bytes are copied.
         unsafe {
             std::ptr::copy_nonoverlapping(self.base.as_ptr().add(off), v.as_mut_ptr(), len);
             v.set_len(len);
         }
-        v
     }
 
     /// Copies `src` into the mapping at offset `off`.

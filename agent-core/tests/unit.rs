@@ -782,3 +782,55 @@ fn first_record_is_the_oldest_uncommitted_one() {
     assert_eq!(committed, 8);
     assert!(view.first_record().is_none(), "drained");
 }
+
+/// Buffers handed back with `recycle` carry the next data records' payloads
+/// (same allocations, contents replaced exactly, shorter or longer than
+/// before); zero records and tags never take one.
+#[test]
+fn recycled_buffers_carry_the_next_payloads() {
+    let d = tmpdir();
+    let mut v = vol(d.path(), 4 * MIB, 4096, 1 << 20);
+    let mut c = Consumer::attach(v.log.path()).unwrap();
+    for i in 0..4u64 {
+        v.write(i * 65536, 8192, i + 1);
+    }
+    let mut b = c.get(1 << 20).unwrap().expect("batch");
+    assert_eq!(b.records().len(), 4);
+    let mut spent: Vec<Vec<u8>> = b
+        .records_mut()
+        .iter_mut()
+        .map(|r| std::mem::take(&mut r.data))
+        .collect();
+    c.commit(b).unwrap();
+    for s in &mut spent {
+        s.fill(0xEE); // stale contents must never show through
+    }
+    let ptrs: Vec<*const u8> = spent.iter().map(|s| s.as_ptr()).collect();
+    c.recycle(spent);
+
+    v.zero(0, 4096);
+    v.write(100 * 4096, 4096, 50); // shorter than the recycled buffers
+    v.write(200 * 4096, 12288, 51); // longer: the allocation grows
+    v.log.insert_tag("t", TagType::User, [1; 16]).unwrap();
+    v.write(300 * 4096, 4096, 52);
+    let b = c.get(1 << 20).unwrap().expect("batch");
+    let recs = b.records();
+    assert_eq!(recs.len(), 5);
+    let mut reused = 0;
+    for r in recs {
+        match r.kind {
+            RecordKind::Data => {
+                let want = &v.src[r.offset as usize..(r.offset + r.len) as usize];
+                assert_eq!(r.data.len() as u64, r.len);
+                assert!(r.data == want, "payload at {} differs", r.offset);
+                reused += usize::from(ptrs.contains(&r.data.as_ptr()));
+            }
+            _ => assert!(r.data.is_empty(), "{:?} carries no payload", r.kind),
+        }
+    }
+    assert!(
+        reused >= 2,
+        "recycled allocations reused: {reused} of 3 data records"
+    );
+    c.commit(b).unwrap();
+}

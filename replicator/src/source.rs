@@ -984,6 +984,7 @@ impl Session<'_> {
                 if let Some(f) = cb.take(comp)? {
                     out.push(f);
                 }
+                self.consumer.recycle(std::mem::take(&mut cb.spent));
             }
         }
         Ok(out)
@@ -1414,6 +1415,9 @@ struct ChunkBuilder {
     /// Acknowledged bitmap-mode writes were waiting for a sweep when the batch
     /// was taken: the state after the chunk is not consistent (horizon past it).
     unswept: bool,
+    /// Write buffers whose bytes were copied into a chunk (or overwritten),
+    /// for the change log consumer to reuse ([`Consumer::recycle`]).
+    spent: Vec<Vec<u8>>,
 }
 
 impl ChunkBuilder {
@@ -1455,6 +1459,7 @@ impl ChunkBuilder {
                 }
                 self.map.insert(end, (keep, tail));
             }
+            self.spent.extend(d);
         }
         if data.is_some() {
             self.data_bytes += len;
@@ -1467,6 +1472,7 @@ impl ChunkBuilder {
         if self.map.is_empty() {
             *self = ChunkBuilder {
                 unswept: self.unswept,
+                spent: std::mem::take(&mut self.spent),
                 ..ChunkBuilder::default()
             };
             return Ok(None);
@@ -1487,7 +1493,10 @@ impl ChunkBuilder {
             match d {
                 // One write alone in the chunk: its buffer is the payload.
                 Some(d) if single_data => data = d,
-                Some(d) => data.extend_from_slice(&d),
+                Some(d) => {
+                    data.extend_from_slice(&d);
+                    self.spent.push(d);
+                }
                 None => {}
             }
             let mut o = off;
@@ -1540,6 +1549,7 @@ impl ChunkBuilder {
         .with_horizon(horizon)?;
         *self = ChunkBuilder {
             unswept: self.unswept,
+            spent: std::mem::take(&mut self.spent),
             ..ChunkBuilder::default()
         };
         let p = c.payload.len() as u64;
