@@ -376,8 +376,9 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// Stops a running server: no new connections, in-flight requests are
-/// completed and replied, then every connection is closed.
+/// Stops a running server: no new connections or requests; requests the
+/// clients had already sent (in flight or still queued in the socket) are
+/// served and replied, then every connection is closed.
 #[derive(Clone)]
 pub struct ShutdownHandle {
     inner: Arc<Inner>,
@@ -1374,9 +1375,11 @@ impl Conn<'_> {
             self.reply_err(h, off, err);
             Ok(Next::Continue)
         };
-        if self.inner.shutting_down.load(Ordering::Relaxed) && req.kind != CMD_DISC {
-            return reject_payload(proto::ESHUTDOWN, r);
-        }
+        // During shutdown no new request can arrive (the socket is shut for
+        // reading), but requests the client sent before are still queued:
+        // they are served like any other, not failed. A kernel device being
+        // handed over to a new agent (`Attached::abandon`) must not see an
+        // I/O error for a write it had already sent.
         if let (Some(o), Some(op)) = (
             &self.export().observer,
             crate::RequestOp::from_cmd(req.kind),
