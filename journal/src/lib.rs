@@ -163,6 +163,9 @@ pub struct TargetVolume {
     pub(crate) opts: TargetOptions,
     pub(crate) faults: fault::Faults,
     pub(crate) poisoned: bool,
+    /// What direct applies (inside `spool_many`) applied since the last
+    /// [`TargetVolume::take_direct_applied`].
+    pub(crate) direct_applied: Option<Applied>,
     /// Undo data compressor (lent to a running apply step, then returned).
     pub(crate) undo_encoder: Option<apply::UndoEncoder>,
     pub(crate) catalogue: Option<catalogue::Catalogue>,
@@ -385,6 +388,7 @@ impl TargetVolume {
             opts,
             faults,
             poisoned: false,
+            direct_applied: None,
             undo_encoder,
             catalogue: None,
             spool_files: VecDeque::new(),
@@ -653,6 +657,13 @@ impl TargetVolume {
     /// Highest sequence number durable at the target (spooled or applied). Survives restarts.
     pub fn durable_seq(&self) -> u64 {
         self.durable_seq
+    }
+
+    /// What `spool_many` applied itself since the last call (direct apply,
+    /// [`TargetOptions::direct_apply`]), summed like one apply call; `None`
+    /// if nothing. Lets a caller count applied bytes whichever path applied them.
+    pub fn take_direct_applied(&mut self) -> Option<Applied> {
+        self.direct_applied.take()
     }
 
     /// Highest sequence number applied to the replica (commit durable or recovered on open).

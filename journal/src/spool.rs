@@ -5,7 +5,7 @@ use crate::error::{corrupt, ioe, JournalError, Result};
 use crate::fault::FaultPoint;
 use crate::format::*;
 use crate::fsutil::*;
-use crate::{ChunkExtent, ChunkIn, ExtentData, SpoolOutcome, TargetVolume, SPOOL_DIR};
+use crate::{Applied, ChunkExtent, ChunkIn, ExtentData, SpoolOutcome, TargetVolume, SPOOL_DIR};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -360,9 +360,11 @@ impl TargetVolume {
     /// apply cache instead of copied (one memcpy per byte less).
     pub fn spool_many_owned(&mut self, mut chunks: Vec<ChunkIn>) -> Result<Vec<SpoolOutcome>> {
         if self.direct_ok() {
-            let (store, _) = self.classify(&chunks)?;
-            let r = self.spool_direct(chunks, &store);
-            return self.guard(r);
+            let (store, incoming) = self.classify(&chunks)?;
+            if self.direct_space_ok(incoming) {
+                let r = self.spool_direct(chunks, &store);
+                return self.guard(r);
+            }
         }
         let out = self.spool_many_impl(&chunks, false)?;
         let stored: Vec<usize> = out
@@ -388,7 +390,7 @@ impl TargetVolume {
         cache: bool,
     ) -> Result<Vec<SpoolOutcome>> {
         let (store, incoming) = self.classify(chunks)?;
-        if self.direct_ok() {
+        if self.direct_ok() && self.direct_space_ok(incoming) {
             let r = self.spool_direct(chunks.to_vec(), &store);
             return self.guard(r);
         }
@@ -407,6 +409,15 @@ impl TargetVolume {
         }
         let r = self.spool_inner(chunks, &store, cache);
         self.guard(r)
+    }
+
+    /// A direct apply needs the space its spooled apply would: undo data and
+    /// new replica blocks for `incoming` bytes, plus the reserve. When short
+    /// of it the chunks take the spool path, which applies the admission rule
+    /// (and, with nothing pending, fails a truly full disk with `ENOSPC`
+    /// without leaving anything half applied).
+    fn direct_space_ok(&self, incoming: u64) -> bool {
+        incoming == 0 || self.check_space(incoming).is_ok()
     }
 
     /// The free-space admission rule of [`crate::TargetOptions::min_free_bytes`].
@@ -520,7 +531,17 @@ impl TargetVolume {
         }
         let max = self.opts.apply_batch_chunks.max(1);
         while !self.pending.is_empty() {
-            self.apply_batch_inner(max)?;
+            if let Some(a) = self.apply_batch_inner(max)? {
+                let acc = self.direct_applied.get_or_insert(Applied {
+                    first_chunk_id: a.first_chunk_id,
+                    ..Applied::default()
+                });
+                acc.chunks += a.chunks;
+                acc.last_chunk_id = a.last_chunk_id;
+                acc.bytes += a.bytes;
+                acc.applied_seq = a.applied_seq;
+                acc.last_source_time_ns = a.last_source_time_ns;
+            }
         }
         if n_stored > 0 {
             self.sync_journal()?;

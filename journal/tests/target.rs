@@ -1361,3 +1361,36 @@ fn undo_compression_default_is_lz4_and_every_setting_reads_back() {
     );
     assert_eq!(stored[3], VOL, "off stores raw: {stored:?}");
 }
+
+/// Direct apply goes through the spool instead when the file system lacks
+/// the space its apply needs (the spool's free-space rule then applies), and
+/// reports what it applied itself through `take_direct_applied`.
+#[test]
+fn direct_apply_spools_when_space_is_short_and_reports_what_it_applied() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = small_opts();
+    o.direct_apply = true;
+    let mut v = create(d.path(), o.clone());
+    v.spool_many(&[chunk(1)]).unwrap();
+    let k = v.counters();
+    assert_eq!(k.spooled_bytes, 0, "applied directly, not spooled");
+    assert_eq!(v.applied_seq(), 1);
+    let a = v
+        .take_direct_applied()
+        .expect("the direct apply is reported");
+    assert_eq!((a.chunks, a.applied_seq), (1, 1));
+    assert_eq!(a.bytes, k.applied_bytes);
+    assert!(v.take_direct_applied().is_none(), "reported once");
+    drop(v);
+
+    // No file system has this much free: the spool path takes the chunk.
+    o.min_free_bytes = u64::MAX / 4;
+    let mut v = reopen(d.path(), o);
+    v.spool_many(&[chunk(2)]).unwrap();
+    assert!(v.counters().spooled_bytes > 0, "spooled for want of space");
+    assert!(v.take_direct_applied().is_none());
+    assert_eq!(v.applied_seq(), 1, "not applied yet");
+    v.apply_all().unwrap();
+    assert_eq!(v.applied_seq(), 2);
+    assert_eq!(replica_bytes(d.path()), model(2));
+}

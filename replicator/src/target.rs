@@ -356,6 +356,12 @@ pub trait TargetStore: Send {
     /// returns the durable sequence afterwards. On error nothing of the call
     /// may be stored.
     fn spool(&mut self, chunks: &[StoreChunk]) -> Result<u64, StoreError>;
+    /// What [`TargetStore::spool`] applied to the replica itself since the
+    /// last call (a store that applies in place of spooling when idle), for
+    /// the applied-bytes and apply-rate figures. Default: nothing.
+    fn take_applied_in_spool(&mut self) -> Option<ApplyReport> {
+        None
+    }
     /// Applies a bounded amount of spooled chunks in spool order; `Ok(None)`
     /// when nothing is pending. The store lock is held for the whole step, so
     /// spooling (and thus every ack) waits for at most one step: keep steps
@@ -486,6 +492,8 @@ struct Volume {
     /// Bumped whenever `store` is replaced (the apply thread then asks the
     /// new store for its [`TargetStore::concurrent_apply`] handle).
     store_gen: AtomicU64,
+    /// Start of the current apply-rate window and bytes applied in it.
+    apply_window: Mutex<(Instant, u64)>,
 }
 
 /// Placeholder while a failed store is being reopened.
@@ -569,6 +577,30 @@ impl Volume {
         *lock(&self.wake.0) += 1;
         self.wake.1.notify_all();
     }
+    /// Counts an apply step's (or a direct apply's) bytes in the status.
+    fn account_applied(&self, rep: &ApplyReport) {
+        {
+            let mut st = lock(&self.status);
+            st.applied_bytes += rep.bytes;
+            if rep.last_source_time_ns != 0 {
+                st.last_applied_source_time_ns = rep.last_source_time_ns;
+            }
+        }
+        // Lock order: the window before the status (as in `roll_apply_rate`).
+        lock(&self.apply_window).1 += rep.bytes;
+        self.roll_apply_rate();
+    }
+
+    /// Publishes the apply rate of the window once it is a second old.
+    fn roll_apply_rate(&self) {
+        let mut w = lock(&self.apply_window);
+        let el = w.0.elapsed();
+        if el >= Duration::from_secs(1) {
+            lock(&self.status).apply_rate_bps = w.1 as f64 / el.as_secs_f64();
+            *w = (Instant::now(), 0);
+        }
+    }
+
     fn refresh(&self, s: &dyn TargetStore) {
         let mut st = lock(&self.status);
         st.durable_seq = s.durable_seq();
@@ -813,7 +845,6 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
     let h = std::thread::Builder::new()
         .name("rewind-target-apply".into())
         .spawn(move || {
-            let mut window = (Instant::now(), 0u64);
             let mut recovery = Recovery::new();
             let mut conc: Option<(u64, Option<Arc<dyn ConcurrentApply>>)> = None;
             while !sh.stop.load(Ordering::SeqCst) {
@@ -857,27 +888,10 @@ fn start_applier(sh: &Arc<Shared>, vol: &Arc<Volume>) {
                 match r {
                     Ok(Some(rep)) => {
                         v.store_ok();
-                        let mut st = lock(&v.status);
-                        st.applied_bytes += rep.bytes;
-                        if rep.last_source_time_ns != 0 {
-                            st.last_applied_source_time_ns = rep.last_source_time_ns;
-                        }
-                        window.1 += rep.bytes;
-                        let el = window.0.elapsed();
-                        if el >= Duration::from_secs(1) {
-                            st.apply_rate_bps = window.1 as f64 / el.as_secs_f64();
-                            window = (Instant::now(), 0);
-                        }
+                        v.account_applied(&rep);
                     }
                     Ok(None) => {
-                        {
-                            let mut st = lock(&v.status);
-                            if window.0.elapsed() >= Duration::from_secs(1) {
-                                st.apply_rate_bps =
-                                    window.1 as f64 / window.0.elapsed().as_secs_f64();
-                                window = (Instant::now(), 0);
-                            }
-                        }
+                        v.roll_apply_rate();
                         let g = lock(&v.wake.0);
                         if *g == seen {
                             let _ = v.wake.1.wait_timeout(g, Duration::from_millis(50));
@@ -993,6 +1007,7 @@ fn admit(
                 broken: AtomicBool::new(false),
                 spool_waiting: AtomicU64::new(0),
                 store_gen: AtomicU64::new(0),
+                apply_window: Mutex::new((Instant::now(), 0)),
             });
             vols.insert(hello.volume_name.clone(), v.clone());
             start_applier(sh, &v);
@@ -1294,6 +1309,9 @@ fn spool_batch(
         match s.spool(&chunks) {
             Ok(_) => {
                 vol.store_ok();
+                if let Some(rep) = s.take_applied_in_spool() {
+                    vol.account_applied(&rep);
+                }
                 vol.refresh(s.as_ref());
                 let a = ack(s.as_ref());
                 break vec![a; n];

@@ -368,3 +368,66 @@ fn target_undo_compression_lz4_by_default_zstd_or_off_by_flag() {
     assert!(ratios[1] < 0.05, "zstd:3: not compressed: {ratios:?}");
     assert!(ratios[2] > 0.5, "off: compressed anyway: {ratios:?}");
 }
+
+/// `rewind target --direct-apply true`: while nothing is pending, received
+/// chunks go straight to the replica (the spool stores little or nothing),
+/// the replica still converges, and the target's applied-bytes figure
+/// counts what the direct path applied. By default chunks are spooled first.
+#[test]
+fn target_direct_apply_skips_the_spool_and_is_counted() {
+    for flag in [None, Some("true")] {
+        let s = Scratch::new(if flag.is_some() {
+            "direct-on"
+        } else {
+            "direct-default"
+        });
+        let backing = s.join("vol.img");
+        create_sparse(&backing, 8 * MIB);
+        let setup = Setup::start_with(
+            &s,
+            &backing,
+            "none",
+            |t| {
+                if let Some(f) = flag {
+                    t.extra_args = vec!["--direct-apply".into(), f.into()];
+                }
+            },
+            |_| {},
+        );
+        let writer = Writer::start(setup.export.uri(), 8 * MIB, 3);
+        writer.resume();
+        poll_until(
+            "writes",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || writer.acked.load(std::sync::atomic::Ordering::Relaxed) >= 800,
+        );
+        writer.pause();
+        setup.converge(Duration::from_secs(60), "direct apply");
+        let mut figures = (0u64, 0u64, 0u64);
+        poll_until("figures", T, Duration::from_millis(100), || {
+            let v = setup.target.volume_status("vol0");
+            figures = (
+                v["journal"]["applied_bytes"].as_u64().unwrap_or(0),
+                v["journal"]["spooled_bytes"].as_u64().unwrap_or(0),
+                v["status"]["applied_bytes"].as_u64().unwrap_or(0),
+            );
+            v["journal"]["applied_seq"] == v["status"]["applied_seq"]
+                && figures.0 > 0
+                && figures.2 >= figures.0
+        });
+        let (applied, spooled, reported) = figures;
+        eprintln!(
+            "direct apply {flag:?}: applied {applied}, spooled {spooled}, reported {reported}"
+        );
+        if flag.is_some() {
+            assert!(
+                spooled < applied / 2,
+                "direct apply still spooled most: {figures:?}"
+            );
+        } else {
+            assert!(spooled >= applied / 2, "default spools first: {figures:?}");
+        }
+        drop(writer);
+    }
+}

@@ -220,6 +220,7 @@ fn show_summary(args: &CdpcliArgs) -> Result<()> {
                 dir: dir.clone(),
                 spool_budget: None,
                 undo_compression: None,
+                direct_apply: None,
                 retention: None,
             });
             crate::recover::summary(&*vols.get(vol)?)?

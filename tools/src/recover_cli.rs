@@ -50,6 +50,7 @@ impl TargetLocation {
                 dir: d.clone(),
                 spool_budget: None,
                 undo_compression: None,
+                direct_apply: None,
                 retention: None,
             }));
         }
@@ -64,6 +65,7 @@ impl TargetLocation {
                         journal_dir: v.journal_dir.clone(),
                         spool_budget: v.spool_budget_bytes(&format!("volume[{i}]"))?,
                         undo_compression: v.undo_compression(&format!("volume[{i}]"))?,
+                        direct_apply: v.direct_apply,
                         retention: None,
                     },
                 );
@@ -633,6 +635,7 @@ pub fn run_failback(args: FailbackArgs) -> Result<()> {
             journal_dir: args.journal_dir.clone(),
             spool_budget: None,
             undo_compression: None,
+            direct_apply: None,
             retention: None,
         },
     );

@@ -301,6 +301,8 @@ pub struct JournalStore {
     name: String,
     dir: PathBuf,
     board: CounterBoard,
+    /// Applied by direct apply inside `spool`, not yet reported.
+    applied_in_spool: Option<ApplyReport>,
 }
 
 impl JournalStore {
@@ -312,6 +314,7 @@ impl JournalStore {
             dir: vol.dir.clone(),
             vol,
             board,
+            applied_in_spool: None,
         };
         s.publish();
         s
@@ -451,6 +454,7 @@ impl TargetStore for JournalStore {
         let owned: Vec<ChunkIn> = chunks.iter().map(to_chunk).collect();
         // The fence is checked under the volume lock (a failover fences, then locks).
         let mut refused = None;
+        let mut direct = None;
         // Without waiting for an apply step in progress (see `SharedVolume`).
         let r = self
             .vol
@@ -459,10 +463,25 @@ impl TargetStore for JournalStore {
                     refused = Some(e);
                     return Ok(0);
                 }
-                v.spool_many_owned(owned)?;
+                let r = v.spool_many_owned(owned);
+                // Counted even if the call failed after applying some chunks.
+                direct = v.take_direct_applied();
+                r?;
                 Ok(v.durable_seq())
             })
             .map_err(store_err);
+        if let Some(a) = direct {
+            let acc = self.applied_in_spool.get_or_insert(ApplyReport {
+                chunks: 0,
+                bytes: 0,
+                applied_seq: 0,
+                last_source_time_ns: 0,
+            });
+            acc.chunks += a.chunks;
+            acc.bytes += a.bytes;
+            acc.applied_seq = a.applied_seq;
+            acc.last_source_time_ns = a.last_source_time_ns;
+        }
         if let Some(e) = refused {
             return Err(e);
         }
@@ -470,6 +489,10 @@ impl TargetStore for JournalStore {
         let d = r?;
         crate::iopattern::record_chunks(&self.name, chunks);
         Ok(d)
+    }
+
+    fn take_applied_in_spool(&mut self) -> Option<ApplyReport> {
+        self.applied_in_spool.take()
     }
 
     fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError> {
@@ -594,6 +617,9 @@ pub struct VolumePlace {
     /// lz4). Applies to records written from the next open on;
     /// every record says how it is encoded, so changing it is always safe.
     pub undo_compression: Option<journal::UndoCompression>,
+    /// Apply in place of spooling while nothing is pending (`None`: the
+    /// default, [`DEFAULT_DIRECT_APPLY`]); see `journal::TargetOptions::direct_apply`.
+    pub direct_apply: Option<bool>,
     /// Retention policy (`None`: keep everything).
     pub retention: Option<journal::RetentionPolicy>,
 }
@@ -618,6 +644,8 @@ pub enum Layout {
         spool_budget: Option<u64>,
         /// Undo compression of every volume (`None`: the default).
         undo_compression: Option<journal::UndoCompression>,
+        /// Direct apply of every volume (`None`: the default).
+        direct_apply: Option<bool>,
         /// Retention policy of every volume.
         retention: Option<journal::RetentionPolicy>,
     },
@@ -635,6 +663,7 @@ impl Layout {
                 dir,
                 spool_budget,
                 undo_compression,
+                direct_apply,
                 retention,
             } => {
                 crate::config::check_name(name).ok()?;
@@ -645,6 +674,7 @@ impl Layout {
                         journal_dir: d.join("journal"),
                         spool_budget: *spool_budget,
                         undo_compression: *undo_compression,
+                        direct_apply: *direct_apply,
                         retention: retention.clone(),
                     },
                     true,
@@ -912,6 +942,10 @@ pub struct JournalProvider {
     pub board: CounterBoard,
 }
 
+/// Whether target volumes apply received chunks in place of spooling them
+/// while nothing is pending, unless configured otherwise (`direct_apply`).
+pub const DEFAULT_DIRECT_APPLY: bool = false;
+
 fn journal_opts(place: &VolumePlace) -> journal::TargetOptions {
     // Spooling (hence every ack to the source) no longer waits for an apply
     // step (`SharedVolume::apply_step`), but everything else that uses the
@@ -928,6 +962,7 @@ fn journal_opts(place: &VolumePlace) -> journal::TargetOptions {
     if let Some(c) = place.undo_compression {
         o.undo_compression = c;
     }
+    o.direct_apply = place.direct_apply.unwrap_or(DEFAULT_DIRECT_APPLY);
     o
 }
 
