@@ -340,29 +340,42 @@ impl std::str::FromStr for UndoCompression {
     type Err = String;
     /// Parses `off` (or `none`), `lz4`, `zstd` (level 1) or `zstd:LEVEL` (1..=19).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let t = s.trim();
-        if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
-            return Ok(UndoCompression::Off);
-        }
-        if t.eq_ignore_ascii_case("lz4") {
+        if s.trim().eq_ignore_ascii_case("lz4") {
             return Ok(UndoCompression::Lz4);
         }
-        if t.eq_ignore_ascii_case("zstd") {
-            return Ok(UndoCompression::Zstd(1));
+        match parse_off_or_zstd(s) {
+            Some(Ok(None)) => Ok(UndoCompression::Off),
+            Some(Ok(Some(level))) => Ok(UndoCompression::Zstd(level)),
+            Some(Err(e)) => Err(e),
+            None => Err(format!(
+                "{s:?}: expected \"off\", \"lz4\", \"zstd\" or \"zstd:LEVEL\" (1..19)"
+            )),
         }
-        if let Some(l) = t.strip_prefix("zstd:") {
-            let level: i32 = l.parse().map_err(|_| {
-                format!("{s:?}: the zstd level must be a number (zstd:1 .. zstd:19)")
-            })?;
-            if !(1..=19).contains(&level) {
-                return Err(format!("{s:?}: the zstd level must be 1..=19"));
-            }
-            return Ok(UndoCompression::Zstd(level));
-        }
-        Err(format!(
-            "{s:?}: expected \"off\", \"lz4\", \"zstd\" or \"zstd:LEVEL\" (1..19)"
-        ))
     }
+}
+
+/// Parses the settings every compression option shares: `off` (or `none`)
+/// as `Some(Ok(None))`, `zstd` (level 1) or `zstd:LEVEL` (1..=19) as
+/// `Some(Ok(Some(level)))`, a bad level as `Some(Err)`; `None` for anything
+/// else (the caller names what it accepts).
+pub fn parse_off_or_zstd(s: &str) -> Option<std::result::Result<Option<i32>, String>> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+        return Some(Ok(None));
+    }
+    if t.eq_ignore_ascii_case("zstd") {
+        return Some(Ok(Some(1)));
+    }
+    let l = t.strip_prefix("zstd:")?;
+    Some(match l.parse::<i32>() {
+        Err(_) => Err(format!(
+            "{s:?}: the zstd level must be a number (zstd:1 .. zstd:19)"
+        )),
+        Ok(level) if !(1..=19).contains(&level) => {
+            Err(format!("{s:?}: the zstd level must be 1..=19"))
+        }
+        Ok(level) => Ok(Some(level)),
+    })
 }
 
 impl std::fmt::Display for UndoCompression {

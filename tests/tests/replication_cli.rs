@@ -309,6 +309,42 @@ fn replication_insecure_loopback() {
     assert!(target.daemon.log_text().contains("insecure"));
 }
 
+/// An 8 MiB volume replicated uncompressed to a target started with
+/// `target_flag value` (if any), after `writes` acknowledged writes of the
+/// test writer (then paused) have converged to the replica.
+fn converged_after_writes(
+    name: &str,
+    target_flag: &str,
+    value: Option<&str>,
+    writes: u64,
+) -> (Scratch, Setup, Writer) {
+    let s = Scratch::new(name);
+    let backing = s.join("vol.img");
+    create_sparse(&backing, 8 * MIB);
+    let setup = Setup::start_with(
+        &s,
+        &backing,
+        "none",
+        |t| {
+            if let Some(v) = value {
+                t.extra_args = vec![target_flag.into(), v.into()];
+            }
+        },
+        |_| {},
+    );
+    let writer = Writer::start(setup.export.uri(), 8 * MIB, 3);
+    writer.resume();
+    poll_until(
+        "writes",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || writer.acked.load(std::sync::atomic::Ordering::Relaxed) >= writes,
+    );
+    writer.pause();
+    setup.converge(Duration::from_secs(60), name);
+    (s, setup, writer)
+}
+
 /// `rewind target --undo-compression`: the retention journal stores the old
 /// data of overwritten blocks compressed by default (lz4) and with `zstd`
 /// (the test's writes are one repeated byte per write: both shrink them to
@@ -318,36 +354,14 @@ fn replication_insecure_loopback() {
 fn target_undo_compression_lz4_by_default_zstd_or_off_by_flag() {
     let mut ratios = Vec::new();
     for flag in [None, Some("zstd:3"), Some("off")] {
-        let s = Scratch::new(match flag {
+        let name = match flag {
             None => "undo-default",
             Some("off") => "undo-off",
             Some(_) => "undo-zstd",
-        });
-        let backing = s.join("vol.img");
-        create_sparse(&backing, 8 * MIB);
-        let setup = Setup::start_with(
-            &s,
-            &backing,
-            "none",
-            |t| {
-                if let Some(f) = flag {
-                    t.extra_args = vec!["--undo-compression".into(), f.into()];
-                }
-            },
-            |_| {},
-        );
+        };
         // Every block written several times over: most undo data is old,
         // non-zero writer data (zero old data is elided either way).
-        let writer = Writer::start(setup.export.uri(), 8 * MIB, 3);
-        writer.resume();
-        poll_until(
-            "writes",
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-            || writer.acked.load(std::sync::atomic::Ordering::Relaxed) >= 1500,
-        );
-        writer.pause();
-        setup.converge(Duration::from_secs(60), "undo compression");
+        let (_s, setup, writer) = converged_after_writes(name, "--undo-compression", flag, 1500);
         let mut figures = (0u64, 0u64);
         poll_until("journal figures", T, Duration::from_millis(100), || {
             let j = &setup.target.volume_status("vol0")["journal"];
@@ -376,34 +390,12 @@ fn target_undo_compression_lz4_by_default_zstd_or_off_by_flag() {
 #[test]
 fn target_direct_apply_skips_the_spool_and_is_counted() {
     for flag in [None, Some("true")] {
-        let s = Scratch::new(if flag.is_some() {
+        let name = if flag.is_some() {
             "direct-on"
         } else {
             "direct-default"
-        });
-        let backing = s.join("vol.img");
-        create_sparse(&backing, 8 * MIB);
-        let setup = Setup::start_with(
-            &s,
-            &backing,
-            "none",
-            |t| {
-                if let Some(f) = flag {
-                    t.extra_args = vec!["--direct-apply".into(), f.into()];
-                }
-            },
-            |_| {},
-        );
-        let writer = Writer::start(setup.export.uri(), 8 * MIB, 3);
-        writer.resume();
-        poll_until(
-            "writes",
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-            || writer.acked.load(std::sync::atomic::Ordering::Relaxed) >= 800,
-        );
-        writer.pause();
-        setup.converge(Duration::from_secs(60), "direct apply");
+        };
+        let (_s, setup, writer) = converged_after_writes(name, "--direct-apply", flag, 800);
         let mut figures = (0u64, 0u64, 0u64);
         poll_until("figures", T, Duration::from_millis(100), || {
             let v = setup.target.volume_status("vol0");

@@ -119,25 +119,14 @@ pub enum Compression {
 impl std::str::FromStr for Compression {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
-            return Ok(Compression::Off);
+        match journal::parse_off_or_zstd(s) {
+            Some(Ok(None)) => Ok(Compression::Off),
+            Some(Ok(Some(level))) => Ok(Compression::Zstd(level)),
+            Some(Err(e)) => Err(e),
+            None => Err(format!(
+                "{s:?}: expected \"off\", \"zstd\" or \"zstd:LEVEL\" (1..19)"
+            )),
         }
-        if t.eq_ignore_ascii_case("zstd") {
-            return Ok(Compression::Zstd(1));
-        }
-        if let Some(l) = t.strip_prefix("zstd:") {
-            let level: i32 = l.parse().map_err(|_| {
-                format!("{s:?}: the zstd level must be a number (zstd:1 .. zstd:19)")
-            })?;
-            if !(1..=19).contains(&level) {
-                return Err(format!("{s:?}: the zstd level must be 1..=19"));
-            }
-            return Ok(Compression::Zstd(level));
-        }
-        Err(format!(
-            "{s:?}: expected \"off\", \"zstd\" or \"zstd:LEVEL\" (1..19)"
-        ))
     }
 }
 
