@@ -261,6 +261,13 @@ impl Consumer {
         }
     }
 
+    /// A recycled buffer for the next data record's payload (empty if none).
+    fn spare_buffer(&mut self) -> Vec<u8> {
+        let b = self.spare.pop().unwrap_or_default();
+        self.spare_bytes -= b.capacity();
+        b
+    }
+
     fn ring_batch(&mut self, limit: u64, max_bytes: u64) -> Result<Batch> {
         let start = self.cursor;
         let mut pos = start;
@@ -270,19 +277,12 @@ impl Consumer {
             match read_step(&self.sh, pos, limit) {
                 Ok(Step::Skip(n)) => pos += n,
                 Ok(Step::Rec(h)) => {
-                    let buf = match self.spare.pop() {
-                        Some(b)
-                            if crate::RecordKind::from_u8(h.kind)
-                                == Some(crate::RecordKind::Data) =>
-                        {
-                            self.spare_bytes -= b.capacity();
-                            b
-                        }
-                        Some(b) => {
-                            self.spare.push(b);
-                            Vec::new()
-                        }
-                        None => Vec::new(),
+                    let is_data =
+                        crate::RecordKind::from_u8(h.kind) == Some(crate::RecordKind::Data);
+                    let buf = if is_data {
+                        self.spare_buffer()
+                    } else {
+                        Vec::new()
                     };
                     records.push(materialise(&self.sh, pos, &h, buf));
                     bytes += h.total_len as u64;
