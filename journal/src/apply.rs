@@ -45,10 +45,11 @@ impl UndoEncoder {
         slot: &mut Option<UndoEncoder>,
         c: UndoCompression,
     ) -> Result<&mut UndoEncoder> {
-        if slot.is_none() {
-            *slot = Some(UndoEncoder::new(c).map_err(ioe(|| format!("undo compression {c}")))?);
-        }
-        Ok(slot.get_or_insert(UndoEncoder::Off))
+        let enc = match slot.take() {
+            Some(e) => e,
+            None => UndoEncoder::new(c).map_err(ioe(|| format!("undo compression {c}")))?,
+        };
+        Ok(slot.insert(enc))
     }
 
     /// `(encoding, compressed)` if compression saves at least 1/8 of `data`.

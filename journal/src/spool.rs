@@ -532,15 +532,7 @@ impl TargetVolume {
         let max = self.opts.apply_batch_chunks.max(1);
         while !self.pending.is_empty() {
             if let Some(a) = self.apply_batch_inner(max)? {
-                let acc = self.direct_applied.get_or_insert(Applied {
-                    first_chunk_id: a.first_chunk_id,
-                    ..Applied::default()
-                });
-                acc.chunks += a.chunks;
-                acc.last_chunk_id = a.last_chunk_id;
-                acc.bytes += a.bytes;
-                acc.applied_seq = a.applied_seq;
-                acc.last_source_time_ns = a.last_source_time_ns;
+                Applied::accumulate(&mut self.direct_applied, a);
             }
         }
         if n_stored > 0 {

@@ -134,6 +134,23 @@ pub struct Applied {
     pub last_source_time_ns: u64,
 }
 
+impl Applied {
+    /// Adds `later` (the next apply call) to `total`, or starts it: the sum
+    /// of both calls as if they had been one.
+    pub fn accumulate(total: &mut Option<Applied>, later: Applied) {
+        match total {
+            None => *total = Some(later),
+            Some(t) => {
+                t.chunks += later.chunks;
+                t.last_chunk_id = later.last_chunk_id;
+                t.bytes += later.bytes;
+                t.applied_seq = later.applied_seq;
+                t.last_source_time_ns = later.last_source_time_ns;
+            }
+        }
+    }
+}
+
 /// A recovery point for [`TargetVolume::read_at_point`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {

@@ -302,7 +302,7 @@ pub struct JournalStore {
     dir: PathBuf,
     board: CounterBoard,
     /// Applied by direct apply inside `spool`, not yet reported.
-    applied_in_spool: Option<ApplyReport>,
+    applied_in_spool: Option<journal::Applied>,
 }
 
 impl JournalStore {
@@ -471,16 +471,7 @@ impl TargetStore for JournalStore {
             })
             .map_err(store_err);
         if let Some(a) = direct {
-            let acc = self.applied_in_spool.get_or_insert(ApplyReport {
-                chunks: 0,
-                bytes: 0,
-                applied_seq: 0,
-                last_source_time_ns: 0,
-            });
-            acc.chunks += a.chunks;
-            acc.bytes += a.bytes;
-            acc.applied_seq = a.applied_seq;
-            acc.last_source_time_ns = a.last_source_time_ns;
+            journal::Applied::accumulate(&mut self.applied_in_spool, a);
         }
         if let Some(e) = refused {
             return Err(e);
@@ -492,7 +483,7 @@ impl TargetStore for JournalStore {
     }
 
     fn take_applied_in_spool(&mut self) -> Option<ApplyReport> {
-        self.applied_in_spool.take()
+        self.applied_in_spool.take().map(report)
     }
 
     fn apply_some(&mut self) -> Result<Option<ApplyReport>, StoreError> {
