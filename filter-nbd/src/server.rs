@@ -276,6 +276,30 @@ impl Input {
         }
     }
 
+    /// Waits until the socket is readable (or closed, or in error).
+    ///
+    /// A unix stream socket wakes a thread blocked in `recv` on *every*
+    /// wake-up of its wait queue, including "write space" wake-ups caused by
+    /// the peer consuming our replies: a blocked `recv` is then woken and
+    /// put back to sleep once per reply, doubling the context switches per
+    /// request. `poll` for `POLLIN` is woken only for input, so the connection
+    /// thread sleeps here and then reads without blocking. TCP sockets do not
+    /// have the spurious wake-up and skip the extra call.
+    fn wait_readable(&self) -> io::Result<()> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Stream::Unix(s) = &self.stream else {
+            return Ok(());
+        };
+        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            }
+        }
+    }
+
     /// Reads whatever the socket has, without blocking.
     fn fill_nonblocking(&mut self) -> io::Result<Fill> {
         self.compact();
@@ -294,33 +318,6 @@ impl Input {
                     return Ok(Fill::Data);
                 }
                 Err(nix::errno::Errno::EAGAIN) => return Ok(Fill::WouldBlock),
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
-            }
-        }
-    }
-}
-
-impl Input {
-    /// Waits until the socket is readable (or closed, or in error).
-    ///
-    /// A unix stream socket wakes a thread blocked in `recv` on *every*
-    /// wake-up of its wait queue, including "write space" wake-ups caused by
-    /// the peer consuming our replies: a blocked `recv` is then woken and
-    /// put back to sleep once per reply, doubling the context switches per
-    /// request. `poll` for `POLLIN` is woken only for input, so the connection
-    /// thread sleeps here and then reads without blocking. TCP sockets do not
-    /// have the spurious wake-up and skip the extra call.
-    fn wait_readable(&self) -> io::Result<()> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
-        let Stream::Unix(s) = &self.stream else {
-            return Ok(());
-        };
-        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-        loop {
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => return Ok(()),
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
             }
