@@ -102,7 +102,7 @@ fn main() {
             }
             extents.push(ChunkExtent {
                 offset: off,
-                data: ExtentData::Data(d),
+                data: ExtentData::Data(d.into()),
             });
             cb += len;
         }

@@ -75,7 +75,7 @@ fn workload(size: u64, mib: u64, seed: u64) -> Vec<ChunkIn> {
             cb += len;
             extents.push(ChunkExtent {
                 offset: off,
-                data: ExtentData::Data(d),
+                data: ExtentData::Data(d.into()),
             });
         }
         seq += 1;
@@ -290,7 +290,7 @@ fn build_many(d: &Path, size: u64, records: u64, opts: &TargetOptions) {
             horizon_seq: 0,
             extents: vec![ChunkExtent {
                 offset: off,
-                data: ExtentData::Data(vec![(k % 251) as u8 + 1; 512]),
+                data: ExtentData::Data(vec![(k % 251) as u8 + 1; 512].into()),
             }],
         });
         if batch.len() == 1024 {

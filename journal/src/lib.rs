@@ -113,6 +113,8 @@ mod view;
 
 pub use apply::ApplyJob;
 pub use bookmark::{Bookmark, BookmarkKind, BookmarkOutcome};
+/// The shared byte buffer of [`ExtentData::Data`].
+pub use bytes::Bytes;
 pub use error::{JournalError, Result};
 pub use fault::{FaultAction, FaultConfig, FaultPoint};
 pub use point::{BookmarkInfo, RecoveryPoint, RecoveryPoints, ResolvedPoint};

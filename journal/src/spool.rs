@@ -85,7 +85,7 @@ pub(crate) fn parse_spool_record(b: &[u8]) -> std::result::Result<ParsedSpool, S
                     .ok_or("extent payload past record")? as usize;
                 exts.push(ChunkExtent {
                     offset,
-                    data: ExtentData::Data(b[cur..end].to_vec()),
+                    data: ExtentData::Data(bytes::Bytes::copy_from_slice(&b[cur..end])),
                 });
                 cur = end;
             }
@@ -100,6 +100,12 @@ pub(crate) fn parse_spool_record(b: &[u8]) -> std::result::Result<ParsedSpool, S
         return Err("payload length mismatch".into());
     }
     Ok((h, exts, total, horizon))
+}
+
+/// Bytes [`encode_spool_record`] appends for `c`.
+fn spool_record_len(c: &ChunkIn) -> usize {
+    let horizon = if c.horizon_seq != 0 { 8 } else { 0 };
+    REC_HDR + horizon + c.extents.len() * SPOOL_ENTRY + c.payload_bytes() as usize + 32
 }
 
 pub(crate) fn encode_spool_record(out: &mut Vec<u8>, id: u64, group: u64, flags: u8, c: &ChunkIn) {
@@ -141,6 +147,7 @@ pub(crate) fn encode_spool_record(out: &mut Vec<u8>, id: u64, group: u64, flags:
     }
     let hh = hash32(&out[start..]);
     out.extend_from_slice(&hh);
+    debug_assert_eq!(out.len() - start, spool_record_len(c));
 }
 
 impl TargetVolume {
@@ -572,7 +579,15 @@ impl TargetVolume {
     ) -> Result<Vec<SpoolOutcome>> {
         let last_stored = store.iter().rposition(|s| *s);
         let group = self.next_chunk_id;
-        let mut buf = Vec::new();
+        // One allocation for the whole batch (no regrowth copies).
+        let mut buf = Vec::with_capacity(
+            chunks
+                .iter()
+                .zip(store)
+                .filter(|(_, s)| **s)
+                .map(|(c, _)| spool_record_len(c))
+                .sum(),
+        );
         let mut metas = Vec::new();
         let mut id = self.next_chunk_id;
         let mut horizon = self.horizon_max;

@@ -1,6 +1,7 @@
 //! Plain data types of the public API (chunks, outcomes, options, counters, infos).
 
 use crate::fsutil::hex;
+use bytes::Bytes;
 
 /// Identity of a protected volume as the target knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +32,10 @@ impl VolumeIdentity {
 /// Payload of one extent of a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExtentData {
-    /// New bytes.
-    Data(Vec<u8>),
+    /// New bytes: a shared, immutable buffer (often a slice of the chunk's
+    /// whole payload, so splitting a chunk into extents and handing it on
+    /// copies no data). `Vec<u8>` converts with `.into()`, without a copy.
+    Data(Bytes),
     /// This many zero bytes (WRITE_ZEROES / TRIM as zeroes); nothing stored in the spool.
     Zero(u64),
 }

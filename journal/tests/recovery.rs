@@ -51,7 +51,7 @@ fn chunk(r: &mut StdRng, k: u64) -> ChunkIn {
             let offset = r.gen_range(0..(VOL - len) / 512) * 512;
             let data = match r.gen_range(0..5) {
                 0 => ExtentData::Zero(len),
-                1 => ExtentData::Data(vec![(k % 250) as u8 + 1; len as usize]),
+                1 => ExtentData::Data(vec![(k % 250) as u8 + 1; len as usize].into()),
                 _ => ExtentData::Data((0..len).map(|_| r.gen()).collect()),
             };
             ChunkExtent { offset, data }
@@ -722,7 +722,7 @@ fn directory_view_refresh_reads_a_segment_to_its_sealed_end() {
         horizon_seq: 0,
         extents: vec![ChunkExtent {
             offset,
-            data: ExtentData::Data(data),
+            data: ExtentData::Data(data.into()),
         }],
     };
     // Point 1: random data everywhere (undo records of later writes are raw).

@@ -247,7 +247,7 @@ fn ordering_overlaps_within_and_across_chunks() {
                 data: if b == 0 {
                     ExtentData::Zero(l)
                 } else {
-                    ExtentData::Data(vec![b; l as usize])
+                    ExtentData::Data(vec![b; l as usize].into())
                 },
             })
             .collect(),
@@ -302,7 +302,7 @@ fn spool_budget_flow_control() {
         horizon_seq: 0,
         extents: vec![ChunkExtent {
             offset: 0,
-            data: ExtentData::Data(vec![k as u8; 12 * 1024]),
+            data: ExtentData::Data(vec![k as u8; 12 * 1024].into()),
         }],
     };
     v.spool(&big(1)).unwrap();
@@ -348,7 +348,7 @@ fn resize_and_block_hashes() {
         horizon_seq: 0,
         extents: vec![ChunkExtent {
             offset: VOL + 10,
-            data: ExtentData::Data(vec![9; 100]),
+            data: ExtentData::Data(vec![9; 100].into()),
         }],
     };
     v.spool(&far).unwrap();
@@ -891,7 +891,7 @@ mod prop {
                     Op::Write { off, len, kind, seed } => {
                         let data = match kind {
                             0 => ExtentData::Zero(len),
-                            1 => ExtentData::Data(vec![seed; len as usize]),
+                            1 => ExtentData::Data(vec![seed; len as usize].into()),
                             _ => ExtentData::Data((0..len).map(|i| (i as u8).wrapping_mul(seed) ^ (i >> 8) as u8).collect()),
                         };
                         cur.push(ChunkExtent { offset: off, data });
@@ -1257,7 +1257,7 @@ fn zero_extents_punch_holes_in_the_replica_and_points_keep_the_old_data() {
         horizon_seq: 0,
         extents: vec![ChunkExtent { offset: mib, data }],
     };
-    v.spool(&one(1, ExtentData::Data(data.clone())))
+    v.spool(&one(1, ExtentData::Data(data.clone().into())))
         .expect("spool data");
     v.apply_all().expect("apply data");
     let allocated = |p: &Path| std::fs::metadata(p).expect("stat replica").blocks() * 512;
@@ -1319,7 +1319,7 @@ fn undo_compression_default_is_lz4_and_every_setting_reads_back() {
         horizon_seq: 0,
         extents: vec![ChunkExtent {
             offset: 0,
-            data: ExtentData::Data(data),
+            data: ExtentData::Data(data.into()),
         }],
     };
     let mut stored = Vec::new();

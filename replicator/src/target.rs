@@ -47,6 +47,7 @@
 //!   succeeds (a reopen needs almost no space, so it proves nothing). No
 //!   restart, no resync: the source resumes after the target's `durable_seq`.
 
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,8 +84,9 @@ pub struct StoreIdentity {
 /// New contents of one extent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreData {
-    /// The bytes.
-    Data(Vec<u8>),
+    /// The bytes: usually a slice of the chunk's whole (decompressed)
+    /// payload, shared by its extents rather than copied per extent.
+    Data(Bytes),
     /// This many zero bytes.
     Zero(u64),
 }
@@ -159,60 +161,52 @@ impl StoreChunk {
 
     /// Decompresses and splits a wire chunk (never more than `bound` bytes).
     pub fn from_chunk(c: &Chunk, bound: u64) -> Result<Self, WireError> {
-        let data = c.data(bound)?;
-        let extents = c
-            .split(&data)
-            .map(|(e, d)| StoreExtent {
-                offset: e.offset,
-                data: match (e.kind, d) {
-                    (ExtentKind::Data, Some(d)) => StoreData::Data(d.to_vec()),
-                    _ => StoreData::Zero(u64::from(e.len)),
-                },
-            })
-            .collect();
-        Ok(StoreChunk {
-            extents,
-            ..Self::header_of(c)
-        })
+        let data = Bytes::from(c.data(bound)?.into_owned());
+        Ok(Self::split(c, &data))
     }
 
-    /// [`StoreChunk::from_chunk`] taking the frame by value: when the chunk
-    /// has a single data extent (the usual case for sequential writes, which
-    /// the source coalesces), its payload — or the decompressed buffer —
-    /// becomes that extent's data without a copy. Same checks, same result.
-    pub fn from_chunk_owned(c: Chunk, bound: u64) -> Result<Self, WireError> {
-        let data_extents = c
-            .extents
-            .iter()
-            .filter(|e| e.kind == ExtentKind::Data)
-            .count();
-        if data_extents != 1 {
-            return Self::from_chunk(&c, bound);
-        }
-        let mut out = Self::header_of(&c);
+    /// [`StoreChunk::from_chunk`] taking the frame by value: the payload —
+    /// or the decompressed buffer — becomes the chunk's data without a copy,
+    /// and every data extent is a slice of it. Same checks, same result.
+    pub fn from_chunk_owned(mut c: Chunk, bound: u64) -> Result<Self, WireError> {
         let decompressed = match c.data(bound)? {
             std::borrow::Cow::Owned(v) => Some(v),
             // Uncompressed (its length checked by `data`): the payload itself.
             std::borrow::Cow::Borrowed(_) => None,
         };
-        let mut data = Some(decompressed.unwrap_or(c.payload));
-        out.extents = c
+        let data = Bytes::from(decompressed.unwrap_or_else(|| std::mem::take(&mut c.payload)));
+        Ok(Self::split(&c, &data))
+    }
+
+    /// The chunk with `data` (its decompressed data extents, in order) cut
+    /// into extents: slices of `data`, no copy.
+    fn split(c: &Chunk, data: &Bytes) -> Self {
+        let mut pos = 0usize;
+        let extents = c
             .extents
             .iter()
             .map(|e| StoreExtent {
                 offset: e.offset,
                 data: match e.kind {
-                    ExtentKind::Data => StoreData::Data(data.take().unwrap_or_default()),
+                    ExtentKind::Data => {
+                        let start = pos.min(data.len());
+                        let end = pos.saturating_add(e.len as usize).min(data.len());
+                        pos = pos.saturating_add(e.len as usize);
+                        StoreData::Data(data.slice(start..end))
+                    }
                     ExtentKind::Zero => StoreData::Zero(u64::from(e.len)),
                 },
             })
             .collect();
-        Ok(out)
+        StoreChunk {
+            extents,
+            ..Self::header_of(c)
+        }
     }
 
     /// An unordered chunk from a resync block.
     pub fn from_resync(r: &ResyncData, bound: u64) -> Result<Self, WireError> {
-        let data = r.data(bound)?.into_owned();
+        let data = Bytes::from(r.data(bound)?.into_owned());
         Ok(StoreChunk {
             first_seq: 0,
             last_seq: 0,

@@ -725,12 +725,12 @@ fn read_frame_reads_exactly_one_frame() {
     assert_eq!(t.consumed, a.len());
 }
 
-/// The target's by-value conversion of a chunk frame (which moves a single
-/// data extent's buffer instead of copying it) gives what the by-reference
+/// The target's by-value conversion of a chunk frame (whose data extents are
+/// slices of the received payload, not copies) gives what the by-reference
 /// one gives, and refuses what it refuses.
 #[test]
 fn store_chunk_by_value_equals_by_reference() {
-    use replicator::target::StoreChunk;
+    use replicator::target::{StoreChunk, StoreData};
     let mut data = vec![0u8; 3 * 4096];
     for (i, b) in data.iter_mut().enumerate() {
         *b = (i * 7 % 251) as u8;
@@ -754,9 +754,23 @@ fn store_chunk_by_value_equals_by_reference() {
     for (extents, n) in shapes {
         for comp in [Compression::None, Compression::Zstd(1)] {
             let c = Chunk::build(5, 9, 77, extents.clone(), &data[..n], comp).unwrap();
+            let payload = c.payload.as_ptr_range();
             let by_ref = StoreChunk::from_chunk(&c, 1 << 20).unwrap();
             let by_value = StoreChunk::from_chunk_owned(c, 1 << 20).unwrap();
             assert_eq!(by_ref, by_value, "{extents:?} {comp:?}");
+            if comp == Compression::None {
+                // No copy: every data extent lies in the received payload.
+                for e in &by_value.extents {
+                    if let StoreData::Data(b) = &e.data {
+                        let r = b.as_ptr_range();
+                        assert!(
+                            payload.start <= r.start && r.end <= payload.end,
+                            "extent at {} was copied out of the payload",
+                            e.offset
+                        );
+                    }
+                }
+            }
         }
     }
     // A payload shorter than its data extent: refused both ways.

@@ -169,7 +169,7 @@ fn chunk(seq: u64, offset: u64, data: &[u8]) -> ChunkIn {
         horizon_seq: 0,
         extents: vec![ChunkExtent {
             offset,
-            data: ExtentData::Data(data.to_vec()),
+            data: ExtentData::Data(data.to_vec().into()),
         }],
     }
 }

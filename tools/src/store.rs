@@ -971,3 +971,50 @@ pub fn offline_counters(dir: &Path) -> Result<(VolumeIdentity, Counters), Journa
     let v = TargetVolume::open(dir)?;
     Ok((v.identity().clone(), v.counters()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replicator::target::StoreExtent;
+
+    /// The target hands received chunks to the journal without copying
+    /// their data: the journal's extents are the same bytes in memory.
+    #[test]
+    fn handing_a_chunk_to_the_journal_copies_no_data() {
+        let payload = journal::Bytes::from(vec![7u8; 3 * 4096]);
+        let c = StoreChunk {
+            first_seq: 1,
+            last_seq: 2,
+            source_time_ns: 3,
+            horizon_seq: 0,
+            extents: vec![
+                StoreExtent {
+                    offset: 0,
+                    data: StoreData::Data(payload.slice(..4096)),
+                },
+                StoreExtent {
+                    offset: 1 << 20,
+                    data: StoreData::Zero(4096),
+                },
+                StoreExtent {
+                    offset: 1 << 21,
+                    data: StoreData::Data(payload.slice(4096..)),
+                },
+            ],
+        };
+        let j = to_chunk(&c);
+        assert_eq!((j.first_seq, j.last_seq, j.source_time_ns), (1, 2, 3));
+        assert_eq!(j.extents.len(), 3);
+        for (s, d) in c.extents.iter().zip(&j.extents) {
+            assert_eq!(s.offset, d.offset);
+            match (&s.data, &d.data) {
+                (StoreData::Data(a), ExtentData::Data(b)) => {
+                    assert_eq!(a.as_ptr(), b.as_ptr(), "extent at {} copied", s.offset);
+                    assert_eq!(a.len(), b.len());
+                }
+                (StoreData::Zero(a), ExtentData::Zero(b)) => assert_eq!(a, b),
+                _ => panic!("extent kind changed"),
+            }
+        }
+    }
+}

@@ -35,7 +35,7 @@ pub fn chunk(k: u64) -> ChunkIn {
         let off = r.gen_range(0..(VOL - len) / 512) * 512;
         let data = match r.gen_range(0..4) {
             0 => ExtentData::Zero(len),
-            1 => ExtentData::Data(vec![(k % 251) as u8; len as usize]),
+            1 => ExtentData::Data(vec![(k % 251) as u8; len as usize].into()),
             _ => ExtentData::Data((0..len).map(|_| r.gen()).collect()),
         };
         extents.push(ChunkExtent { offset: off, data });
