@@ -44,6 +44,8 @@ struct MemState {
     spool_calls: u64,
     chunks_stored: u64,
     apply_delay: Duration,
+    /// `apply_some` calls that applied something.
+    apply_steps: u64,
     fail_spools: u32,
     /// A full disk: spool and apply fail with `NoSpace` (apply only when
     /// `disk_full_apply_only`), which poisons the store like the journal.
@@ -73,6 +75,7 @@ impl MemStore {
             spool_calls: 0,
             chunks_stored: 0,
             apply_delay: Duration::ZERO,
+            apply_steps: 0,
             fail_spools: 0,
             disk_full: false,
             disk_full_apply_only: false,
@@ -180,6 +183,9 @@ impl TargetStore for MemStore {
             rep.last_source_time_ns = c.source_time_ns;
         }
         rep.applied_seq = st.applied_seq;
+        if rep.chunks > 0 {
+            st.apply_steps += 1;
+        }
         Ok((rep.chunks > 0).then_some(rep))
     }
     fn block_hashes(
@@ -325,13 +331,10 @@ impl Env {
         .unwrap()
     }
     fn server(&self, stores: &Stores, addr: &str) -> TargetServer {
-        TargetServer::bind(
-            addr,
-            self.server_tls(),
-            stores.provider(),
-            TargetOptions::default(),
-        )
-        .unwrap()
+        self.server_with(stores, addr, TargetOptions::default())
+    }
+    fn server_with(&self, stores: &Stores, addr: &str, opts: TargetOptions) -> TargetServer {
+        TargetServer::bind(addr, self.server_tls(), stores.provider(), opts).unwrap()
     }
 }
 
@@ -922,6 +925,48 @@ fn flow_control_holds_back_and_converges() {
     assert!(seen_fc, "flow control never engaged");
     store.st().apply_delay = Duration::ZERO;
     wait_equal(&src, &store, &pair, "after flow control");
+    pair.stop();
+    server.shutdown();
+}
+
+/// A slow stream of small writes is applied in gathered steps (at most one
+/// per `apply_gather` while less than `apply_gather_bytes` is spooled), not
+/// one step per received chunk, and the replica still catches up right after.
+#[test]
+fn slow_stream_is_applied_in_gathered_steps() {
+    let env = Env::new();
+    let stores = Stores::default();
+    let gather = Duration::from_millis(200);
+    let opts = TargetOptions {
+        apply_gather: gather,
+        ..TargetOptions::default()
+    };
+    assert!(
+        TargetOptions::default().apply_gather > Duration::ZERO,
+        "gathering is on by default"
+    );
+    let server = env.server_with(&stores, "127.0.0.1:0", opts);
+    let addr = server.local_addr().to_string();
+    let src = Source::new(&env.dir, "gather", 8 << 20, 4 << 20);
+    let pair = synced_pair(&env, &src, &stores, &addr, Compression::None);
+    let store = stores.get("gather");
+    let steps_before = store.st().apply_steps;
+    let chunks_before = store.st().chunks_stored;
+    let start = Instant::now();
+    for i in 0..100u64 {
+        src.write((i * 37 % 2000) * 4096, &[i as u8 + 1; 4096]);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_equal(&src, &store, &pair, "slow stream");
+    let elapsed = start.elapsed();
+    let steps = store.st().apply_steps - steps_before;
+    let chunks = store.st().chunks_stored - chunks_before;
+    let bound = (elapsed.as_millis() / gather.as_millis()) as u64 + 2;
+    assert!(
+        steps <= bound,
+        "{steps} apply steps for {chunks} chunks in {elapsed:?}: not gathered (at most {bound})"
+    );
+    assert!(chunks > steps, "{chunks} chunks, {steps} steps");
     pair.stop();
     server.shutdown();
 }
