@@ -283,7 +283,7 @@ def cmd_report(work):
     lines.append("")
     peers = {}
     for wl in ("rand4k", "seq1m"):
-        for peer in ("qemu-nbd", "nbdkit"):
+        for peer in ("qemu-nbd", "nbdkit", "nbdkit-null"):
             try:
                 pj = json.load(open(os.path.join(work, "peer.%s.%s.json" % (peer, wl))))
                 f = json.load(open(os.path.join(work, "fio.%s.%s.json" % (wl, peer))))["jobs"][0]["write"]
@@ -298,12 +298,17 @@ def cmd_report(work):
             if wl not in peers or not on:
                 continue
             r = on[0]
-            parts = ["`%s` %.2f (%.1f MB/s)" % (v[2], v[0], v[1]) for v in peers[wl].values()]
+            servers = {k: v for k, v in peers[wl].items() if k != "nbdkit-null"}
+            parts = ["`%s` %.2f (%.1f MB/s)" % (v[2], v[0], v[1]) for v in servers.values()]
             if wl in notrack:
                 parts.insert(0, "`rewind export --no-tracking` %.2f" % notrack[wl])
-            ratios = ", ".join("%.2f× %s's" % (r["cyc_src"] / v[0], k) for k, v in peers[wl].items())
-            lines.append("- %s: %s cycles/B; rewind's whole source uncompressed (serving + capture + replicator) %.2f = %s serving alone" % (
-                r["wlabel"], ", ".join(parts), r["cyc_src"], ratios))
+            ratios = ", ".join("%.2f× %s's" % (r["cyc_src"] / v[0], k) for k, v in servers.items())
+            line = "- %s: %s cycles/B; rewind's whole source uncompressed (serving + capture + replicator) %.2f = %s serving alone" % (
+                r["wlabel"], ", ".join(parts), r["cyc_src"], ratios)
+            null = peers[wl].get("nbdkit-null")
+            if null:
+                line += "; an NBD server that discards every write (`%s`, null plugin) spends %.2f cycles/B: the NBD round trip alone (socket, wake-ups), the floor for a user-space server here" % (null[2], null[0])
+            lines.append(line)
         lines.append("")
     lines.append("Freshness of the replicator's status while sampling (now − `updated_ns` of the pair; the file is meant to be rewritten several times a second):")
     lines.append("")
@@ -338,7 +343,10 @@ def cmd_report(work):
     lines.append("")
     for wl in ("rand4k", "seq1m"):
         r = ro[wl]
-        lines.append("- ≤ 4 cycles/byte on the source, uncompressed, %s: %.2f — %s" % (r["wlabel"], r["cyc_src"], verdict(r["cyc_src"] <= 4)))
+        floor = peers.get(wl, {}).get("nbdkit-null")
+        lines.append("- ≤ 4 cycles/byte on the source, uncompressed, %s: %.2f — %s%s" % (
+            r["wlabel"], r["cyc_src"], verdict(r["cyc_src"] <= 4),
+            " (an NBD server that discards the data costs %.2f here)" % floor[0] if floor else ""))
     for wl in ("rand4k", "seq1m"):
         r = ro[wl]
         c = notrack.get(wl)
