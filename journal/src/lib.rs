@@ -168,6 +168,8 @@ pub struct TargetVolume {
     /// What direct applies (inside `spool_many`) applied since the last
     /// [`TargetVolume::take_direct_applied`].
     pub(crate) direct_applied: Option<Applied>,
+    /// [`TargetVolume::set_incoming_backlog`].
+    pub(crate) incoming_backlog: bool,
     /// Undo data compressor (lent to a running apply step, then returned).
     pub(crate) undo_encoder: Option<apply::UndoEncoder>,
     pub(crate) catalogue: Option<catalogue::Catalogue>,
@@ -391,6 +393,7 @@ impl TargetVolume {
             faults,
             poisoned: false,
             direct_applied: None,
+            incoming_backlog: false,
             undo_encoder,
             catalogue: None,
             spool_files: VecDeque::new(),
@@ -666,6 +669,17 @@ impl TargetVolume {
     /// if nothing. Lets a caller count applied bytes whichever path applied them.
     pub fn take_direct_applied(&mut self) -> Option<Applied> {
         self.direct_applied.take()
+    }
+
+    /// Tells the next `spool_many` calls whether more input was already
+    /// waiting when their chunks were taken (the source sends faster than
+    /// this target stores). While set, direct apply
+    /// ([`TargetOptions::direct_apply`]) is not used: the chunks are spooled,
+    /// so the spool absorbs the burst and apply catches up behind it, instead
+    /// of the source waiting for each in-place apply. No effect without
+    /// direct apply.
+    pub fn set_incoming_backlog(&mut self, backlog: bool) {
+        self.incoming_backlog = backlog;
     }
 
     /// Highest sequence number applied to the replica (commit durable or recovered on open).

@@ -486,7 +486,7 @@ impl TargetVolume {
     /// Direct apply applies in place of spooling: only when enabled and nothing
     /// is pending (chunks must be applied in arrival order).
     fn direct_ok(&self) -> bool {
-        self.opts.direct_apply && self.pending.is_empty() && !self.busy
+        self.opts.direct_apply && !self.incoming_backlog && self.pending.is_empty() && !self.busy
     }
 
     /// Apply the stored chunks straight from memory (no spool write): undo

@@ -201,6 +201,8 @@ pub struct TargetOptions {
     /// instead of spooling them (`spool_many` returns after the apply is
     /// durable): 1 replica read + 2 writes per changed byte instead of 3 writes,
     /// at the cost of 3 fdatasyncs per call in the acknowledgement path.
+    /// Not while the caller reports a backlog of incoming data
+    /// ([`crate::TargetVolume::set_incoming_backlog`]): bursts are spooled.
     pub direct_apply: bool,
 }
 

@@ -1394,3 +1394,35 @@ fn direct_apply_spools_when_space_is_short_and_reports_what_it_applied() {
     assert_eq!(v.applied_seq(), 2);
     assert_eq!(replica_bytes(d.path()), model(2));
 }
+
+/// With a backlog of incoming data reported, direct apply spools instead (the
+/// spool absorbs the burst); once the backlog is gone and the spool applied,
+/// chunks are applied in place again.
+#[test]
+fn direct_apply_spools_while_input_is_backlogged() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = small_opts();
+    o.direct_apply = true;
+    let mut v = create(d.path(), o);
+    v.set_incoming_backlog(true);
+    v.spool_many(&[chunk(1)]).unwrap();
+    v.spool_many(&[chunk(2)]).unwrap();
+    assert!(v.counters().spooled_bytes > 0, "spooled during the backlog");
+    assert!(v.take_direct_applied().is_none());
+    assert_eq!(v.applied_seq(), 0, "nothing applied in place");
+    v.set_incoming_backlog(false);
+    // Still pending: spooled behind the earlier chunks, not applied ahead of them.
+    v.spool_many(&[chunk(3)]).unwrap();
+    assert!(v.take_direct_applied().is_none());
+    v.apply_all().unwrap();
+    assert_eq!(v.applied_seq(), 3);
+    let spooled = v.counters().spooled_bytes;
+    v.spool_many(&[chunk(4)]).unwrap();
+    assert_eq!(
+        v.counters().spooled_bytes,
+        spooled,
+        "applied in place again"
+    );
+    assert_eq!(v.take_direct_applied().map(|a| a.applied_seq), Some(4));
+    assert_eq!(replica_bytes(d.path()), model(4));
+}

@@ -314,6 +314,12 @@ impl FrameConn {
         Ok(total)
     }
 
+    /// Whether more input is already here: unparsed bytes in the buffer, or
+    /// bytes the connection would return without waiting.
+    pub(crate) fn input_waiting(&mut self) -> bool {
+        self.start < self.end || self.t.input_waiting()
+    }
+
     /// A complete frame from the buffer, without reading the socket.
     pub(crate) fn parse(&mut self) -> Result<Option<Frame>, WireError> {
         let avail = &self.inbuf[self.start..self.end];

@@ -350,6 +350,12 @@ pub trait TargetStore: Send {
     /// returns the durable sequence afterwards. On error nothing of the call
     /// may be stored.
     fn spool(&mut self, chunks: &[StoreChunk]) -> Result<u64, StoreError>;
+    /// Called before each [`TargetStore::spool`]: whether more input was
+    /// already waiting on the connection when its batch was taken, i.e. the
+    /// source sends faster than this target stores. A store that applies in
+    /// place of spooling when idle should spool while this is set, so the
+    /// spool absorbs the burst. Default: ignored.
+    fn set_incoming_backlog(&mut self, _backlog: bool) {}
     /// What [`TargetStore::spool`] applied to the replica itself since the
     /// last call (a store that applies in place of spooling when idle), for
     /// the applied-bytes and apply-rate figures. Default: nothing.
@@ -1313,6 +1319,7 @@ fn spool_batch(
         }
     }
     let n = chunks.len();
+    let backlog = conn.input_waiting();
     let acks = loop {
         vol.spool_waiting.fetch_add(1, Ordering::SeqCst);
         let mut s = lock(&vol.store);
@@ -1334,6 +1341,7 @@ fn spool_batch(
             send_error(conn, code, m.clone());
             return Err(m);
         }
+        s.set_incoming_backlog(backlog);
         match s.spool(&chunks) {
             Ok(_) => {
                 vol.store_ok();

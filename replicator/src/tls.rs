@@ -457,6 +457,24 @@ impl Transport {
         }
     }
 
+    /// Whether received input is waiting to be read right now: bytes on the
+    /// socket, or (TLS) records or plaintext rustls holds. Does not block and
+    /// reads nothing the next `read` would not return.
+    pub fn input_waiting(&mut self) -> bool {
+        let tls_buffered = match &mut self.inner {
+            Inner::Client(s) => s
+                .conn
+                .process_new_packets()
+                .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
+            Inner::Server(s) => s
+                .conn
+                .process_new_packets()
+                .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
+            Inner::Plain(_) => false,
+        };
+        tls_buffered || socket_readable(self.tcp())
+    }
+
     /// Changes the socket's read timeout (`None`: block forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.tcp().set_read_timeout(t)
@@ -482,6 +500,20 @@ impl Transport {
         }
         self.tcp().shutdown(Shutdown::Both)
     }
+}
+
+/// Whether `s` has bytes (or an end of stream) to read now, without waiting.
+fn socket_readable(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid, initialised pollfd for a descriptor that
+    // `s` keeps open for the whole call; a zero timeout never blocks.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & libc::POLLIN != 0
 }
 
 impl Read for Transport {

@@ -46,6 +46,11 @@ struct MemState {
     apply_delay: Duration,
     /// `apply_some` calls that applied something.
     apply_steps: u64,
+    /// Slept in every `spool` call (a store that applies in place).
+    spool_delay: Duration,
+    /// The backlog flag the engine set before each `spool` call.
+    backlog_seen: Vec<bool>,
+    backlog: bool,
     fail_spools: u32,
     /// A full disk: spool and apply fail with `NoSpace` (apply only when
     /// `disk_full_apply_only`), which poisons the store like the journal.
@@ -76,6 +81,9 @@ impl MemStore {
             chunks_stored: 0,
             apply_delay: Duration::ZERO,
             apply_steps: 0,
+            spool_delay: Duration::ZERO,
+            backlog_seen: Vec::new(),
+            backlog: false,
             fail_spools: 0,
             disk_full: false,
             disk_full_apply_only: false,
@@ -121,8 +129,17 @@ impl TargetStore for MemStore {
     fn spool_budget(&self) -> u64 {
         self.st().budget
     }
+    fn set_incoming_backlog(&mut self, backlog: bool) {
+        self.st().backlog = backlog;
+    }
     fn spool(&mut self, chunks: &[StoreChunk]) -> Result<u64, StoreError> {
+        let delay = self.st().spool_delay;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         let mut st = self.st();
+        let b = st.backlog;
+        st.backlog_seen.push(b);
         for c in chunks {
             for e in &c.extents {
                 if e.offset + e.data.len() > st.ident.size {
@@ -967,6 +984,45 @@ fn slow_stream_is_applied_in_gathered_steps() {
         "{steps} apply steps for {chunks} chunks in {elapsed:?}: not gathered (at most {bound})"
     );
     assert!(chunks > steps, "{chunks} chunks, {steps} steps");
+    pair.stop();
+    server.shutdown();
+}
+
+/// The engine tells the store whether more input was waiting when it took a
+/// batch: not for a slow stream (the store may then apply in place), yes
+/// during a burst that a slow store falls behind (so it spools instead).
+#[test]
+fn store_hears_when_input_is_backlogged() {
+    let env = Env::new();
+    let stores = Stores::default();
+    let server = env.server(&stores, "127.0.0.1:0");
+    let addr = server.local_addr().to_string();
+    let src = Source::new(&env.dir, "backlog", 8 << 20, 8 << 20);
+    let pair = synced_pair(&env, &src, &stores, &addr, Compression::None);
+    let store = stores.get("backlog");
+    store.st().backlog_seen.clear();
+    for i in 0..10u64 {
+        src.write(i * 4096, &[i as u8 + 1; 4096]);
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    wait_equal(&src, &store, &pair, "slow stream");
+    let slow = std::mem::take(&mut store.st().backlog_seen);
+    assert!(
+        slow.iter().any(|b| !b),
+        "every batch of a slow stream reported a backlog: {slow:?}"
+    );
+    // A burst of 1 MiB chunks into a store that takes 40 ms per batch.
+    store.st().spool_delay = Duration::from_millis(40);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for i in 0..6u64 {
+        src.write(i << 20, &data(&mut rng, 1 << 20, false));
+    }
+    wait_equal(&src, &store, &pair, "burst");
+    let burst = store.st().backlog_seen.clone();
+    assert!(
+        burst.iter().any(|b| *b),
+        "no batch of the burst reported a backlog: {burst:?}"
+    );
     pair.stop();
     server.shutdown();
 }

@@ -303,6 +303,8 @@ pub struct JournalStore {
     board: CounterBoard,
     /// Applied by direct apply inside `spool`, not yet reported.
     applied_in_spool: Option<journal::Applied>,
+    /// The engine's last [`TargetStore::set_incoming_backlog`].
+    incoming_backlog: bool,
 }
 
 impl JournalStore {
@@ -315,6 +317,7 @@ impl JournalStore {
             vol,
             board,
             applied_in_spool: None,
+            incoming_backlog: false,
         };
         s.publish();
         s
@@ -463,6 +466,7 @@ impl TargetStore for JournalStore {
                     refused = Some(e);
                     return Ok(0);
                 }
+                v.set_incoming_backlog(self.incoming_backlog);
                 let r = v.spool_many_owned(owned);
                 // Counted even if the call failed after applying some chunks.
                 direct = v.take_direct_applied();
@@ -480,6 +484,10 @@ impl TargetStore for JournalStore {
         let d = r?;
         crate::iopattern::record_chunks(&self.name, chunks);
         Ok(d)
+    }
+
+    fn set_incoming_backlog(&mut self, backlog: bool) {
+        self.incoming_backlog = backlog;
     }
 
     fn take_applied_in_spool(&mut self) -> Option<ApplyReport> {
