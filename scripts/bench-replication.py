@@ -371,6 +371,26 @@ def cmd_report(work):
     lines.append("Seed product (REFERENCE.md, Appendix A of the Cisco guide, at ≤ 7 MB/s): agent ≈ 40 cycles/byte, process server ≈ 29 (uncompressed) / 128 (compressed), master target ≈ 83. "
                  "Here: export + replicator = source (the agent and the process server's work both happen on the source), target = master target.")
     print("\n".join(lines))
+    summary_path = os.environ.get("BENCH_SUMMARY_JSON")
+    if summary_path:
+        # The headline figures of this run, for scripts/bench-replication-rounds.
+        summary = {"cases": {}, "wl": {}}
+        for r in cases:
+            summary["cases"]["%s, %s" % (r["wlabel"], r["comp"])] = {
+                "target": r["cyc"]["target"], "source": r["cyc_src"],
+                "export": r["cyc"]["export"], "replicator": r["cyc"]["replicator"],
+                "rpo_p99": r["rpo"][1], "wire_ratio": r["ratio"]}
+        for wl in ("rand4k", "seq1m"):
+            if wl not in ro:
+                continue
+            w = {"label": ro[wl]["wlabel"], "source_off": ro[wl]["cyc_src"]}
+            if wl in notrack:
+                w["export_no_tracking"] = notrack[wl]
+                w["capture_plus_replicator"] = ro[wl]["cyc"]["export"] - notrack[wl] + ro[wl]["cyc"]["replicator"]
+            for k, v in peers.get(wl, {}).items():
+                w["peer " + k] = v[0]
+            summary["wl"][wl] = w
+        json.dump(summary, open(summary_path, "w"), indent=1)
     return 0
 
 
