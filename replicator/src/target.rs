@@ -463,7 +463,7 @@ impl Default for TargetOptions {
             max_batch_frames: 64,
             max_batch_bytes: 64 << 20,
             idle_timeout: Duration::from_secs(30),
-            apply_gather: Duration::from_millis(200),
+            apply_gather: Duration::from_millis(50),
             apply_gather_bytes: 4 << 20,
         }
     }
