@@ -483,8 +483,9 @@ impl TargetVolume {
         Ok((store, incoming))
     }
 
-    /// Direct apply applies in place of spooling: only when enabled and nothing
-    /// is pending (chunks must be applied in arrival order).
+    /// Direct apply applies in place of spooling: only when enabled, no
+    /// backlog of input is reported (bursts go to the spool) and nothing is
+    /// pending (chunks must be applied in arrival order).
     fn direct_ok(&self) -> bool {
         self.opts.direct_apply && !self.incoming_backlog && self.pending.is_empty() && !self.busy
     }

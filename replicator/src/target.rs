@@ -179,22 +179,15 @@ impl StoreChunk {
     }
 
     /// The chunk with `data` (its decompressed data extents, in order) cut
-    /// into extents: slices of `data`, no copy.
+    /// into extents by [`Chunk::split`]: slices of `data`, no copy.
     fn split(c: &Chunk, data: &Bytes) -> Self {
-        let mut pos = 0usize;
         let extents = c
-            .extents
-            .iter()
-            .map(|e| StoreExtent {
+            .split(data)
+            .map(|(e, d)| StoreExtent {
                 offset: e.offset,
-                data: match e.kind {
-                    ExtentKind::Data => {
-                        let start = pos.min(data.len());
-                        let end = pos.saturating_add(e.len as usize).min(data.len());
-                        pos = pos.saturating_add(e.len as usize);
-                        StoreData::Data(data.slice(start..end))
-                    }
-                    ExtentKind::Zero => StoreData::Zero(u64::from(e.len)),
+                data: match (e.kind, d) {
+                    (ExtentKind::Data, Some(d)) => StoreData::Data(data.slice_ref(d)),
+                    _ => StoreData::Zero(u64::from(e.len)),
                 },
             })
             .collect();
